@@ -1,0 +1,126 @@
+"""Encode one chunk tensor into one self-describing, checksummed blob, and back.
+
+    blob = encode(kv, "int4+lz4", group_size=32)
+    kv2 = decode(blob)          # raises CorruptBlobError on any damage, never returns wrong data
+
+Codec names are ``transform[+lz4]``: transforms are ``raw`` (lossless), ``int8``/``int4``/``int2``
+(KIVI-style: keys per channel, values per token) and ``fp8`` (e4m3); ``lz4`` alone means
+``raw+lz4``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvlayer.codec import header as _hdr
+from kvlayer.codec.base import Buffer, Compressor, Transform
+from kvlayer.codec.lz4 import LZ4Compressor
+from kvlayer.codec.raw import RawTransform
+from kvlayer.errors import ConfigError, CorruptBlobError
+
+TRANSFORMS: dict[str, type[Transform]] = {"raw": RawTransform}
+COMPRESSORS: dict[str, type[Compressor]] = {"lz4": LZ4Compressor}
+
+
+def register_transform(cls: type[Transform]) -> type[Transform]:
+    TRANSFORMS[cls.name] = cls
+    return cls
+
+
+def _load_optional() -> None:
+    # Quantizers live in their own modules; importing them registers them.
+    for mod in ("kvlayer.codec.quant", "kvlayer.codec.fp8"):
+        try:
+            __import__(mod)
+        except ImportError:  # pragma: no cover - module not built yet
+            pass
+
+
+class Codec:
+    """A parsed codec name with its parameters; thread-safe and reusable."""
+
+    def __init__(self, name: str = "raw", **params: Any) -> None:
+        parts = [p.strip() for p in name.lower().split("+") if p.strip()]
+        if parts == ["lz4"]:
+            parts = ["raw", "lz4"]
+        if not parts or len(parts) > 2:
+            raise ConfigError(f"codec {name!r}: expected 'transform[+lz4]', e.g. 'raw', 'lz4', 'int4+lz4'")
+        _load_optional()
+        if parts[0] not in TRANSFORMS:
+            raise ConfigError(f"codec {name!r}: unknown transform {parts[0]!r}; choose from {sorted(TRANSFORMS)}")
+        comp_cls = None
+        if len(parts) == 2:
+            if parts[1] not in COMPRESSORS:
+                raise ConfigError(f"codec {name!r}: unknown compressor {parts[1]!r}; choose from {sorted(COMPRESSORS)}")
+            comp_cls = COMPRESSORS[parts[1]]
+        self.name = "+".join(parts)
+        self.transform = TRANSFORMS[parts[0]](**params)
+        self.compressor = comp_cls(**params) if comp_cls else None
+
+    @property
+    def lossless(self) -> bool:
+        return self.transform.lossless
+
+    def __repr__(self) -> str:
+        return f"Codec({self.name!r}, {self.transform.params})"
+
+    def encode(self, x: torch.Tensor) -> bytearray:
+        payload, tparams, typesize = self.transform.encode(x)
+        params: dict[str, Any] = {}
+        if tparams:
+            params["t"] = tparams
+        if self.compressor is not None:
+            payload, cparams = self.compressor.compress(payload, typesize)
+            params["c"] = cparams
+        pay_len = memoryview(payload).nbytes
+        head = _hdr.pack_header(self.name, tuple(x.shape), x.dtype, params, pay_len)
+        return _hdr.assemble(head, payload)
+
+
+def decode(blob: Buffer) -> torch.Tensor:
+    """Validate and decode a blob produced by any codec; the codec is read from the header."""
+    hdr = _hdr.verify(blob)
+    return decode_verified(blob, hdr)
+
+
+def decode_verified(blob: Buffer, hdr: _hdr.BlobHeader) -> torch.Tensor:
+    parts = hdr.codec.split("+")
+    _load_optional()
+    try:
+        transform = TRANSFORMS[parts[0]]()
+        payload: Buffer = memoryview(blob)[hdr.header_len :]
+        if len(parts) == 2:
+            payload = COMPRESSORS[parts[1]]().decompress(memoryview(payload), hdr.params.get("c", {}))
+        elif len(parts) != 1:
+            raise ValueError(f"bad codec name {hdr.codec!r}")
+        return transform.decode(memoryview(payload), hdr.shape, hdr.dtype, hdr.params.get("t", {}))
+    except CorruptBlobError:
+        raise
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise CorruptBlobError(f"cannot decode {hdr.codec!r} blob: {e}") from None
+
+
+_CACHE: dict[tuple[str, tuple[tuple[str, Any], ...]], Codec] = {}
+
+
+def get_codec(name: str = "raw", **params: Any) -> Codec:
+    key = (name, tuple(sorted(params.items())))
+    c = _CACHE.get(key)
+    if c is None:
+        c = _CACHE[key] = Codec(name, **params)
+    return c
+
+
+def encode(x: torch.Tensor, codec: str = "raw", **params: Any) -> bytearray:
+    return get_codec(codec, **params).encode(x)
+
+
+def available_codecs() -> list[str]:
+    _load_optional()
+    names = sorted(TRANSFORMS)
+    return names + [f"{n}+lz4" for n in names if n != "raw"] + ["lz4"]
+
+
+__all__ = ["Codec", "CorruptBlobError", "available_codecs", "decode", "encode", "get_codec", "register_transform"]

@@ -1,0 +1,68 @@
+"""Codec building blocks: a *transform* turns a tensor into bytes (raw, quantizers), an optional
+*compressor* turns bytes into fewer bytes (lz4). A codec name is ``transform[+compressor]``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+Buffer = bytes | bytearray | memoryview
+
+
+class Transform(ABC):
+    """Tensor <-> bytes. Lossless transforms must round-trip bit-exactly."""
+
+    name: str = ""
+    lossless: bool = False
+
+    def __init__(self, **params: Any) -> None:
+        self.params = params
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor) -> tuple[Buffer, dict[str, Any], int]:
+        """Return (payload, params needed to decode, element size for byte-shuffling)."""
+
+    @abstractmethod
+    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype, params: dict[str, Any]) -> torch.Tensor:
+        """Rebuild a tensor of ``shape``/``dtype``; may raise ValueError on inconsistent input."""
+
+
+class Compressor(ABC):
+    """Bytes <-> bytes, lossless."""
+
+    name: str = ""
+
+    def __init__(self, **params: Any) -> None:
+        self.params = params
+
+    @abstractmethod
+    def compress(self, data: Buffer, typesize: int) -> tuple[Buffer, dict[str, Any]]: ...
+
+    @abstractmethod
+    def decompress(self, data: memoryview, params: dict[str, Any]) -> Buffer: ...
+
+
+def tensor_bytes(x: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor."""
+    x = x.detach()
+    if x.device.type != "cpu":
+        x = x.cpu()
+    x = x.contiguous()
+    return memoryview(x.view(torch.uint8).reshape(-1).numpy())
+
+
+def tensor_from_bytes(payload: Buffer, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor over ``payload``; zero-copy when the buffer is writable, else one copy."""
+    mv = memoryview(payload)
+    if mv.readonly:
+        mv = memoryview(bytearray(mv))
+    if mv.nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = torch.frombuffer(mv, dtype=torch.uint8)
+    return t.view(dtype).reshape(shape)

@@ -1,0 +1,30 @@
+"""Every error kvlayer raises on purpose, so callers can catch exactly what they mean."""
+
+from __future__ import annotations
+
+
+class KVLayerError(Exception):
+    """Base class of all kvlayer errors."""
+
+
+class ConfigError(KVLayerError, ValueError):
+    """A configuration value is missing or invalid; the message names the field and the fix."""
+
+
+class CorruptBlobError(KVLayerError, ValueError):
+    """A stored blob failed validation (magic, version, header, length or checksum).
+
+    Raised by decoding only; the store treats it as a miss and deletes the blob.
+    """
+
+
+class TierError(KVLayerError):
+    """A storage tier failed an operation (I/O error, connection loss, timeout)."""
+
+
+class SpecMismatchError(KVLayerError, ValueError):
+    """A tensor does not match the KVSpec it is stored under."""
+
+
+class UnsupportedModelError(KVLayerError, ValueError):
+    """A model lacks a feature an operation needs (e.g. blending a model without RoPE)."""

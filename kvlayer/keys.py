@@ -1,0 +1,66 @@
+"""Content keys for chunks of tokens.
+
+Prefix keys chain SHA-256 over chunks (``k_i = sha256(k_{i-1} || uint32-LE tokens)``), the same
+scheme SGLang uses for page hashes, seeded by the KVSpec namespace digest: the key of chunk ``i``
+names the whole prefix up to it. Document keys hash one chunk's tokens from the namespace alone,
+so a document's chunks have the same keys wherever the document appears in a prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+TokenIds = Sequence[int] | np.ndarray
+
+DEFAULT_CHUNK_SIZE = 256
+
+
+def _token_bytes(tokens: TokenIds) -> bytes:
+    arr = np.asarray(tokens, dtype=np.int64)
+    if arr.ndim != 1:
+        raise ValueError(f"token ids must be a 1-D sequence, got shape {arr.shape}")
+    if arr.size and (arr.min() < 0 or arr.max() > 0xFFFFFFFF):
+        raise ValueError("token ids must fit in uint32")
+    return arr.astype("<u4").tobytes()
+
+
+def chunk_bounds(num_tokens: int, chunk_size: int, *, full_only: bool = False) -> list[tuple[int, int]]:
+    """[start, end) of each chunk; the last one may be partial unless ``full_only``."""
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    end = (num_tokens // chunk_size) * chunk_size if full_only else num_tokens
+    return [(s, min(s + chunk_size, end)) for s in range(0, end, chunk_size)]
+
+
+def chain_hash(parent: bytes, tokens: TokenIds) -> bytes:
+    """One link of the chain: 32 raw bytes."""
+    return hashlib.sha256(parent + _token_bytes(tokens)).digest()
+
+
+def prefix_keys(
+    namespace: bytes, tokens: TokenIds, chunk_size: int = DEFAULT_CHUNK_SIZE, *, full_only: bool = False
+) -> list[str]:
+    """Hex keys of every chunk of ``tokens``, each naming the prefix that ends with it."""
+    if len(namespace) != 32:
+        raise ValueError("namespace must be a 32-byte digest (KVSpec.namespace_digest())")
+    data = _token_bytes(tokens)
+    keys: list[str] = []
+    parent = namespace
+    for s, e in chunk_bounds(len(data) // 4, chunk_size, full_only=full_only):
+        parent = hashlib.sha256(parent + data[4 * s : 4 * e]).digest()
+        keys.append(parent.hex())
+    return keys
+
+
+def document_keys(namespace: bytes, tokens: TokenIds, chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[str]:
+    """Hex keys of a document's chunks: no parent from the prompt, so position-independent.
+
+    A document's KV is computed once from position 0 with nothing before it, which is exactly the
+    KV of a prompt that starts with the document; so its keys are the chain seeded by the
+    namespace alone. Consequences: the same text registered under two ids shares its chunks, and a
+    prompt that *starts* with a registered document is an ordinary prefix hit.
+    """
+    return prefix_keys(namespace, tokens, chunk_size)
