@@ -86,8 +86,10 @@ def checksum(header_wo_sum: bytes | memoryview, payload: bytes | bytearray | mem
     return h.intdigest()
 
 
-def parse_header(blob: bytes | bytearray | memoryview) -> BlobHeader:
-    """Parse and bounds-check the header; does not verify the checksum (see ``verify``)."""
+def parse_header(blob: bytes | bytearray | memoryview, *, whole: bool = True) -> BlobHeader:
+    """Parse and bounds-check the header; does not verify the checksum (see ``verify``).
+
+    ``whole=False`` accepts a prefix of a blob (to learn its announced length cheaply)."""
     mv = memoryview(blob)
     try:
         if len(mv) < _FIXED.size:
@@ -123,7 +125,7 @@ def parse_header(blob: bytes | bytearray | memoryview) -> BlobHeader:
         raise
     except (struct.error, UnicodeDecodeError, ValueError) as e:
         raise CorruptBlobError(f"malformed header: {e}") from None
-    if len(mv) != off + payload_len:
+    if whole and len(mv) != off + payload_len:
         raise CorruptBlobError(f"blob length {len(mv)} != header {off} + payload {payload_len}: truncated or padded")
     return BlobHeader(name, tuple(shape), _CODE_DTYPES[dcode], params, payload_len, off, csum)
 

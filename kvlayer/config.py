@@ -1,0 +1,238 @@
+"""One typed, validated configuration, assembled from (lowest to highest precedence):
+a YAML/TOML/JSON file, ``KVLAYER_*`` environment variables, CLI flags, Python keyword arguments.
+
+Sizes accept integers or strings such as ``"4GiB"``/``"512MB"``. Every validation error names the
+field, the value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kvlayer.errors import ConfigError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+}
+
+
+def parse_size(value: int | float | str) -> int:
+    """``"4GiB"`` -> 4294967296; plain numbers are bytes."""
+    if isinstance(value, bool):
+        raise ValueError("a size must be a number of bytes or a string like '4GiB'")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"size must be >= 0, got {value}")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot parse size {value!r}; use bytes or a unit: KiB, MiB, GiB, TiB, KB, MB, GB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kvlayer"
+
+
+TierKind = Literal["memory", "disk", "redis", "remote"]
+
+
+class TierConfig(BaseModel):
+    """One storage level. ``options`` carries kind-specific settings (timeouts, TLS, ...)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: TierKind
+    name: str = ""
+    capacity: int = Field(default=0, description="byte budget; 0 = unlimited (remote tiers)")
+    codec: str = "raw"
+    codec_params: dict[str, Any] = Field(default_factory=dict)
+    path: str | None = None
+    url: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("capacity", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int:
+        return parse_size(v)
+
+    @field_validator("codec")
+    @classmethod
+    def _codec(cls, v: str) -> str:
+        from kvlayer.codec import Codec
+
+        Codec(v)  # raises ConfigError naming the accepted codecs
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> TierConfig:
+        if not self.name:
+            self.name = self.kind
+        if self.kind in ("redis", "remote") and not self.url:
+            raise ValueError(f"tier {self.name!r} of kind {self.kind!r} needs a url")
+        return self
+
+
+class KVLayerConfig(BaseModel):
+    """Everything kvlayer can be told. The flat fields build the default tier list; an explicit
+    ``tiers`` list replaces it."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    chunk_size: int = Field(default=256, ge=1, le=1 << 20)
+    salt: str = ""
+    cpu_bytes: int = Field(default=4 << 30, description="CPU tier budget; 0 disables it")
+    cpu_codec: str = "raw"
+    disk_path: str | None = Field(default=None, description="disk tier directory; None = no disk tier")
+    disk_bytes: int = 16 << 30
+    disk_codec: str = "lz4"
+    redis_url: str | None = None
+    redis_codec: str = "lz4"
+    server_url: str | None = None
+    server_codec: str = "raw"
+    auth_token: str | None = None
+    tenant: str = "default"
+    codec_params: dict[str, Any] = Field(default_factory=dict)
+    write_policy: Literal["write_through", "on_demotion"] = "write_through"
+    write_queue_bytes: int = Field(default=256 << 20, description="bound on bytes queued for lower tiers")
+    promote_on_hit: bool = True
+    retry_after_s: float = Field(default=5.0, ge=0, description="how long a failing tier is skipped")
+    tiers: list[TierConfig] | None = None
+    log_level: str = "WARNING"
+
+    @field_validator("cpu_bytes", "disk_bytes", "write_queue_bytes", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int:
+        return parse_size(v)
+
+    @field_validator("cpu_codec", "disk_codec", "redis_codec", "server_codec")
+    @classmethod
+    def _codec(cls, v: str) -> str:
+        from kvlayer.codec import Codec
+
+        Codec(v)
+        return v
+
+    def tier_configs(self) -> list[TierConfig]:
+        """The effective tier list, hot to cold."""
+        if self.tiers is not None:
+            return list(self.tiers)
+        out: list[TierConfig] = []
+        cp = self.codec_params
+        if self.cpu_bytes > 0:
+            out.append(TierConfig(kind="memory", name="cpu", capacity=self.cpu_bytes, codec=self.cpu_codec, codec_params=cp))
+        if self.disk_path:
+            out.append(TierConfig(kind="disk", name="disk", capacity=self.disk_bytes, codec=self.disk_codec,
+                                  path=self.disk_path, codec_params=cp))
+        if self.server_url:
+            out.append(TierConfig(kind="remote", name="remote", url=self.server_url, codec=self.server_codec,
+                                  codec_params=cp, options={"auth_token": self.auth_token, "tenant": self.tenant}))
+        if self.redis_url:
+            out.append(TierConfig(kind="redis", name="redis", url=self.redis_url, codec=self.redis_codec, codec_params=cp))
+        return out
+
+
+ENV_PREFIX = "KVLAYER_"
+
+
+def _coerce_env(value: str) -> Any:
+    v = value.strip()
+    if v.lower() in ("true", "yes", "on"):
+        return True
+    if v.lower() in ("false", "no", "off"):
+        return False
+    if v.lower() in ("none", "null", ""):
+        return None
+    if v[:1] in "[{":
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError:
+            return v
+    return v
+
+
+def config_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``KVLAYER_CHUNK_SIZE=128`` -> ``{"chunk_size": "128"}`` (pydantic coerces types)."""
+    env = os.environ if env is None else env
+    fields = set(KVLayerConfig.model_fields)
+    out: dict[str, Any] = {}
+    for k, v in env.items():
+        if not k.startswith(ENV_PREFIX) or k == "KVLAYER_CONFIG":
+            continue
+        name = k[len(ENV_PREFIX):].lower()
+        if name in fields:
+            out[name] = _coerce_env(v)
+    return out
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif p.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"config file {str(p)!r}: use a .yaml, .yml, .toml or .json file")
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"config file {str(p)!r} cannot be parsed: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of settings")
+    return data.get("kvlayer", data) if isinstance(data.get("kvlayer"), dict) else data
+
+
+def _format_error(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown setting; valid settings: {', '.join(sorted(KVLayerConfig.model_fields))}"
+        lines.append(f"  {loc}: {msg} (got {err.get('input')!r})")
+    return "invalid kvlayer config:\n" + "\n".join(lines)
+
+
+def load_config(
+    file: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    cli: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> KVLayerConfig:
+    """Merge file < env < cli < kwargs and validate. ``KVLAYER_CONFIG`` names a file when
+    ``file`` is not given. Values of None in ``cli`` mean "flag not given"."""
+    env = os.environ if env is None else env
+    merged: dict[str, Any] = {}
+    file = file or env.get("KVLAYER_CONFIG")
+    if file:
+        merged.update(read_config_file(file))
+    merged.update(config_from_env(env))
+    merged.update({k: v for k, v in (cli or {}).items() if v is not None})
+    merged.update(kwargs)
+    try:
+        return KVLayerConfig(**merged)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+    except ConfigError as e:
+        raise ConfigError(f"invalid kvlayer config: {e}") from None

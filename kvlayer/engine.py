@@ -1,0 +1,244 @@
+"""KVCache: the one object engines and users talk to.
+
+    cache = KVCache(spec, chunk_size=256, cpu_bytes="2GiB", disk_path="/tmp/kv")
+    cache.store(tokens, kv)                     # kv: [layers, 2, len(tokens), kv_heads, head_dim]
+    hit = cache.lookup(tokens).hit_tokens       # moves no data
+    n, kv2 = cache.retrieve(tokens)             # first n tokens' KV, bit-exact for lossless codecs
+
+Chunks are keyed by content (``kvlayer.keys``): the same model + tokens give the same keys in any
+process. Documents (``put_document``) are keyed by their own tokens only, so they can be reused
+at any position (CacheBlend) and pinned or evicted by id.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvlayer.codec import get_codec
+from kvlayer.config import KVLayerConfig, load_config
+from kvlayer.errors import KVLayerError, SpecMismatchError
+from kvlayer.keys import TokenIds, chunk_bounds, document_keys, prefix_keys
+from kvlayer.spec import KVSpec
+from kvlayer.storage import TieredStore, build_tier
+
+log = logging.getLogger("kvlayer")
+
+
+@dataclass
+class LookupResult:
+    """The cached prefix of a token sequence: ``hit_tokens`` tokens in ``len(tiers)`` chunks."""
+
+    hit_tokens: int
+    keys: list[str]
+    tiers: list[str]
+    num_chunks: int = 0
+
+    @property
+    def hit_chunks(self) -> int:
+        return len(self.tiers)
+
+
+@dataclass
+class Document:
+    doc_id: str
+    tokens: np.ndarray
+    keys: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.size)
+
+
+class KVCache:
+    """Content-keyed, tiered KV storage for one KVSpec (one model, one TP shard)."""
+
+    def __init__(self, spec: KVSpec, config: KVLayerConfig | None = None, **overrides: Any) -> None:
+        if config is None:
+            config = load_config(**overrides)
+        elif overrides:
+            config = KVLayerConfig(**{**config.model_dump(), **overrides})
+        self.spec = spec
+        self.config = config
+        self.chunk_size = config.chunk_size
+        if config.salt and not spec.salt:
+            spec = KVSpec(**{**spec.__dict__, "salt": config.salt})
+            self.spec = spec
+        self.namespace = spec.namespace_digest()
+        levels = []
+        for tc in config.tier_configs():
+            levels.append((build_tier(tc), get_codec(tc.codec, **tc.codec_params)))
+        if not levels:
+            raise KVLayerError("no storage tier configured: set cpu_bytes > 0, disk_path, redis_url or server_url")
+        self.store_ = TieredStore(
+            levels,
+            write_policy=config.write_policy,
+            write_queue_bytes=config.write_queue_bytes,
+            promote_on_hit=config.promote_on_hit,
+            retry_after_s=config.retry_after_s,
+        )
+        self._docs: dict[str, Document] = {}
+        log.debug("KVCache ready: namespace %s, tiers %s", self.namespace.hex()[:12],
+                  [lv.name for lv in self.store_.levels])
+
+    # ------------------------------------------------------------------ keys
+    def keys(self, tokens: TokenIds, *, full_only: bool = False) -> list[str]:
+        return prefix_keys(self.namespace, tokens, self.chunk_size, full_only=full_only)
+
+    def document_keys(self, tokens: TokenIds) -> list[str]:
+        return document_keys(self.namespace, tokens, self.chunk_size)
+
+    # ------------------------------------------------------------------ prefix API
+    def lookup(self, tokens: TokenIds, *, keys: list[str] | None = None) -> LookupResult:
+        """Longest cached prefix (whole chunks; a partial last chunk counts if stored as such)."""
+        keys = self.keys(tokens) if keys is None else keys
+        tiers = self.store_.lookup(keys)
+        bounds = chunk_bounds(len(tokens), self.chunk_size)
+        hit = bounds[len(tiers) - 1][1] if tiers else 0
+        return LookupResult(hit, keys, tiers, len(keys))
+
+    def store(self, tokens: TokenIds, kv: torch.Tensor, *, full_only: bool = False, skip_cached: bool = True,
+              block: bool = True) -> int:
+        """Store the KV of ``tokens`` (``kv`` covers at least ``len(tokens)`` tokens on dim 2).
+        Returns the number of chunks written (already cached chunks are skipped)."""
+        n = len(tokens)
+        if kv.dim() != 5 or kv.shape[2] < n:
+            raise SpecMismatchError(f"kv must be [layers, {self.spec.kv_planes}, >= {n} tokens, heads, dim], got {tuple(kv.shape)}")
+        keys = self.keys(tokens, full_only=full_only)
+        bounds = chunk_bounds(n, self.chunk_size, full_only=full_only)
+        present = self.store_.locate(keys) if skip_cached else [None] * len(keys)
+        todo = [(k, s, e) for k, (s, e), w in zip(keys, bounds, present, strict=True) if w is None]
+        chunks = []
+        for _, s, e in todo:
+            c = kv[:, :, s:e]
+            self.spec.check_chunk(c)
+            chunks.append(c.contiguous())
+        self.store_.put([k for k, _, _ in todo], chunks, block=block)
+        return len(todo)
+
+    def store_chunks(self, keys: Sequence[str], chunks: Sequence[torch.Tensor], *, block: bool = True) -> int:
+        """Low-level store of ready-made chunks under given keys (engine connectors)."""
+        for c in chunks:
+            self.spec.check_chunk(c)
+        return self.store_.put(list(keys), list(chunks), block=block)
+
+    def retrieve_chunks(self, keys: Sequence[str]) -> list[torch.Tensor | None]:
+        out = self.store_.get(list(keys))
+        for i, c in enumerate(out):
+            if c is not None and (c.dim() != 5 or c.shape[:2] != self.spec.chunk_shape(0)[:2]
+                                  or c.shape[3:] != self.spec.chunk_shape(0)[3:] or c.dtype != self.spec.torch_dtype):
+                log.warning("chunk %s has shape %s, not spec %s: treated as a miss", keys[i][:16], tuple(c.shape),
+                            self.spec.chunk_shape(c.shape[2] if c.dim() == 5 else 0))
+                out[i] = None
+        return out
+
+    def retrieve(self, tokens: TokenIds, *, max_tokens: int | None = None) -> tuple[int, torch.Tensor | None]:
+        """KV of the longest retrievable prefix: (n_tokens, tensor [layers, 2, n, heads, dim])."""
+        limit = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
+        keys = self.keys(tokens)
+        bounds = chunk_bounds(len(tokens), self.chunk_size)
+        want = [k for k, (_, e) in zip(keys, bounds, strict=True) if e <= limit]
+        got = self.retrieve_chunks(want)
+        parts: list[torch.Tensor] = []
+        n = 0
+        for c, (s, e) in zip(got, bounds, strict=False):
+            if c is None or c.shape[2] != e - s:
+                break
+            parts.append(c)
+            n = e
+        if not parts:
+            return 0, None
+        return n, (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+
+    # ------------------------------------------------------------------ documents
+    def put_document(self, doc_id: str, tokens: TokenIds, kv: torch.Tensor, **meta: Any) -> Document:
+        """Register a document and store its KV (computed from position 0 with nothing before it)."""
+        toks = np.asarray(tokens, dtype=np.int64)
+        keys = self.document_keys(toks)
+        self.store(toks, kv)
+        doc = Document(doc_id, toks, keys, dict(meta))
+        self._docs[doc_id] = doc
+        return doc
+
+    def register_document(self, doc_id: str, tokens: TokenIds, **meta: Any) -> Document:
+        """Register a document's tokens without KV (e.g. KV stored by another process)."""
+        toks = np.asarray(tokens, dtype=np.int64)
+        doc = Document(doc_id, toks, self.document_keys(toks), dict(meta))
+        self._docs[doc_id] = doc
+        return doc
+
+    def document(self, doc_id: str) -> Document:
+        try:
+            return self._docs[doc_id]
+        except KeyError:
+            raise KeyError(f"unknown document {doc_id!r}; register it with put_document first") from None
+
+    def documents(self) -> list[Document]:
+        return list(self._docs.values())
+
+    def get_document(self, doc_id: str) -> tuple[int, torch.Tensor | None]:
+        """The document's cached KV: (tokens available, tensor) — a prefix if some chunks are gone."""
+        return self.retrieve(self.document(doc_id).tokens)
+
+    def remove_document(self, doc_id: str, *, evict: bool = True) -> int:
+        doc = self._docs.pop(doc_id, None)
+        if doc is None:
+            return 0
+        self.store_.pins.unpin_label(f"doc:{doc_id}")
+        return self.store_.delete(doc.keys) if evict else 0
+
+    # ------------------------------------------------------------------ control
+    def _target_keys(self, tokens: TokenIds | None, doc_id: str | None, keys: Sequence[str] | None) -> tuple[list[str], str]:
+        if sum(x is not None for x in (tokens, doc_id, keys)) != 1:
+            raise ValueError("give exactly one of tokens=, doc_id= or keys=")
+        if doc_id is not None:
+            return list(self.document(doc_id).keys), f"doc:{doc_id}"
+        if tokens is not None:
+            return self.keys(tokens), ""
+        return list(keys or []), ""
+
+    def pin(self, tokens: TokenIds | None = None, *, doc_id: str | None = None, keys: Sequence[str] | None = None,
+            ttl_s: float | None = None) -> str:
+        """Pin a prefix, a document or keys against eviction; returns a lease id for ``unpin``."""
+        ks, label = self._target_keys(tokens, doc_id, keys)
+        return self.store_.pins.pin(ks, ttl_s=ttl_s, label=label)
+
+    def unpin(self, lease_id: str | None = None, *, doc_id: str | None = None) -> int:
+        """Release one lease, or every lease on a document. Returns leases released."""
+        if doc_id is not None:
+            return self.store_.pins.unpin_label(f"doc:{doc_id}")
+        return int(self.store_.pins.unpin(lease_id or ""))
+
+    def evict(self, tokens: TokenIds | None = None, *, doc_id: str | None = None, keys: Sequence[str] | None = None,
+              force: bool = False) -> int:
+        """Remove chunks from every tier (pinned ones only with ``force``). Returns chunks removed."""
+        ks, _ = self._target_keys(tokens, doc_id, keys)
+        return self.store_.delete(ks, force=force)
+
+    def clear(self) -> None:
+        self.store_.clear()
+
+    def stats(self) -> dict[str, Any]:
+        s = self.store_.stats()
+        s["documents"] = len(self._docs)
+        s["namespace"] = self.namespace.hex()
+        s["chunk_size"] = self.chunk_size
+        return s
+
+    def flush(self, timeout: float | None = None) -> bool:
+        return self.store_.flush(timeout)
+
+    def close(self) -> None:
+        self.store_.close()
+
+    def __enter__(self) -> KVCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,191 @@
+"""Local disk tier: one file per blob, atomic writes, a byte budget, index rebuilt at start-up.
+
+Files live at ``<root>/<key[:2]>/<key>.kvb``. A write goes to ``<root>/tmp/`` and is renamed into
+place, so a crash never leaves a half-written blob under a real key. At start-up the index is
+rebuilt from the files (LRU order by modification time); files whose header does not parse or
+whose length disagrees with it are removed, as are leftover temp files. Checksums are verified
+when a blob is decoded (the tiered store deletes a blob that fails).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from pathlib import Path
+
+from kvlayer.codec.base import Buffer
+from kvlayer.codec.header import parse_header
+from kvlayer.errors import CorruptBlobError, TierError
+from kvlayer.storage.base import Tier
+from kvlayer.storage.lru import LRUIndex
+
+log = logging.getLogger(__name__)
+_KEY_RE = re.compile(r"^[0-9a-f]{16,128}$")
+_SUFFIX = ".kvb"
+
+
+class DiskTier(Tier):
+    kind = "disk"
+
+    def __init__(self, path: str | os.PathLike[str], capacity_bytes: int = 16 << 30, name: str = "disk",
+                 fsync: bool = False) -> None:
+        super().__init__(name, capacity_bytes)
+        self.root = Path(path).expanduser()
+        self.fsync = fsync
+        self._tmp = self.root / "tmp"
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        self._lru = LRUIndex(self.capacity_bytes)
+        self._seq = 0
+        self._seq_lock = threading.Lock()
+        self._rebuild()
+
+    # ------------------------------------------------------------------------------------------
+    def _path(self, key: str) -> Path:
+        if not _KEY_RE.match(key):
+            raise TierError(f"disk tier: invalid key {key[:80]!r} (expected lowercase hex)")
+        return self.root / key[:2] / (key + _SUFFIX)
+
+    def _rebuild(self) -> None:
+        for f in self._tmp.iterdir():
+            f.unlink(missing_ok=True)
+        found: list[tuple[float, str, int]] = []
+        removed = 0
+        for sub in self.root.iterdir():
+            if not sub.is_dir() or sub == self._tmp:
+                continue
+            for f in sub.glob("*" + _SUFFIX):
+                key = f.name[: -len(_SUFFIX)]
+                try:
+                    st = f.stat()
+                    with open(f, "rb") as fh:
+                        head = fh.read(4096)
+                    hdr = _header_of(head, st.st_size)
+                    if not _KEY_RE.match(key) or hdr != st.st_size:
+                        raise CorruptBlobError("length mismatch")
+                except (OSError, CorruptBlobError):
+                    f.unlink(missing_ok=True)
+                    removed += 1
+                    continue
+                found.append((st.st_mtime, key, st.st_size))
+        found.sort()
+        for _, key, size in found:
+            self._lru.add(key, size)
+        # A smaller budget than what is on disk: trim oldest first.
+        over = self._lru.reserve(0, lambda k: False)
+        for k in over or []:
+            self._unlink(k)
+        if found or removed:
+            log.info("disk tier %s: %d blobs (%d bytes) indexed, %d bad files removed",
+                     self.root, len(self._lru), self._lru.used, removed)
+        self.count(corrupt=removed)
+
+    def _unlink(self, key: str) -> None:
+        self._lru.remove(key)
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("disk tier: cannot remove %s: %s", key, e)
+
+    def _pinned(self, key: str) -> bool:
+        g = self.guard
+        return g is not None and g.is_pinned(key)
+
+    # ------------------------------------------------------------------------------------------
+    def get(self, key: str) -> Buffer | None:
+        if key not in self._lru:
+            self.count(misses=1)
+            return None
+        p = self._path(key)
+        try:
+            with open(p, "rb", buffering=0) as fh:
+                size = os.fstat(fh.fileno()).st_size
+                buf = bytearray(size)
+                n = fh.readinto(buf)
+        except FileNotFoundError:
+            with self._lru.lock:
+                self._lru.remove(key)
+            self.count(misses=1)
+            return None
+        except OSError as e:
+            raise TierError(f"disk tier read {p}: {e}") from e
+        if n != size:
+            self.count(misses=1)
+            return None
+        with self._lru.lock:
+            self._lru.touch(key)
+        self.count(hits=1, bytes_read=size)
+        return buf
+
+    def put(self, key: str, blob: Buffer) -> bool:
+        size = memoryview(blob).nbytes
+        final = self._path(key)
+        with self._seq_lock:
+            self._seq += 1
+            tmp = self._tmp / f"{key}.{os.getpid()}.{threading.get_ident()}.{self._seq}.tmp"
+        with self._lru.lock:
+            victims = self._lru.reserve(size, self._pinned, exclude=key)
+            if victims is None:
+                self.count(dropped_writes=1)
+                return False
+            for v in victims:
+                self._lru.remove(v)
+            # Account now so concurrent writers cannot overshoot the budget together.
+            self._lru.add(key, size)
+        evicted: list[tuple[str, Buffer | None]] = []
+        g = self.guard
+        for v in victims:
+            vb = self._read_quiet(v) if g is not None else None
+            try:
+                self._path(v).unlink(missing_ok=True)
+            except OSError:
+                pass
+            evicted.append((v, vb))
+        try:
+            final.parent.mkdir(exist_ok=True)
+            with open(tmp, "wb", buffering=0) as fh:
+                fh.write(blob)
+                if self.fsync:
+                    os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except OSError as e:
+            with self._lru.lock:
+                self._lru.remove(key)
+            tmp.unlink(missing_ok=True)
+            raise TierError(f"disk tier write {final}: {e}") from e
+        self.count(puts=1, bytes_written=size, evictions=len(evicted))
+        if g is not None:
+            for k, b in evicted:
+                if b is not None:
+                    g.on_evict(self, k, b)
+        return True
+
+    def _read_quiet(self, key: str) -> Buffer | None:
+        try:
+            return self._path(key).read_bytes()
+        except OSError:
+            return None
+
+    def delete(self, key: str) -> bool:
+        with self._lru.lock:
+            had = self._lru.remove(key) is not None
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError:
+            pass
+        return had
+
+    def contains(self, key: str) -> bool:
+        return key in self._lru
+
+    def keys(self) -> list[str]:
+        return self._lru.keys()
+
+    def used_bytes(self) -> int:
+        return self._lru.used
+
+
+def _header_of(head: bytes, file_size: int) -> int:
+    """Total blob length announced by a header prefix (validated except for the checksum)."""
+    return parse_header(head, whole=False).total_len
