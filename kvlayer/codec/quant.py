@@ -22,10 +22,12 @@ Arithmetic (shared bit for bit by the torch reference and the C++ kernels, all i
 Meta dtype: fp16 for fp16 chunks (every fp16 value is exact in fp16, so ``z == mn``), fp32 for
 bf16/fp32 chunks (fp16 cannot hold their range). Meta costs 2 values per group.
 
-Error bound (tested): for every element ``|x - x'| <= s / 2 * (1 + 2**-10) + 2**-24 + u(x')``,
-where ``s`` is the stored group scale (<= ``(max - min) / qmax`` rounded up to the meta dtype) and
-``u`` is half an ulp of the output dtype at ``x'`` (the final cast); with qmax = 255 / 15 / 3
-for int8 / int4 / int2.
+Error bound (tested): for every element of a finite group,
+``|x - x'| <= 0.5001 * s + u(x') + 2**-22 * max(|min|, |max|)``, where ``s`` is the stored group
+scale, ``s <= (max - min) / qmax * (1 + 2**-10) + 2**-24`` (exact division rounded up to fp16;
+fp32 meta adds no rounding), qmax = 255 / 15 / 3 for int8 / int4 / int2, ``u(x')`` is half an ulp
+of the output dtype at ``x'`` (the final cast), and the last term covers fp32 arithmetic. In
+short: int8 error <= (max-min)/510 per group, int4 <= (max-min)/30, int2 <= (max-min)/6.
 
 Non-finite input: a group holding any NaN or +-inf decodes to all-NaN (its scale or zero is
 non-finite); the damage stays visible and confined to its group, and encoding never fails.

@@ -1,0 +1,351 @@
+"""Codec round trips (hypothesis) against each codec's documented error bound, and corruption.
+
+Bounds are recomputed here from first principles (group min/max of the input), not taken from
+the codec, so a wrong grouping or a wrong scale shows up as a violated bound.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvlayer.codec import Codec, available_codecs, decode, encode
+from kvlayer.codec import header as hdr
+from kvlayer.codec.quant import token_salience
+from kvlayer.errors import ConfigError, CorruptBlobError
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+QMAX = {8: 255, 4: 15, 2: 3}
+HALF_ULP = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}
+SUBNORMAL = {torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134, torch.float32: 2.0**-150}
+
+
+@st.composite
+def chunks(draw: st.DrawFn, min_tokens: int = 1, mla: bool | None = None) -> torch.Tensor:
+    """A random KV chunk: odd shapes, any float dtype, magnitudes from 1e-3 to 1e3, outliers."""
+    is_mla = draw(st.booleans()) if mla is None else mla
+    L = draw(st.integers(1, 3))
+    T = draw(st.integers(min_tokens, 70))
+    H = 1 if is_mla else draw(st.integers(1, 3))
+    D = draw(st.integers(1, 40))
+    dtype = draw(st.sampled_from(DTYPES))
+    seed = draw(st.integers(0, 2**31 - 1))
+    mag = draw(st.sampled_from([1e-3, 1.0, 30.0, 1e3]))
+    g = torch.Generator().manual_seed(seed)
+    shape = (L, 1, T, H, D) if is_mla else (L, 2, T, H, D)
+    x = torch.randn(shape, generator=g) * mag
+    if draw(st.booleans()) and x.numel():
+        # Channel and token outliers, the structure KIVI is built for.
+        x[:, 0, :, :, 0] *= 20
+        x[:, :, 0] += mag * 5
+    if draw(st.booleans()):
+        x = x.reshape(L, 1, T, H * D) if is_mla else x  # 4-d MLA layout
+    return x.to(dtype)
+
+
+def _out_slack(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Half an ulp of the output dtype at the decoded value (the final cast)."""
+    return y.float().abs() * HALF_ULP[x.dtype] + SUBNORMAL[x.dtype]
+
+
+def _int_bound(x5: torch.Tensor, y5: torch.Tensor, bits: int, gk: int, gv: int) -> torch.Tensor:
+    """Per-element bound of the KIVI codecs (quant.py docstring), from the input's own groups."""
+    L, P, T, H, D = x5.shape
+    xf = x5.float()
+    meta16 = x5.dtype == torch.float16
+    bound = torch.empty_like(xf)
+
+    def group_bound(g: torch.Tensor, dim: int) -> torch.Tensor:
+        mn, mx = g.amin(dim, keepdim=True), g.amax(dim, keepdim=True)
+        s = (mx - mn) / QMAX[bits]
+        if meta16:
+            s = s * (1 + 2.0**-10) + 2.0**-24
+        else:
+            s = s * (1 + 2.0**-22)
+        return (0.5001 * s + 2.0**-22 * torch.maximum(mn.abs(), mx.abs())).expand_as(g)
+
+    if P == 2:
+        for t0 in range(0, T, gk):
+            sl = xf[:, 0, t0 : t0 + gk]
+            bound[:, 0, t0 : t0 + gk] = group_bound(sl, 1)
+    for c0 in range(0, D, gv):
+        sl = xf[:, P - 1, :, :, c0 : c0 + gv]
+        bound[:, P - 1, :, :, c0 : c0 + gv] = group_bound(sl, 3)
+    return bound + _out_slack(x5, y5)
+
+
+def _as5(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(3) if x.dim() == 4 else x
+
+
+def _assert_within(x: torch.Tensor, y: torch.Tensor, bound: torch.Tensor) -> None:
+    err = (x.float() - y.float()).abs()
+    bad = err > bound
+    assert not bool(bad.any()), f"max excess {(err - bound).max().item()} at {bad.nonzero()[:3].tolist()}"
+
+
+# ----------------------------------------------------------------------------- lossless
+
+
+@FAST
+@given(x=chunks(), codec=st.sampled_from(["raw", "lz4"]))
+def test_lossless_bit_exact(x: torch.Tensor, codec: str) -> None:
+    y = decode(encode(x, codec))
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert torch.equal(y.contiguous().view(-1).view(torch.uint8), x.contiguous().view(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("codec", ["raw", "lz4"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lossless_special_values_bit_exact(codec: str, dtype: torch.dtype) -> None:
+    x = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-30, 65504.0], dtype=dtype)
+    x = x.reshape(1, 1, 7, 1, 1)
+    y = decode(encode(x, codec))
+    assert torch.equal(y.view(-1).view(torch.uint8), x.view(-1).view(torch.uint8))
+
+
+# ----------------------------------------------------------------------------- KIVI int codecs
+
+
+@FAST
+@given(
+    x=chunks(),
+    bits=st.sampled_from([8, 4, 2]),
+    gk=st.sampled_from([1, 7, 32, 64]),
+    gv=st.sampled_from([3, 16, 32]),
+    lz4=st.booleans(),
+)
+def test_int_within_bound(x: torch.Tensor, bits: int, gk: int, gv: int, lz4: bool) -> None:
+    name = f"int{bits}" + ("+lz4" if lz4 else "")
+    blob = encode(x, name, k_group_size=gk, v_group_size=gv)
+    y = decode(blob)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    x5, y5 = _as5(x), _as5(y)
+    _assert_within(x5, y5, _int_bound(x5, y5, bits, gk, gv))
+
+
+def test_int_payload_sizes() -> None:
+    """Default groups of 32, fp16 meta: bits per element + one fp16 (scale, zero) pair per group."""
+    x = torch.randn(2, 2, 64, 2, 64, dtype=torch.float16)
+    n = x.numel()
+    for b in (8, 4, 2):
+        h = hdr.verify(encode(x, f"int{b}"))
+        assert h.payload_len == n * b // 8 + (n // 32) * 4
+    h = hdr.verify(encode(x.float(), "int4"))  # fp32 meta for fp32/bf16 chunks
+    assert h.payload_len == n // 2 + (n // 32) * 8
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_int_group_size_param_applies_to_both(bits: int) -> None:
+    c = Codec(f"int{bits}", group_size=16)
+    assert (c.transform.gk, c.transform.gv) == (16, 16)
+    c = Codec(f"int{bits}", group_size=16, v_group_size=8)
+    assert (c.transform.gk, c.transform.gv) == (16, 8)
+
+
+def test_bad_params_are_config_errors() -> None:
+    with pytest.raises(ConfigError):
+        Codec("int4", group_size=0)
+    with pytest.raises(ConfigError):
+        Codec("int4", bogus=1)
+    with pytest.raises(ConfigError):
+        Codec("mixed", low_bits=3)
+    with pytest.raises(ConfigError):
+        Codec("mixed", high_frac=1.5)
+    with pytest.raises(ConfigError):
+        Codec("fp8", group_size=32)
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4", "int2", "fp8", "mixed", "int4+lz4"])
+def test_empty_and_single_token(codec: str) -> None:
+    for T in (0, 1):
+        x = torch.randn(2, 2, T, 2, 8, dtype=torch.float16)
+        y = decode(encode(x, codec))
+        assert y.shape == x.shape and y.dtype == x.dtype
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4", "int2", "fp8", "mixed"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nonfinite_poisons_only_its_group(codec: str, dtype: torch.dtype) -> None:
+    """Documented: a group (fp8: a layer/plane/head slice) with NaN/inf decodes to NaN; others are fine."""
+    x = torch.randn(2, 2, 40, 2, 64).to(dtype)
+    x[0, 1, 3, 0, 5] = float("nan")
+    x[1, 1, 7, 1, 9] = float("inf")
+    x[1, 0, 2, 0, 1] = -float("inf")
+    y = decode(encode(x, codec, group_size=32) if codec != "fp8" else encode(x, codec))
+    assert bool(torch.isnan(y[0, 1, 3, 0, 5])) and bool(torch.isnan(y[1, 1, 7, 1, 9]))
+    assert bool(torch.isnan(y[1, 0, 2, 0, 1]))
+    clean = y[0, 0]  # layer 0 keys hold no non-finite value
+    assert bool(torch.isfinite(clean).all())
+    assert (clean.float() - x[0, 0].float()).abs().max() < 2.0
+
+
+def test_constant_group_is_exact() -> None:
+    x = torch.full((1, 2, 33, 1, 40), 3.25, dtype=torch.float16)
+    for name in ("int8", "int4", "int2", "mixed"):
+        assert torch.equal(decode(encode(x, name)), x)
+
+
+# ----------------------------------------------------------------------------- mixed precision
+
+
+@FAST
+@given(
+    x=chunks(),
+    frac=st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+    lo=st.sampled_from([4, 2]),
+    hi=st.sampled_from([8, 4]),
+)
+def test_mixed_within_bound(x: torch.Tensor, frac: float, lo: int, hi: int) -> None:
+    gk = gv = 16
+    y = decode(encode(x, "mixed", high_bits=hi, low_bits=lo, high_frac=frac, group_size=16))
+    assert y.shape == x.shape and y.dtype == x.dtype
+    x5, y5 = _as5(x), _as5(y)
+    T = x5.shape[2]
+    n_high = min(T, math.ceil(frac * T - 1e-9))
+    mask = torch.zeros(T, dtype=torch.bool)
+    mask[torch.sort(token_salience(x5), descending=True, stable=True).indices[:n_high]] = True
+    for bits, sel in ((hi, mask), (lo, ~mask)):
+        if bool(sel.any()):
+            xs, ys = x5[:, :, sel], y5[:, :, sel]
+            _assert_within(xs, ys, _int_bound(xs, ys, bits, gk, gv))
+
+
+def test_mixed_keeps_salient_tokens_sharper() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, 64, 2, 32, generator=g)
+    x[:, 0, 5] *= 30  # a key outlier token (attention-sink like)
+    x = x.half()
+    e_mixed = (decode(encode(x, "mixed", low_bits=2, high_frac=0.1)).float() - x.float()).norm()
+    e_int2 = (decode(encode(x, "int2")).float() - x.float()).norm()
+    assert e_mixed < e_int2
+    y = decode(encode(x, "mixed", low_bits=2, high_frac=0.1))
+    assert (y[:, :, 5].float() - x[:, :, 5].float()).abs().max() < (x[:, :, 5].float().abs().max() / 100)
+
+
+# ----------------------------------------------------------------------------- fp8
+
+
+@FAST
+@given(x=chunks(), lz4=st.booleans())
+def test_fp8_within_bound(x: torch.Tensor, lz4: bool) -> None:
+    y = decode(encode(x, "fp8+lz4" if lz4 else "fp8"))
+    assert y.shape == x.shape and y.dtype == x.dtype
+    x5, y5 = _as5(x).float(), _as5(y)
+    s = x5.abs().amax(dim=(2, 4), keepdim=True) / 448.0
+    bound = (2.0**-4 + 1e-6) * x5.abs() + 2.0**-10 * s + _out_slack(_as5(x), y5)
+    _assert_within(x5, y5, bound)
+
+
+# ----------------------------------------------------------------------------- corruption
+
+BLOB_CODECS = ["raw", "lz4", "int8", "int4", "int2", "fp8", "mixed", "int4+lz4", "int8+lz4", "mixed+lz4"]
+
+
+def _blob(codec: str) -> bytearray:
+    x = torch.randn(2, 2, 20, 2, 16, generator=torch.Generator().manual_seed(1)).half()
+    return encode(x, codec)
+
+
+_BLOBS = {c: _blob(c) for c in BLOB_CODECS}
+
+
+def test_available_codecs_covers_all() -> None:
+    names = set(available_codecs())
+    assert {"int8", "int4", "int2", "fp8", "mixed", "int4+lz4", "fp8+lz4"} <= names
+
+
+@FAST
+@given(codec=st.sampled_from(BLOB_CODECS), data=st.data())
+def test_bit_flip_raises(codec: str, data: st.DataObject) -> None:
+    blob = bytearray(_BLOBS[codec])
+    pos = data.draw(st.integers(0, len(blob) - 1))
+    bit = data.draw(st.integers(0, 7))
+    blob[pos] ^= 1 << bit
+    with pytest.raises(CorruptBlobError):
+        decode(blob)
+
+
+@FAST
+@given(codec=st.sampled_from(BLOB_CODECS), data=st.data())
+def test_truncated_or_padded_raises(codec: str, data: st.DataObject) -> None:
+    blob = bytes(_BLOBS[codec])
+    cut = data.draw(st.integers(0, len(blob) - 1))
+    with pytest.raises(CorruptBlobError):
+        decode(blob[:cut])
+    with pytest.raises(CorruptBlobError):
+        decode(blob + b"\0" * data.draw(st.integers(1, 9)))
+
+
+@pytest.mark.parametrize("codec", BLOB_CODECS)
+def test_wrong_version_and_magic_raise(codec: str) -> None:
+    blob = bytearray(_BLOBS[codec])
+    v = bytearray(blob)
+    v[4] = hdr.FORMAT_VERSION + 1
+    with pytest.raises(CorruptBlobError, match="version"):
+        decode(v)
+    m = bytearray(blob)
+    m[:4] = b"XXXX"
+    with pytest.raises(CorruptBlobError, match="magic"):
+        decode(m)
+
+
+@FAST
+@given(garbage=st.binary(min_size=0, max_size=300))
+def test_garbage_raises(garbage: bytes) -> None:
+    with pytest.raises(CorruptBlobError):
+        decode(garbage)
+    with pytest.raises(CorruptBlobError):
+        decode(hdr.MAGIC + bytes([hdr.FORMAT_VERSION]) + garbage)
+
+
+def _reseal(codec: str, shape: tuple[int, ...], dtype: torch.dtype, params: dict, payload: bytes) -> bytearray:
+    """A blob with a *valid* checksum around inconsistent content: only decode-side checks catch it."""
+    return hdr.assemble(hdr.pack_header(codec, shape, dtype, params, len(payload)), payload)
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4", "int2", "fp8", "mixed", "int4+lz4"])
+def test_inconsistent_but_checksummed_blobs_raise(codec: str) -> None:
+    blob = _BLOBS[codec]
+    h = hdr.verify(blob)
+    payload = bytes(memoryview(blob)[h.header_len :])
+    cases = [
+        (h.shape, h.params, payload[:-1]),  # short payload
+        (h.shape, h.params, payload + b"\0"),  # long payload
+        ((h.shape[0], h.shape[1], h.shape[2] + 1, *h.shape[3:]), h.params, payload),  # wrong shape
+    ]
+    t = dict(h.params.get("t", {}))
+    if t:
+        cases.append((h.shape, {}, payload))  # params missing
+    if "b" in t:
+        cases.append((h.shape, {**h.params, "t": {**t, "b": 3}}, payload))
+        cases.append((h.shape, {**h.params, "t": {**t, "gk": 0}}, payload))
+        cases.append((h.shape, {**h.params, "t": {**t, "gv": "x"}}, payload))
+    if "nh" in t:
+        cases.append((h.shape, {**h.params, "t": {**t, "nh": t["nh"] + 1}}, payload))
+        cases.append((h.shape, {**h.params, "t": {**t, "nh": -1}}, payload))
+    if "c" in h.params:
+        cases.append((h.shape, {**h.params, "c": {**h.params["c"], "raw_len": h.params["c"]["raw_len"] + 4}}, payload))
+    for shape, params, pay in cases:
+        with pytest.raises(CorruptBlobError):
+            decode(_reseal(h.codec, shape, h.dtype, params, pay))
+
+
+def test_mixed_bitmap_disagreeing_with_header_raises() -> None:
+    blob = _BLOBS["mixed"]
+    h = hdr.verify(blob)
+    payload = bytearray(memoryview(blob)[h.header_len :])
+    payload[0] ^= 0xFF  # flips which tokens are "high": count no longer matches nh
+    with pytest.raises(CorruptBlobError):
+        decode(_reseal(h.codec, h.shape, h.dtype, h.params, bytes(payload)))
+
+
+def test_header_is_small() -> None:
+    for codec in BLOB_CODECS:
+        h = hdr.verify(_BLOBS[codec])
+        assert h.header_len < 160, (codec, h.header_len)
