@@ -66,7 +66,7 @@ class Codec:
     def __repr__(self) -> str:
         return f"Codec({self.name!r}, {self.transform.params})"
 
-    def encode(self, x: torch.Tensor) -> bytearray:
+    def encode(self, x: torch.Tensor) -> memoryview:
         payload, tparams, typesize = self.transform.encode(x)
         params: dict[str, Any] = {}
         if tparams:
@@ -113,7 +113,7 @@ def get_codec(name: str = "raw", **params: Any) -> Codec:
     return c
 
 
-def encode(x: torch.Tensor, codec: str = "raw", **params: Any) -> bytearray:
+def encode(x: torch.Tensor, codec: str = "raw", **params: Any) -> memoryview:
     return get_codec(codec, **params).encode(x)
 
 

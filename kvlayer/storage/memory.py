@@ -8,7 +8,7 @@ from kvlayer.storage.lru import LRUIndex
 
 
 class MemoryTier(Tier):
-    """Holds blobs as ``bytearray`` so decoders can view them without a copy.
+    """Holds blobs as writable buffers so decoders can view them without a copy.
 
     Budget accounting counts blob bytes; the process holds at most the budget plus per-key
     bookkeeping (~200 bytes a key).
@@ -38,8 +38,8 @@ class MemoryTier(Tier):
 
     def put(self, key: str, blob: Buffer) -> bool:
         size = memoryview(blob).nbytes
-        if not isinstance(blob, bytearray):
-            blob = bytearray(blob)
+        if memoryview(blob).readonly:
+            blob = bytearray(blob)  # keep a writable copy so decoders can view it without copying
         evicted: list[tuple[str, Buffer]] = []
         with self._lru.lock:
             victims = self._lru.reserve(size, self._pinned, exclude=key)
