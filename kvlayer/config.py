@@ -208,7 +208,8 @@ def _format_error(e: ValidationError) -> str:
         loc = ".".join(str(x) for x in err["loc"]) or "config"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = f"unknown setting; valid settings: {', '.join(sorted(KVLayerConfig.model_fields))}"
+            model = TierConfig if err["loc"][:1] == ("tiers",) else KVLayerConfig
+            msg = f"unknown setting; valid settings: {', '.join(sorted(model.model_fields))}"
         lines.append(f"  {loc}: {msg} (got {err.get('input')!r})")
     return "invalid kvlayer config:\n" + "\n".join(lines)
 
