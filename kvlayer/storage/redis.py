@@ -1,0 +1,603 @@
+"""Redis / Redis Cluster / Valkey tier on redis-py (+hiredis): the shared, scale-out level.
+
+URLs: ``redis://[user:password@]host:port/db``, ``rediss://`` (TLS), ``unix:///path.sock?db=0``.
+Cluster mode: the scheme ``redis+cluster://`` / ``rediss+cluster://`` or ``options={"cluster": true}``
+(``options["nodes"] = ["host:port", ...]`` adds more seed nodes). Username and password come from
+the URL or from ``options`` (``username``, ``password``). Other options (all optional)::
+
+    prefix            key prefix, default "kvlayer:<tier name>:"   (no "{" or "}")
+    ttl_s             expire every value after this many seconds   (default: never)
+    max_value_bytes   larger values are split into parts of this size (default 32 MiB)
+    connections       parallel connections a big batch is split across (default 4)
+    socket_timeout, connect_timeout   seconds (defaults 2.0, 0.5): a hung server costs at most that
+    retries           redis-py retries of a failed command, exponential backoff (default 1)
+    backoff_s, backoff_max_s          the tier's own circuit breaker after connection failures:
+                      fail fast for backoff_s * 2**(failures-1), capped (defaults 0.05, 2.0)
+    packer            "python" (default: sends values from memoryviews, no copy) or "hiredis"
+    ssl_*             passed to redis-py (ssl_ca_certs, ssl_certfile, ssl_keyfile, ssl_cert_reqs...)
+
+Layout: a value lives at ``<prefix>{<key>}``. A value above ``max_value_bytes`` is stored as parts
+``<prefix>{<key>}:<nonce>:<i>`` plus a 36-byte manifest under the main key (magic, total length,
+part count, part size, nonce); the hash tag keeps all of a value on one Cluster slot so its parts
+travel in one pipeline. Parts are written before the manifest and a reader only follows the
+manifest's nonce, so a reader never mixes two writers' parts; a missing or short part is a miss
+(the manifest is then removed), never a partial blob. Blob headers/checksums are verified by the
+caller's decode (the tiered store deletes what fails).
+
+Failures raise ``TierError`` (the tiered store turns them into misses / dropped writes and counts
+them). Eviction is Redis's job: run it with ``maxmemory`` and ``maxmemory-policy allkeys-lru``;
+``capacity`` only refuses single values larger than it, and pins are not enforced inside Redis
+(other processes share it). ``used_bytes`` is Redis's own ``used_memory`` (summed over Cluster
+primaries, cached for a second): the whole server, an approximation of this tier's share.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.connection import (
+    Connection,
+    PythonRespSerializer,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
+from redis.retry import Retry
+
+from kvlayer.codec.base import Buffer
+from kvlayer.config import TierConfig, parse_size
+from kvlayer.errors import ConfigError, TierError
+from kvlayer.storage.base import Tier, TierStats
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MANIFEST_MAGIC = b"\x00kvlPRT1"
+_MANIFEST = struct.Struct("<8sQIQ8s")  # magic, total_len, n_parts, part_size, nonce
+MANIFEST_LEN = _MANIFEST.size  # 36
+_BUFFER_CUTOFF = 6000
+_NET_ERRORS: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
+_CLUSTER_DOWN: tuple[type[BaseException], ...] = (redis.exceptions.ClusterDownError, redis.exceptions.ClusterError)
+
+OPTIONS = {"prefix", "ttl_s", "max_value_bytes", "connections", "socket_timeout", "connect_timeout", "retries",
+           "backoff_s", "backoff_max_s", "packer", "cluster", "nodes", "username", "password"}
+
+
+# --- connections that send large values straight from the caller's buffer -------------------------
+def _python_packer(self: Connection) -> PythonRespSerializer:
+    # redis-py's hiredis packer turns every memoryview into bytes and then packs a joined copy (two
+    # copies of a multi-MB value); the Python packer sends large arguments as they are.
+    return PythonRespSerializer(self._buffer_cutoff, self.encoder.encode)
+
+
+class _Conn(Connection):
+    def _construct_command_packer(self, packer: Any) -> Any:
+        return packer if packer is not None else _python_packer(self)
+
+
+class _SSLConn(SSLConnection):
+    def _construct_command_packer(self, packer: Any) -> Any:
+        return packer if packer is not None else _python_packer(self)
+
+
+class _UnixConn(UnixDomainSocketConnection):
+    def _construct_command_packer(self, packer: Any) -> Any:
+        return packer if packer is not None else _python_packer(self)
+
+
+def _glob_escape(s: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in s)
+
+
+class RedisTier(Tier):
+    kind = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str = "redis",
+        capacity_bytes: int = 0,
+        prefix: str | None = None,
+        cluster: bool | None = None,
+        nodes: Sequence[str] = (),
+        ttl_s: float | None = None,
+        max_value_bytes: int = 32 << 20,
+        connections: int = 4,
+        socket_timeout: float = 2.0,
+        connect_timeout: float = 0.5,
+        retries: int = 1,
+        backoff_s: float = 0.05,
+        backoff_max_s: float = 2.0,
+        packer: str = "python",
+        username: str | None = None,
+        password: str | None = None,
+        **ssl_options: Any,
+    ) -> None:
+        super().__init__(name, capacity_bytes)
+        self.prefix = f"kvlayer:{name}:" if prefix is None else str(prefix)
+        if "{" in self.prefix or "}" in self.prefix:
+            raise ConfigError(f"redis tier {name!r}: prefix {self.prefix!r} must not contain '{{' or '}}'")
+        bad = [k for k in ssl_options if not k.startswith("ssl_")]
+        if bad:
+            raise ConfigError(f"redis tier {name!r}: unknown option(s) {sorted(bad)}; "
+                              f"valid: {sorted(OPTIONS)} and ssl_* (passed to redis-py)")
+        if packer not in ("python", "hiredis"):
+            raise ConfigError(f"redis tier {name!r}: packer must be 'python' or 'hiredis', got {packer!r}")
+        self.ttl_ms = int(ttl_s * 1000) if ttl_s else None
+        self.max_value_bytes = int(max_value_bytes)
+        if self.max_value_bytes < 1024:
+            raise ConfigError(f"redis tier {name!r}: max_value_bytes must be >= 1024, got {max_value_bytes}")
+        self.connections = max(1, int(connections))
+        self._backoff_s = float(backoff_s)
+        self._backoff_max_s = float(backoff_max_s)
+        self._fail_streak = 0
+        self._down_until = 0.0
+        self._breaker_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self._mem_cache: tuple[float, int] = (0.0, 0)
+        self._keys_cache: tuple[float, int] = (0.0, 0)
+
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme.endswith("+cluster"):
+            cluster = True if cluster is None else cluster
+            scheme = scheme[: -len("+cluster")]
+            url = urlunsplit((scheme, *parts[1:]))
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError(f"redis tier {name!r}: url scheme {parts.scheme!r} not supported; use redis://, "
+                              "rediss://, unix://, redis+cluster:// or rediss+cluster://")
+        self.cluster = bool(cluster)
+        if self.cluster and scheme == "unix":
+            raise ConfigError(f"redis tier {name!r}: Redis Cluster needs TCP nodes, not a unix socket")
+        host = parts.hostname or ""
+        self.url_redacted = urlunsplit((parts.scheme, f"{host}:{parts.port}" if parts.port else host, parts.path, "", ""))
+        common: dict[str, Any] = dict(socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
+                                      retry=Retry(ExponentialBackoff(cap=0.5, base=0.01), int(retries)),
+                                      **ssl_options)
+        if username is not None:
+            common["username"] = username
+        if password is not None:
+            common["password"] = password
+        conn_cls: type[Connection] | None
+        if packer == "python":
+            conn_cls = {"redis": _Conn, "rediss": _SSLConn, "unix": _UnixConn}[scheme]  # type: ignore[assignment]
+        else:
+            conn_cls = None
+        max_conns = 2 * self.connections + 8
+        if self.cluster:
+            kw = dict(common)
+            if conn_cls is not None:
+                kw["connection_class"] = conn_cls
+            extra = [ClusterNode(*_host_port(n)) for n in nodes]
+            self.client: redis.Redis | RedisCluster = RedisCluster.from_url(
+                url, max_connections=max_conns, require_full_coverage=False,
+                **({"startup_nodes": extra} if extra else {}), **kw)
+        else:
+            kw = dict(common)
+            if conn_cls is not None:
+                kw["connection_class"] = conn_cls
+            pool = redis.BlockingConnectionPool.from_url(url, max_connections=max_conns, timeout=socket_timeout, **kw)
+            self.client = redis.Redis(connection_pool=pool)
+
+    # ------------------------------------------------------------------ naming
+    def rkey(self, key: str) -> str:
+        """The Redis key a content key is stored under."""
+        return f"{self.prefix}{{{key}}}"
+
+    def _part_key(self, key: str, nonce: bytes, i: int) -> str:
+        return f"{self.prefix}{{{key}}}:{nonce.hex()}:{i}"
+
+    # ------------------------------------------------------------------ failure handling
+    def healthy(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _call(self, op: str, fn: Callable[[], T]) -> T:
+        """Run ``fn``; connection trouble opens the breaker (fail fast, exponential backoff)."""
+        now = time.monotonic()
+        if now < self._down_until:
+            raise TierError(f"redis tier {self.name}: {op} skipped, server unreachable "
+                            f"(retry in {self._down_until - now:.2f}s)")
+        try:
+            out = fn()
+        except (*_NET_ERRORS, *_CLUSTER_DOWN) as e:
+            with self._breaker_lock:
+                self._fail_streak += 1
+                delay = min(self._backoff_max_s, self._backoff_s * 2 ** (self._fail_streak - 1))
+                self._down_until = time.monotonic() + delay
+            raise TierError(f"redis tier {self.name} ({self.url_redacted}): {op} failed: {type(e).__name__}: {e}") from e
+        except redis.RedisError as e:
+            raise TierError(f"redis tier {self.name}: {op} failed: {type(e).__name__}: {e}") from e
+        if self._fail_streak:
+            with self._breaker_lock:
+                if self._fail_streak:
+                    log.info("redis tier %s reachable again after %d failures", self.name, self._fail_streak)
+                self._fail_streak = 0
+        return out
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.connections, thread_name_prefix=f"kvlayer-{self.name}")
+            return self._pool
+
+    def _fanout(self, groups: list[list[int]], fn: Callable[[list[int]], list[T]]) -> list[list[T]]:
+        """Run ``fn`` per group, in parallel (one connection each) when there is more than one."""
+        if len(groups) <= 1:
+            return [fn(g) for g in groups]
+        futs = [self._executor().submit(fn, g) for g in groups]
+        return [f.result() for f in futs]
+
+    def _groups_by_count(self, n: int) -> list[list[int]]:
+        k = min(self.connections, n)
+        return [list(range(i, n, k)) for i in range(k)] if n else []
+
+    def _groups_by_size(self, sizes: Sequence[int], min_parallel: int = 1 << 20) -> list[list[int]]:
+        """Balance bytes over at most ``connections`` groups; small batches stay on one connection."""
+        n = len(sizes)
+        if n <= 1 or sum(sizes) < min_parallel:
+            return [list(range(n))] if n else []
+        k = min(self.connections, n)
+        loads = [0] * k
+        groups: list[list[int]] = [[] for _ in range(k)]
+        for i in sorted(range(n), key=lambda i: -sizes[i]):
+            j = loads.index(min(loads))
+            groups[j].append(i)
+            loads[j] += sizes[i]
+        return [sorted(g) for g in groups if g]
+
+    def _pipe(self) -> Any:
+        return self.client.pipeline(transaction=False)
+
+    # ------------------------------------------------------------------ manifest
+    @staticmethod
+    def _manifest(total: int, n_parts: int, part_size: int, nonce: bytes) -> bytes:
+        return _MANIFEST.pack(MANIFEST_MAGIC, total, n_parts, part_size, nonce)
+
+    @staticmethod
+    def _parse_manifest(v: Any) -> tuple[int, int, int, bytes] | None:
+        if not isinstance(v, bytes | bytearray) or len(v) != MANIFEST_LEN or not v.startswith(MANIFEST_MAGIC):
+            return None
+        _, total, n, size, nonce = _MANIFEST.unpack(v)
+        if n < 1 or size < 1 or n > (1 << 20) or (n - 1) * size >= total or n * size < total:
+            return None
+        return total, n, size, nonce
+
+    # ------------------------------------------------------------------ reads
+    def get(self, key: str) -> Buffer | None:
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: Sequence[str]) -> list[Buffer | None]:
+        keys = list(keys)
+        if not keys:
+            return []
+        out: list[Buffer | None] = [None] * len(keys)
+
+        def fetch(idx: list[int]) -> list[Any]:
+            pipe = self._pipe()
+            for i in idx:
+                pipe.get(self.rkey(keys[i]))
+            return list(pipe.execute(raise_on_error=False))
+
+        groups = self._groups_by_count(len(keys))
+        results = self._call("get", lambda: self._fanout(groups, fetch))
+        split: list[tuple[int, tuple[int, int, int, bytes]]] = []
+        for idx, res in zip(groups, results, strict=True):
+            for i, v in zip(idx, res, strict=True):
+                if isinstance(v, bytes | bytearray):
+                    m = self._parse_manifest(v)
+                    if m is None:
+                        out[i] = v
+                    else:
+                        split.append((i, m))
+        if split:
+            self._read_parts(keys, split, out)
+        hits = sum(v is not None for v in out)
+        self.count(hits=hits, misses=len(keys) - hits, bytes_read=sum(len(v) for v in out if v is not None))
+        return out
+
+    def _read_parts(self, keys: list[str], split: list[tuple[int, tuple[int, int, int, bytes]]],
+                    out: list[Buffer | None]) -> None:
+        def fetch(idx: list[int]) -> list[Any]:
+            pipe = self._pipe()
+            for j in idx:
+                i, (_, n, _, nonce) = split[j]
+                for p in range(n):
+                    pipe.get(self._part_key(keys[i], nonce, p))
+            return list(pipe.execute(raise_on_error=False))
+
+        groups = self._groups_by_size([m[0] for _, m in split])
+        results = self._call("get parts", lambda: self._fanout(groups, fetch))
+        broken: list[tuple[str, int, bytes]] = []
+        for idx, res in zip(groups, results, strict=True):
+            pos = 0
+            for j in idx:
+                i, (total, n, size, nonce) = split[j]
+                chunks = res[pos:pos + n]
+                pos += n
+                ok = all(isinstance(c, bytes | bytearray) for c in chunks) and \
+                    all(len(c) == size for c in chunks[:-1]) and sum(len(c) for c in chunks) == total
+                if not ok:
+                    broken.append((keys[i], n, nonce))
+                    continue
+                buf = bytearray(total)
+                mv = memoryview(buf)
+                off = 0
+                for c in chunks:
+                    mv[off:off + len(c)] = c
+                    off += len(c)
+                out[i] = buf
+        if broken:
+            # A value with a missing/short part can never be read again: remove what is left of it.
+            self.count(corrupt=len(broken))
+            log.warning("redis tier %s: %d split value(s) with missing parts removed", self.name, len(broken))
+            try:
+                self._call("delete broken", lambda: self._delete_split(broken, with_main=True))
+            except TierError:
+                pass
+
+    def contains(self, key: str) -> bool:
+        return self.exists_many([key])[0]
+
+    def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        keys = list(keys)
+        if not keys:
+            return []
+
+        def run() -> list[Any]:
+            pipe = self._pipe()
+            for k in keys:
+                pipe.exists(self.rkey(k))
+            return list(pipe.execute(raise_on_error=False))
+
+        return [v == 1 for v in self._call("exists", run)]
+
+    # ------------------------------------------------------------------ writes
+    def put(self, key: str, blob: Buffer) -> bool:
+        return self.put_many([(key, blob)])[0]
+
+    def put_many(self, items: Sequence[tuple[str, Buffer]]) -> list[bool]:
+        items = list(items)
+        if not items:
+            return []
+        views = [memoryview(b).cast("B") if not isinstance(b, bytes) else memoryview(b) for _, b in items]
+        sizes = [v.nbytes for v in views]
+        ok = [True] * len(items)
+        todo: list[int] = []
+        for i, s in enumerate(sizes):
+            if self.capacity_bytes and s > self.capacity_bytes:
+                ok[i] = False
+            else:
+                todo.append(i)
+        px = self.ttl_ms
+        part_px = px + max(5000, px // 10) if px else None  # parts outlive their manifest
+
+        def write(idx: list[int]) -> list[tuple[bool, bytes | None]]:
+            pipe = self._pipe()
+            layout = []
+            for j in idx:
+                i = todo[j]
+                key, v = items[i][0], views[i]
+                rk = self.rkey(key)
+                pipe.getrange(rk, 0, MANIFEST_LEN - 1)  # an old manifest whose parts must go
+                pipe.strlen(rk)
+                n = 0
+                manifest = None
+                if v.nbytes > self.max_value_bytes:
+                    size = self.max_value_bytes
+                    n = -(-v.nbytes // size)
+                    nonce = os.urandom(8)
+                    for p in range(n):
+                        pipe.set(self._part_key(key, nonce, p), v[p * size:(p + 1) * size], px=part_px)
+                    manifest = self._manifest(v.nbytes, n, size, nonce)
+                    pipe.set(rk, manifest, px=px)
+                else:
+                    pipe.set(rk, v, px=px)
+                layout.append((n, manifest))
+            res = pipe.execute(raise_on_error=False)
+            out: list[tuple[bool, bytes | None]] = []
+            pos = 0
+            for n, manifest in layout:
+                old, old_len = res[pos], res[pos + 1]
+                sets = res[pos + 2: pos + 3 + n]
+                pos += 3 + n
+                stored = all(s is True for s in sets)
+                stale = old if old_len == MANIFEST_LEN and old != manifest else None
+                out.append((stored, stale))
+            return out
+
+        groups = self._groups_by_size([sizes[i] for i in todo])
+        results = self._call("put", lambda: self._fanout(groups, write))
+        stale: list[tuple[str, int, bytes]] = []
+        for idx, res in zip(groups, results, strict=True):
+            for j, (stored, old) in zip(idx, res, strict=True):
+                i = todo[j]
+                ok[i] = stored
+                m = self._parse_manifest(old) if old is not None else None
+                if m is not None:
+                    stale.append((items[i][0], m[1], m[3]))
+        if stale:
+            try:
+                self._call("delete stale parts", lambda: self._delete_split(stale, with_main=False))
+            except TierError:
+                pass
+        n_ok = sum(ok)
+        self.count(puts=n_ok, bytes_written=sum(s for s, o in zip(sizes, ok, strict=True) if o),
+                   dropped_writes=len(items) - n_ok)
+        return ok
+
+    # ------------------------------------------------------------------ deletes
+    def _delete_split(self, victims: list[tuple[str, int, bytes]], *, with_main: bool) -> None:
+        pipe = self._pipe()
+        for key, n, nonce in victims:
+            names = [self._part_key(key, nonce, p) for p in range(n)]
+            if with_main:
+                names.append(self.rkey(key))
+            for nm in names:  # Cluster pipelines take one key per DEL
+                pipe.delete(nm)
+        pipe.execute(raise_on_error=False)
+
+    def delete(self, key: str) -> bool:
+        return self.delete_many([key]) == 1
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        keys = list(keys)
+        if not keys:
+            return 0
+
+        def run() -> list[Any]:
+            pipe = self._pipe()
+            for k in keys:
+                rk = self.rkey(k)
+                pipe.getrange(rk, 0, MANIFEST_LEN - 1)
+                pipe.strlen(rk)
+                pipe.delete(rk)
+            return list(pipe.execute(raise_on_error=False))
+
+        res = self._call("delete", run)
+        removed = 0
+        split = []
+        for j, k in enumerate(keys):
+            head, length, gone = res[3 * j: 3 * j + 3]
+            removed += gone == 1
+            m = self._parse_manifest(head) if length == MANIFEST_LEN else None
+            if m is not None:
+                split.append((k, m[1], m[3]))
+        if split:
+            self._call("delete parts", lambda: self._delete_split(split, with_main=False))
+        return removed
+
+    def clear(self) -> None:
+        """Remove every key under this tier's prefix (parts included), nothing else."""
+        def run() -> None:
+            batch: list[Any] = []
+            for k in self.client.scan_iter(match=_glob_escape(self.prefix) + "*", count=1000):
+                batch.append(k)
+                if len(batch) >= 500:
+                    self._unlink(batch)
+                    batch = []
+            if batch:
+                self._unlink(batch)
+
+        self._call("clear", run)
+
+    def _unlink(self, names: list[Any]) -> None:
+        pipe = self._pipe()
+        for n in names:
+            pipe.unlink(n)
+        pipe.execute(raise_on_error=False)
+
+    # ------------------------------------------------------------------ listing and sizes
+    def keys(self) -> list[str]:
+        """Content keys under this prefix (SCAN; parts excluded)."""
+        pat = _glob_escape(self.prefix) + "{*}"
+        plen = len(self.prefix)
+
+        def run() -> list[str]:
+            out = []
+            for k in self.client.scan_iter(match=pat, count=1000):
+                s = k.decode() if isinstance(k, bytes) else str(k)
+                if s.endswith("}") and s[plen:plen + 1] == "{":
+                    out.append(s[plen + 1:-1])
+            return out
+
+        return self._call("keys", run)
+
+    def used_bytes(self) -> int:
+        """Redis ``used_memory`` (all Cluster primaries), refreshed at most once a second; the last
+        known figure (0 at first) while the server is unreachable."""
+        at, val = self._mem_cache
+        if time.monotonic() - at < 1.0:
+            return val
+
+        def run() -> int:
+            if isinstance(self.client, RedisCluster):
+                info = self.client.info("memory", target_nodes=RedisCluster.PRIMARIES)
+                if isinstance(info, dict) and "used_memory" not in info:
+                    return sum(int(v.get("used_memory", 0)) for v in info.values() if isinstance(v, dict))
+                return int(info.get("used_memory", 0))
+            return int(self.client.info("memory").get("used_memory", 0))  # type: ignore[union-attr]
+
+        try:
+            val = self._call("info", run)
+        except TierError:
+            return val
+        self._mem_cache = (time.monotonic(), val)
+        return val
+
+    def stats(self) -> TierStats:
+        """Like ``Tier.stats`` but the key count (a full SCAN) is refreshed at most every 10 s."""
+        with self._stats_lock:
+            s = TierStats(**self._stats.as_dict())  # type: ignore[arg-type]
+        s.used_bytes = self.used_bytes()
+        at, n = self._keys_cache
+        if time.monotonic() - at >= 10.0:
+            try:
+                n = len(self.keys())
+                self._keys_cache = (time.monotonic(), n)
+            except TierError:
+                pass
+        s.num_keys = n
+        return s
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._call("ping", self.client.ping))
+        except TierError:
+            return False
+
+    def close(self) -> None:
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+        try:
+            self.client.close()
+        except Exception:  # closing a dead connection must not raise
+            pass
+
+    def __repr__(self) -> str:
+        return (f"RedisTier(name={self.name!r}, url={self.url_redacted!r}, cluster={self.cluster}, "
+                f"prefix={self.prefix!r})")
+
+
+def _host_port(node: str) -> tuple[str, int]:
+    host, _, port = str(node).rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"redis cluster node {node!r} must look like host:port")
+    return host, int(port)
+
+
+def from_config(cfg: TierConfig) -> Tier:
+    """Build a RedisTier from a TierConfig (``url``, ``capacity``, ``options`` as documented above)."""
+    if not cfg.url:
+        raise ConfigError(f"tier {cfg.name!r} of kind 'redis' needs a url such as redis://127.0.0.1:6379/0")
+    opts = dict(cfg.options)
+    unknown = [k for k in opts if k not in OPTIONS and not k.startswith("ssl_")]
+    if unknown:
+        raise ConfigError(f"redis tier {cfg.name!r}: unknown option(s) {sorted(unknown)}; "
+                          f"valid: {sorted(OPTIONS)} and ssl_* (passed to redis-py)")
+    if "max_value_bytes" in opts:
+        try:
+            opts["max_value_bytes"] = parse_size(opts["max_value_bytes"])
+        except ValueError as e:
+            raise ConfigError(f"redis tier {cfg.name!r}: max_value_bytes: {e}") from None
+    if isinstance(opts.get("nodes"), str):
+        opts["nodes"] = [n for n in opts["nodes"].split(",") if n]
+    try:
+        return RedisTier(cfg.url, name=cfg.name, capacity_bytes=cfg.capacity, **opts)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"redis tier {cfg.name!r}: bad option: {e}") from None
