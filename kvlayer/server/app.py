@@ -1,0 +1,238 @@
+"""The ``kvlayer serve`` process: flags, tier set-up, the gRPC server, signals and /metrics.
+
+Memory: ``--cpu-bytes`` is the budget for every blob byte the server holds in RAM. It is split
+between the CPU tier, the write-through queue to lower tiers and the in-flight upload buffers,
+so the resident size stays near (baseline interpreter) + budget however clients behave; glibc is
+told to return large buffers to the OS at once (no arena growth from many threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvlayer.config import default_cache_dir, load_config, parse_size
+
+log = logging.getLogger("kvlayer.server")
+
+DEFAULT_PORT = 50061
+DEFAULT_METRICS_PORT = 9464
+
+
+def _size(v: str) -> int:
+    try:
+        return parse_size(v)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``kvlayer serve`` (also ``python -m kvlayer.server serve``)."""
+    g = p.add_argument_group("network")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: loopback only; use 0.0.0.0 with --auth-token and TLS)")
+    g.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"gRPC port (default {DEFAULT_PORT}; 0 = any free port)")
+    g.add_argument("--ready-file", help="write {port, metrics_port, pid} as JSON here once serving (for scripts/tests)")
+    g.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (clients use grpcs://host:port)")
+    g.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    g.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    g.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
+                   help=f"Prometheus /metrics port on --host (default {DEFAULT_METRICS_PORT}; 0 = off; -1 = any free port)")
+
+    g = p.add_argument_group("storage")
+    g.add_argument("--config", help="kvlayer config file (YAML/TOML/JSON); flags below override it")
+    g.add_argument("--cpu-bytes", type=_size, default=None,
+                   help="RAM budget for blob data: CPU tier + write queue + in-flight uploads (default 4GiB)")
+    g.add_argument("--disk-path", help=f"disk tier directory (default {default_cache_dir() / 'server'})")
+    g.add_argument("--disk-bytes", type=_size, default=None, help="disk tier budget (default 16GiB)")
+    g.add_argument("--no-disk", action="store_true", help="no disk tier")
+    g.add_argument("--redis-url", help="Redis tier below the disk tier, e.g. redis://127.0.0.1:6379/0")
+    g.add_argument("--durable", action="store_true",
+                   help="acknowledge every Put only after the blob is in the disk tier (clients can also ask per Put)")
+    g.add_argument("--fsync", action="store_true", help="fsync disk-tier files before acknowledging (power-loss safety)")
+
+    g = p.add_argument_group("security and limits")
+    g.add_argument("--auth-token", default=os.environ.get("KVLAYER_AUTH_TOKEN"),
+                   help="require 'authorization: Bearer TOKEN' (any tenant, may clear all); env KVLAYER_AUTH_TOKEN")
+    g.add_argument("--auth-token-file", help="read the auth token from this file")
+    g.add_argument("--tenant-token", action="append", default=[], metavar="TENANT=TOKEN",
+                   help="a token that grants only TENANT (repeatable)")
+    g.add_argument("--max-blob-bytes", type=_size, default=_size("256MiB"), help="largest blob accepted (default 256MiB)")
+    g.add_argument("--max-request-bytes", type=_size, default=_size("2GiB"),
+                   help="most blob bytes one Put or Get may move (default 2GiB)")
+    g.add_argument("--inflight-bytes", type=_size, default=None,
+                   help="RAM for blobs being uploaded, part of --cpu-bytes (default 1/8 of it, 8MiB..512MiB)")
+    g.add_argument("--write-queue-bytes", type=_size, default=None,
+                   help="RAM for blobs queued for lower tiers, part of --cpu-bytes (default 1/8 of it, 8MiB..512MiB)")
+    g.add_argument("--max-concurrent-rpcs", type=int, default=64,
+                   help="RPCs in progress at once; more are refused with RESOURCE_EXHAUSTED (default 64)")
+    g.add_argument("--workers", type=int, default=16, help="handler threads (default 16)")
+    g.add_argument("--frame-bytes", type=_size, default=_size("1MiB"), help="bytes per Get stream frame (default 1MiB)")
+    g.add_argument("--grace-s", type=float, default=30.0, help="SIGTERM: seconds to finish in-flight RPCs (default 30)")
+    g.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+
+
+@dataclass
+class Budget:
+    memory_tier: int
+    write_queue: int
+    inflight: int
+
+
+def split_budget(cpu_bytes: int, inflight: int | None, queue: int | None, lower_tiers: bool) -> Budget:
+    def part(v: int | None) -> int:
+        return v if v is not None else max(8 << 20, min(512 << 20, cpu_bytes // 8))
+
+    inf = part(inflight)
+    q = part(queue) if lower_tiers else 0
+    mem = cpu_bytes - inf - q
+    if mem < 0:
+        raise SystemExit(f"--cpu-bytes {cpu_bytes} is smaller than in-flight ({inf}) + write queue ({q}) buffers")
+    return Budget(mem, q, inf)
+
+
+def _tune_malloc() -> None:
+    """Large buffers straight from/to the OS, few arenas: RSS follows the live bytes."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 256 << 10)  # M_MMAP_THRESHOLD (fixed: disables the dynamic threshold)
+        libc.mallopt(-8, 4)  # M_ARENA_MAX
+        libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+class ServerApp:
+    """Builds and runs one server; ``stop()`` is the graceful path SIGTERM takes."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import grpc
+
+        from kvlayer.server._gen import kvlayer_pb2_grpc as pb_grpc
+        from kvlayer.server.metrics import ServerMetrics
+        from kvlayer.server.service import Auth, KVLayerServicer, Limits
+        from kvlayer.server.store import BlobStore
+        from kvlayer.storage import build_tier
+
+        self.args = args
+        cli: dict[str, Any] = {"cpu_bytes": args.cpu_bytes, "disk_bytes": args.disk_bytes, "redis_url": args.redis_url,
+                               "disk_path": None if args.no_disk else (args.disk_path or str(default_cache_dir() / "server"))}
+        cfg = load_config(args.config, cli=cli)
+        tcs = [tc for tc in cfg.tier_configs() if tc.kind != "remote"]
+        mem_tcs = [tc for tc in tcs if tc.kind == "memory"]
+        budget = split_budget(cfg.cpu_bytes, args.inflight_bytes, args.write_queue_bytes,
+                              lower_tiers=len(tcs) > len(mem_tcs))
+        tiers = []
+        for tc in tcs:
+            if tc.kind == "memory":
+                tc = tc.model_copy(update={"capacity": budget.memory_tier})
+                if budget.memory_tier <= 0:
+                    continue
+            if tc.kind == "disk":
+                tc = tc.model_copy(update={"options": {**tc.options, "fsync": bool(args.fsync)}})
+            tiers.append(build_tier(tc))
+        if not tiers:
+            raise SystemExit("no storage tier: give --cpu-bytes > 0, a disk tier or --redis-url")
+        self.budget = budget
+        self.store = BlobStore(tiers, write_queue_bytes=max(1, budget.write_queue), retry_after_s=cfg.retry_after_s)
+        if args.durable and self.store.disk_level is None:
+            raise SystemExit("--durable needs a disk tier (drop --no-disk)")
+        self.metrics = ServerMetrics(self.store.stats)
+        token = args.auth_token
+        if args.auth_token_file:
+            token = Path(args.auth_token_file).read_text().strip()
+        tenant_tokens = {}
+        for tt in args.tenant_token:
+            t, sep, tok = tt.partition("=")
+            if not sep or not t or not tok:
+                raise SystemExit(f"--tenant-token {tt!r}: expected TENANT=TOKEN")
+            tenant_tokens[t] = tok
+        limits = Limits(max_blob_bytes=args.max_blob_bytes, max_request_bytes=args.max_request_bytes,
+                        inflight_bytes=budget.inflight, frame_bytes=args.frame_bytes)
+        self.servicer = KVLayerServicer(self.store, limits=limits, auth=Auth(token or None, tenant_tokens),
+                                        durable=args.durable, metrics=self.metrics)
+        # One frame plus protobuf framing must fit a message; nothing larger is accepted.
+        max_msg = max(4 << 20, args.frame_bytes + (64 << 10))
+        options = [
+            ("grpc.max_receive_message_length", max_msg),
+            ("grpc.max_send_message_length", max_msg),
+            ("grpc.max_concurrent_streams", max(1, args.max_concurrent_rpcs)),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="kvlayer-rpc"),
+                                  options=options, maximum_concurrent_rpcs=args.max_concurrent_rpcs)
+        pb_grpc.add_KVLayerServicer_to_server(self.servicer, self.server)
+        addr = f"{args.host}:{args.port}"
+        if args.tls_cert or args.tls_key:
+            if not (args.tls_cert and args.tls_key):
+                raise SystemExit("TLS needs both --tls-cert and --tls-key")
+            ca = Path(args.tls_client_ca).read_bytes() if args.tls_client_ca else None
+            creds = grpc.ssl_server_credentials([(Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())],
+                                                root_certificates=ca, require_client_auth=ca is not None)
+            self.port = self.server.add_secure_port(addr, creds)
+        else:
+            self.port = self.server.add_insecure_port(addr)
+        if self.port == 0:
+            raise SystemExit(f"cannot bind {addr}")
+        self.metrics_port = 0
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        self.server.start()
+        a = self.args
+        if a.metrics_port:
+            self.metrics_port = self.metrics.serve(a.host, 0 if a.metrics_port < 0 else a.metrics_port)
+        tiers = ", ".join(f"{lv.tier.kind}:{lv.name}({lv.tier.capacity_bytes >> 20}MiB)" for lv in self.store.levels)
+        log.info("kvlayer serve on %s:%d (tls=%s, auth=%s, durable=%s) tiers [%s]; in-flight %dMiB, queue %dMiB; "
+                 "metrics on port %s", a.host, self.port, bool(a.tls_cert), self.servicer.auth.enabled, a.durable, tiers,
+                 self.budget.inflight >> 20, self.budget.write_queue >> 20, self.metrics_port or "off")
+        if a.ready_file:
+            tmp = Path(a.ready_file + ".tmp")
+            tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid(),
+                                       "host": a.host}))
+            os.replace(tmp, a.ready_file)
+
+    def request_stop(self, *_: Any) -> None:
+        self._stop.set()
+
+    def wait(self) -> None:
+        while not self._stop.wait(0.5):
+            pass
+
+    def stop(self) -> None:
+        """Refuse new RPCs, let in-flight ones finish (up to --grace-s), flush queued disk writes."""
+        t0 = time.monotonic()
+        self.servicer.draining = True
+        log.info("stopping: finishing in-flight requests (grace %.0fs)", self.args.grace_s)
+        self.server.stop(self.args.grace_s).wait()
+        self.store.close()  # flushes the write-through queue and closes tiers
+        self.metrics.close()
+        log.info("stopped in %.2fs", time.monotonic() - t0)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Entry point of ``kvlayer serve``: runs until SIGTERM/SIGINT, then shuts down gracefully."""
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _tune_malloc()
+    app = ServerApp(args)
+    signal.signal(signal.SIGTERM, app.request_stop)
+    signal.signal(signal.SIGINT, app.request_stop)
+    app.start()
+    app.wait()
+    app.stop()
+    return 0

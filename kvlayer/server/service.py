@@ -1,0 +1,469 @@
+"""The gRPC servicer: ``kvlayer.v1.KVLayer`` over a ``BlobStore``.
+
+Tenancy: every key a client names is stored as ``<tenant prefix><key>`` (the prefix is 16 hex
+chars of a SHA-256 of the tenant name), so one tenant's keys can never address another's chunks;
+leases and documents are labelled with their tenant too.
+
+Limits: a blob larger than ``max_blob_bytes`` or a request moving more than
+``max_request_bytes`` is refused with RESOURCE_EXHAUSTED; the bytes of blobs being received are
+reserved from a shared in-flight budget first (so memory stays bounded however many clients
+upload at once), and a request that cannot get its reservation in time is refused the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+
+from kvlayer.codec.header import verify
+from kvlayer.errors import CorruptBlobError
+from kvlayer.keys import chunk_bounds, document_keys, prefix_keys
+from kvlayer.server._gen import kvlayer_pb2 as pb
+from kvlayer.server._gen import kvlayer_pb2_grpc as pb_grpc
+from kvlayer.server.metrics import ServerMetrics
+from kvlayer.server.store import BlobStore
+
+log = logging.getLogger(__name__)
+
+SERVER_VERSION = "kvlayer.v1/0.1.0"
+KEY_RE = re.compile(r"^[0-9a-f]{16,112}$")
+TENANT_RE = re.compile(r"^[A-Za-z0-9_.:@/-]{1,128}$")
+TENANT_HEADER = "x-kvlayer-tenant"
+DEFAULT_TENANT = "default"
+_SEP = "\x00"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def tenant_prefix(tenant: str) -> str:
+    return hashlib.sha256(b"kvlayer-tenant\x00" + tenant.encode("utf-8")).hexdigest()[:16]
+
+
+class Abort(Exception):
+    """Raised inside a handler to end the RPC with a status code and a clear message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ByteBudget:
+    """A counting semaphore over bytes: request buffers are reserved before they are allocated."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = int(limit)
+        self.used = 0
+        self._cv = threading.Condition()
+
+    def acquire(self, n: int, timeout: float) -> bool:
+        if n > self.limit:
+            return False
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self.used + n > self.limit:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(left)
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._cv:
+            self.used -= n
+            self._cv.notify_all()
+
+
+@dataclass
+class Limits:
+    max_blob_bytes: int = 256 << 20
+    max_request_bytes: int = 2 << 30
+    inflight_bytes: int = 256 << 20
+    inflight_wait_s: float = 10.0
+    frame_bytes: int = 1 << 20
+    max_keys: int = 100_000
+
+
+@dataclass
+class Caller:
+    tenant: str
+    prefix: str
+    admin: bool
+
+
+@dataclass
+class Auth:
+    """No tokens = open server (bind to loopback!). ``token`` grants any tenant (admin);
+    ``tenant_tokens`` maps a tenant to a token that grants only that tenant."""
+
+    token: str | None = None
+    tenant_tokens: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.token) or bool(self.tenant_tokens)
+
+
+def _rpc(name: str, *, streaming_response: bool = False, needs_auth: bool = True) -> Callable[[F], F]:
+    """Auth + tenant resolution, status mapping and metrics around one handler."""
+
+    def deco(fn: F) -> F:
+        if streaming_response:
+            @functools.wraps(fn)
+            def gen_wrapper(self: KVLayerServicer, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                t0 = time.perf_counter()
+                code = grpc.StatusCode.OK
+                self.metrics.active.inc()
+                try:
+                    caller = self._caller(context) if needs_auth else None
+                    yield from fn(self, request, context, caller)
+                except Abort as e:
+                    code = e.code
+                    context.abort(e.code, e.message)
+                except Exception as e:
+                    code = self._unexpected(name, e, context)
+                finally:
+                    self.metrics.active.dec()
+                    self._observe(name, code, t0)
+
+            return gen_wrapper  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def wrapper(self: KVLayerServicer, request: Any, context: grpc.ServicerContext) -> Any:
+            t0 = time.perf_counter()
+            code = grpc.StatusCode.OK
+            self.metrics.active.inc()
+            try:
+                caller = self._caller(context) if needs_auth else None
+                return fn(self, request, context, caller)
+            except Abort as e:
+                code = e.code
+                context.abort(e.code, e.message)
+            except Exception as e:
+                code = self._unexpected(name, e, context)
+            finally:
+                self.metrics.active.dec()
+                self._observe(name, code, t0)
+
+        return wrapper  # type: ignore[return-value]
+
+    return deco
+
+
+class KVLayerServicer(pb_grpc.KVLayerServicer):
+    def __init__(self, store: BlobStore, *, limits: Limits | None = None, auth: Auth | None = None,
+                 durable: bool = False, metrics: ServerMetrics | None = None) -> None:
+        self.store = store
+        self.limits = limits or Limits()
+        self.auth = auth or Auth()
+        self.durable = durable
+        self.metrics = metrics or ServerMetrics()
+        self.budget = ByteBudget(self.limits.inflight_bytes)
+        self.started = time.time()
+        self.draining = False
+        self._docs: dict[tuple[str, str], list[str]] = {}
+        self._docs_lock = threading.Lock()
+        self._ctr_lock = threading.Lock()
+        self.counters: dict[str, int] = {"bytes_in": 0, "bytes_out": 0, "blobs_in": 0, "blobs_out": 0,
+                                         "get_misses": 0, "rejected": 0}
+
+    # ------------------------------------------------------------------ plumbing
+    def _bump(self, **kw: int) -> None:
+        with self._ctr_lock:
+            for k, v in kw.items():
+                self.counters[k] = self.counters.get(k, 0) + v
+
+    def _observe(self, name: str, code: grpc.StatusCode, t0: float) -> None:
+        cname = code.name
+        self.metrics.requests.labels(name, cname).inc()
+        self.metrics.latency.labels(name).observe(time.perf_counter() - t0)
+        if code != grpc.StatusCode.OK:
+            self._bump(rejected=1)
+
+    def _unexpected(self, name: str, e: Exception, context: grpc.ServicerContext) -> grpc.StatusCode:
+        log.exception("%s failed", name)
+        context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error ({type(e).__name__}: {e})")
+        return grpc.StatusCode.INTERNAL  # unreachable: abort raises
+
+    def _caller(self, context: grpc.ServicerContext) -> Caller:
+        md: dict[str, str | bytes] = {}
+        for k, v in context.invocation_metadata():
+            md[k] = v
+        tenant = str(md.get(TENANT_HEADER) or DEFAULT_TENANT)
+        if not TENANT_RE.match(tenant):
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"bad tenant {tenant[:40]!r}: 1-128 chars of letters, digits and _.:@/-")
+        admin = True
+        if self.auth.enabled:
+            raw = str(md.get("authorization") or "")
+            token = raw[7:].strip() if raw.lower().startswith("bearer ") else raw.strip()
+            tb = token.encode("utf-8")
+            if self.auth.token and hmac.compare_digest(tb, self.auth.token.encode("utf-8")):
+                admin = True
+            else:
+                owner = None
+                for t, tok in self.auth.tenant_tokens.items():
+                    if hmac.compare_digest(tb, tok.encode("utf-8")):
+                        owner = t
+                if owner is None:
+                    raise Abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or wrong auth token (send metadata 'authorization: Bearer <token>')")
+                if md.get(TENANT_HEADER) and tenant != owner:
+                    raise Abort(grpc.StatusCode.PERMISSION_DENIED, f"this token is for tenant {owner!r}, not {tenant!r}")
+                tenant, admin = owner, False
+        return Caller(tenant, tenant_prefix(tenant), admin)
+
+    def _check_keys(self, keys: Iterable[str]) -> list[str]:
+        out = list(keys)
+        if len(out) > self.limits.max_keys:
+            raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{len(out)} keys in one request; the limit is {self.limits.max_keys}")
+        for k in out:
+            if not KEY_RE.match(k):
+                raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad key {k[:80]!r}: expected 16-112 lowercase hex chars")
+        return out
+
+    def _target_keys(self, target: pb.Target, caller: Caller, *, allow_doc: bool = True) -> tuple[list[str], str, list[tuple[int, int]] | None]:
+        """(tenant-internal keys, doc id or "", chunk bounds for a token prefix)."""
+        which = target.WhichOneof("what")
+        if which == "keys":
+            return [caller.prefix + k for k in self._check_keys(target.keys.keys)], "", None
+        if which == "prefix":
+            keys, bounds = self._prefix_keys(target.prefix)
+            return [caller.prefix + k for k in keys], "", bounds
+        if which == "doc_id" and allow_doc:
+            with self._docs_lock:
+                keys = self._docs.get((caller.tenant, target.doc_id))
+            if keys is None:
+                raise Abort(grpc.StatusCode.NOT_FOUND, f"unknown document {target.doc_id!r}; register it first")
+            return list(keys), target.doc_id, None
+        raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "target must name keys, a token prefix or a document")
+
+    def _prefix_keys(self, p: pb.TokenPrefix, *, document: bool = False) -> tuple[list[str], list[tuple[int, int]]]:
+        if len(p.namespace) != 32:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "namespace must be the 32-byte KVSpec namespace digest")
+        cs = p.chunk_size or 256
+        if len(p.tokens) > self.limits.max_keys * cs:
+            raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many tokens in one request")
+        toks = list(p.tokens)
+        if document:
+            keys = document_keys(bytes(p.namespace), toks, cs)
+            return keys, chunk_bounds(len(toks), cs)
+        keys = prefix_keys(bytes(p.namespace), toks, cs, full_only=p.full_only)
+        return keys, chunk_bounds(len(toks), cs, full_only=p.full_only)
+
+    # ------------------------------------------------------------------ health / stats
+    @_rpc("Health", needs_auth=False)
+    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext, caller: Caller | None) -> pb.HealthResponse:
+        import os
+
+        status = pb.HealthResponse.NOT_SERVING if self.draining else pb.HealthResponse.SERVING
+        return pb.HealthResponse(status=status, version=SERVER_VERSION, uptime_s=time.time() - self.started,
+                                 pid=os.getpid())
+
+    def stats_dict(self) -> dict[str, Any]:
+        s = self.store.stats()
+        with self._ctr_lock:
+            s["server"] = dict(self.counters)
+        s["server"]["inflight_bytes"] = self.budget.used
+        s["server"]["inflight_limit"] = self.budget.limit
+        return s
+
+    @_rpc("Stats")
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext, caller: Caller) -> pb.StatsResponse:
+        s = self.stats_dict()
+        resp = pb.StatsResponse(tenant=caller.tenant)
+        for t in s["tiers"]:
+            resp.tiers.append(pb.TierStats(**{f: t.get(f, 0) for f in (
+                "name", "kind", "capacity_bytes", "used_bytes", "num_keys", "hits", "misses", "puts", "bytes_read",
+                "bytes_written", "evictions", "errors", "corrupt", "dropped_writes", "available")}))
+        for k, v in {**s["store"], **s["server"]}.items():
+            if isinstance(v, int | bool):
+                resp.counters[k] = int(v)
+        resp.counters["uptime_s"] = int(time.time() - self.started)
+        resp.tenant_keys = len(self.store.keys_with_prefix(caller.prefix))
+        return resp
+
+    # ------------------------------------------------------------------ lookup / exists
+    @_rpc("Lookup")
+    def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext, caller: Caller) -> pb.LookupResponse:
+        keys, _, bounds = self._target_keys(request.target, caller)
+        tiers = self.store.lookup(keys)
+        hit_tokens = bounds[len(tiers) - 1][1] if bounds and tiers else 0
+        return pb.LookupResponse(hit_chunks=len(tiers), tiers=[t or "" for t in tiers], hit_tokens=hit_tokens,
+                                 num_chunks=len(keys))
+
+    @_rpc("Exists")
+    def Exists(self, request: pb.ExistsRequest, context: grpc.ServicerContext, caller: Caller) -> pb.ExistsResponse:
+        keys = [caller.prefix + k for k in self._check_keys(request.keys)]
+        return pb.ExistsResponse(exists=[w is not None for w in self.store.locate(keys)])
+
+    # ------------------------------------------------------------------ put / get
+    @_rpc("Put")
+    def Put(self, request_iterator: Iterator[pb.PutFrame], context: grpc.ServicerContext, caller: Caller) -> pb.PutResponse:
+        lim = self.limits
+        stored: list[bool] = []
+        total = 0
+        durable: bool | None = None
+        key = ""
+        buf: bytearray | None = None
+        off = 0
+        reserved = 0
+        try:
+            for frame in request_iterator:
+                if durable is None:
+                    durable = self.durable or frame.durable
+                if frame.key:
+                    if buf is not None:
+                        raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"blob {key[16:32]}... ended after {off} of {len(buf)} bytes")
+                    self._check_keys([frame.key])
+                    n = frame.total_len
+                    if n == 0:
+                        raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame of a blob must carry total_len > 0")
+                    if n > lim.max_blob_bytes:
+                        raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"blob of {n} bytes exceeds the server's max blob size {lim.max_blob_bytes}")
+                    if total + n > lim.max_request_bytes:
+                        raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"request exceeds the server's max request size {lim.max_request_bytes} bytes")
+                    if not self.budget.acquire(n, lim.inflight_wait_s):
+                        raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"server busy: no room for {n} more bytes of in-flight uploads "
+                                    f"(limit {self.budget.limit}); retry later")
+                    reserved = n
+                    self.metrics.inflight.inc(n)
+                    key = caller.prefix + frame.key
+                    buf = bytearray(n)
+                    off = 0
+                    total += n
+                elif buf is None:
+                    raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "a blob must start with a frame carrying its key")
+                data = frame.data
+                if off + len(data) > len(buf):
+                    raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"blob {key[16:32]}... has more bytes than its total_len {len(buf)}")
+                buf[off : off + len(data)] = data
+                off += len(data)
+                if off == len(buf):
+                    try:
+                        verify(buf)
+                    except CorruptBlobError as e:
+                        raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"blob {key[16:32]}... is not a valid kvlayer blob: {e}") from None
+                    stored.append(self.store.put_blob(key, buf, durable=bool(durable)))
+                    self.budget.release(reserved)
+                    self.metrics.inflight.dec(reserved)
+                    reserved = 0
+                    buf = None
+            if buf is not None:
+                raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"stream ended inside a blob ({off} of {len(buf)} bytes)")
+        finally:
+            if reserved:
+                self.budget.release(reserved)
+                self.metrics.inflight.dec(reserved)
+        self._bump(bytes_in=total, blobs_in=len(stored))
+        self.metrics.bytes.labels("in").inc(total)
+        return pb.PutResponse(stored=stored, bytes=total)
+
+    @_rpc("Get", streaming_response=True)
+    def Get(self, request: pb.GetRequest, context: grpc.ServicerContext, caller: Caller) -> Iterator[pb.GetFrame]:
+        keys = self._check_keys(request.keys)
+        fb = self.limits.frame_bytes
+        total = 0
+        hits = 0
+        for i, k in enumerate(keys):
+            got = self.store.get_blob(caller.prefix + k, promote=True if request.promote else None)
+            if got is None:
+                yield pb.GetFrame(index=i, found=False)
+                continue
+            blob = memoryview(got[0]).cast("B")
+            n = blob.nbytes
+            total += n
+            if total > self.limits.max_request_bytes:
+                raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"response exceeds the server's max request size {self.limits.max_request_bytes} bytes; "
+                            "ask for fewer keys at a time")
+            hits += 1
+            for o in range(0, n, fb):
+                yield pb.GetFrame(index=i, found=True, total_len=n if o == 0 else 0, data=bytes(blob[o : o + fb]))
+        self.metrics.hits.inc(hits)
+        self.metrics.misses.inc(len(keys) - hits)
+        self.metrics.bytes.labels("out").inc(total)
+        self._bump(bytes_out=total, blobs_out=hits, get_misses=len(keys) - hits)
+
+    # ------------------------------------------------------------------ pins / eviction
+    @_rpc("Pin")
+    def Pin(self, request: pb.PinRequest, context: grpc.ServicerContext, caller: Caller) -> pb.PinResponse:
+        keys, doc, _ = self._target_keys(request.target, caller)
+        label = caller.tenant + _SEP + (f"doc:{doc}" if doc else "")
+        lease = self.store.pins.pin(keys, ttl_s=request.ttl_s or None, label=label)
+        return pb.PinResponse(lease_id=lease, num_keys=len(keys))
+
+    @_rpc("Unpin")
+    def Unpin(self, request: pb.UnpinRequest, context: grpc.ServicerContext, caller: Caller) -> pb.UnpinResponse:
+        which = request.WhichOneof("what")
+        if which == "doc_id":
+            return pb.UnpinResponse(released=self.store.pins.unpin_label(caller.tenant + _SEP + f"doc:{request.doc_id}"))
+        if which == "lease_id":
+            mine = any(le.lease_id == request.lease_id and le.label.startswith(caller.tenant + _SEP)
+                       for le in self.store.pins.leases())
+            return pb.UnpinResponse(released=int(mine and self.store.pins.unpin(request.lease_id)))
+        raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "give a lease_id or a doc_id")
+
+    @_rpc("Evict")
+    def Evict(self, request: pb.EvictRequest, context: grpc.ServicerContext, caller: Caller) -> pb.EvictResponse:
+        keys, _, _ = self._target_keys(request.target, caller)
+        self.store.flush(timeout=10)  # a queued write-through must not resurrect an evicted chunk
+        return pb.EvictResponse(removed=self.store.delete(keys, force=request.force))
+
+    @_rpc("Clear")
+    def Clear(self, request: pb.ClearRequest, context: grpc.ServicerContext, caller: Caller) -> pb.ClearResponse:
+        if request.all_tenants:
+            if not caller.admin:
+                raise Abort(grpc.StatusCode.PERMISSION_DENIED, "clearing all tenants needs the admin token")
+            n = len(self.store.keys_with_prefix(""))
+            self.store.clear()
+            with self._docs_lock:
+                self._docs.clear()
+            return pb.ClearResponse(removed=n)
+        n = self.store.delete_prefix(caller.prefix)
+        for le in self.store.pins.leases():
+            if le.label.startswith(caller.tenant + _SEP):
+                self.store.pins.unpin(le.lease_id)
+        with self._docs_lock:
+            for dk in [d for d in self._docs if d[0] == caller.tenant]:
+                del self._docs[dk]
+        return pb.ClearResponse(removed=n)
+
+    @_rpc("RegisterDocument")
+    def RegisterDocument(self, request: pb.RegisterDocumentRequest, context: grpc.ServicerContext,
+                         caller: Caller) -> pb.RegisterDocumentResponse:
+        if not request.doc_id:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "doc_id must not be empty")
+        which = request.WhichOneof("what")
+        if which == "keys":
+            keys = self._check_keys(request.keys.keys)
+        elif which == "tokens":
+            keys, _ = self._prefix_keys(request.tokens, document=True)
+        else:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "give the document's keys or tokens")
+        with self._docs_lock:
+            self._docs[(caller.tenant, request.doc_id)] = [caller.prefix + k for k in keys]
+        return pb.RegisterDocumentResponse(num_keys=len(keys))
+
+    @_rpc("Keys")
+    def Keys(self, request: pb.KeysRequest, context: grpc.ServicerContext, caller: Caller) -> pb.KeysResponse:
+        limit = request.limit or 1_000_000
+        keys = sorted(self.store.keys_with_prefix(caller.prefix))
+        plen = len(caller.prefix)
+        return pb.KeysResponse(keys=[k[plen:] for k in keys[:limit]], truncated=len(keys) > limit)

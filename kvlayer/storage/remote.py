@@ -1,0 +1,179 @@
+"""The ``remote`` tier: a kvlayer cache server (``kvlayer serve``) reached over gRPC.
+
+The tier ships already-encoded blobs; the server verifies and stores them as they are. A dead or
+slow server must cost the engine little: every call has a short deadline, and after a connection
+failure the tier fails fast (raising ``TierError``, which the tiered store reads as a miss) for
+a backoff that doubles up to ``max_backoff_s`` until a call succeeds again; gRPC reconnects the
+channel underneath. Refusals by the server (too big, busy) are dropped writes, not failures.
+
+Options (``TierConfig.options`` / ``KVLayerConfig`` fields): ``auth_token``, ``tenant``,
+``timeout_s`` (control calls, default 1 s), ``channels`` (TCP connections, default 1),
+``frame_bytes``, ``durable`` (acknowledge puts only once on the server's disk), ``tls_ca``,
+``max_backoff_s`` (default 2 s).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from kvlayer.codec.base import Buffer
+from kvlayer.config import TierConfig
+from kvlayer.errors import TierError
+from kvlayer.server.client import DEFAULT_FRAME_BYTES, KVLayerClient
+from kvlayer.storage.base import Tier, TierStats
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Codes that mean "the server is not reachable right now": back off.
+_DOWN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+         grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+
+
+class RemoteTier(Tier):
+    kind = "remote"
+
+    def __init__(self, url: str, name: str = "remote", *, auth_token: str | None = None, tenant: str | None = None,
+                 timeout_s: float = 1.0, channels: int = 1, frame_bytes: int = DEFAULT_FRAME_BYTES,
+                 durable: bool = False, tls_ca: str | None = None, max_backoff_s: float = 2.0,
+                 batch_keys: int = 64) -> None:
+        super().__init__(name, 0)
+        self.url = url
+        self.durable = durable
+        self.batch_keys = max(1, int(batch_keys))
+        self.client = KVLayerClient(url, token=auth_token, tenant=tenant, timeout_s=timeout_s, channels=channels,
+                                    frame_bytes=frame_bytes, tls_ca=tls_ca, max_backoff_s=max_backoff_s)
+        self.max_backoff_s = max_backoff_s
+        self._backoff = 0.0
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+        self._server_stats: tuple[float, Any] = (0.0, None)
+
+    # ------------------------------------------------------------------ failure handling
+    def _call(self, op: str, fn: Callable[[], T]) -> T:
+        now = time.monotonic()
+        if now < self._down_until:
+            raise TierError(f"remote tier {self.url}: server unreachable, retrying in {self._down_until - now:.1f}s")
+        try:
+            out = fn()
+        except grpc.RpcError as e:
+            code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+            if code in _DOWN:
+                with self._lock:
+                    self._backoff = min(self.max_backoff_s, max(0.05, self._backoff * 2))
+                    self._down_until = time.monotonic() + self._backoff
+            detail = e.details() if hasattr(e, "details") else str(e)
+            raise TierError(f"remote tier {self.url}: {op} failed: {code.name if code else '?'}: {detail}") from None
+        except ValueError as e:  # malformed stream from the server
+            raise TierError(f"remote tier {self.url}: {op}: {e}") from None
+        if self._backoff:
+            with self._lock:
+                self._backoff = 0.0
+                self._down_until = 0.0
+        return out
+
+    def _batches(self, keys: Sequence[str]) -> Iterable[Sequence[str]]:
+        for i in range(0, len(keys), self.batch_keys):
+            yield keys[i : i + self.batch_keys]
+
+    # ------------------------------------------------------------------ Tier API
+    def get(self, key: str) -> Buffer | None:
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: Sequence[str]) -> list[Buffer | None]:
+        out: list[Buffer | None] = []
+        for part in self._batches(list(keys)):
+            out.extend(self._call("get", lambda part=part: self.client.get(part)))
+        hits = [b for b in out if b is not None]
+        self.count(hits=len(hits), misses=len(out) - len(hits), bytes_read=sum(len(b) for b in hits))
+        return out
+
+    def put(self, key: str, blob: Buffer) -> bool:
+        return self.put_many([(key, blob)])[0]
+
+    def put_many(self, items: Sequence[tuple[str, Buffer]]) -> list[bool]:
+        out: list[bool] = []
+        items = list(items)
+        for i in range(0, len(items), self.batch_keys):
+            part = items[i : i + self.batch_keys]
+            try:
+                out.extend(self._call("put", lambda part=part: self.client.put(part, durable=self.durable)))
+            except TierError as e:
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                log.info("%s", e)  # the server refused (too big / busy): a dropped write, not an outage
+                out.extend([False] * len(part))
+        ok = [b for (_, b), s in zip(items, out, strict=True) if s]
+        self.count(puts=len(ok), bytes_written=sum(memoryview(b).nbytes for b in ok),
+                   dropped_writes=len(items) - len(ok))
+        return out
+
+    def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        out: list[bool] = []
+        for part in self._batches(list(keys)):
+            out.extend(self._call("exists", lambda part=part: self.client.exists(part)))
+        return out
+
+    def contains(self, key: str) -> bool:
+        return self.exists_many([key])[0]
+
+    def delete(self, key: str) -> bool:
+        return self.delete_many([key]) > 0
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        ks = list(keys)
+        return sum(self._call("evict", lambda part=part: self.client.evict(keys=list(part))) for part in self._batches(ks))
+
+    def keys(self) -> list[str]:
+        return self._call("keys", lambda: self.client.keys())
+
+    def clear(self) -> None:
+        self._call("clear", lambda: self.client.clear())
+
+    def _remote_stats(self) -> Any:
+        t, s = self._server_stats
+        if s is None or time.monotonic() - t > 1.0:
+            s = self._call("stats", lambda: self.client.stats())
+            self._server_stats = (time.monotonic(), s)
+        return s
+
+    def used_bytes(self) -> int:
+        s = self._remote_stats()
+        return int(s.tiers[0].used_bytes) if s.tiers else 0
+
+    def stats(self) -> TierStats:
+        """Client-side counters; used bytes and keys as the server reports them (when reachable)."""
+        with self._stats_lock:
+            st = TierStats(**self._stats.as_dict())  # type: ignore[arg-type]
+        try:
+            s = self._remote_stats()
+            st.used_bytes = int(sum(t.used_bytes for t in s.tiers if t.kind == "memory"))
+            st.num_keys = int(s.tenant_keys)
+        except TierError:
+            pass
+        return st
+
+    def healthy(self) -> bool:
+        try:
+            return self._call("health", lambda: self.client.health()).status == 1
+        except TierError:
+            return False
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __repr__(self) -> str:
+        return f"RemoteTier(name={self.name!r}, url={self.url!r})"
+
+
+def from_config(cfg: TierConfig) -> Tier:
+    if not cfg.url:
+        raise TierError("remote tier needs a url")
+    opts = {k: v for k, v in cfg.options.items() if v is not None}
+    return RemoteTier(cfg.url, cfg.name, **opts)
