@@ -1,0 +1,206 @@
+"""Reference runner: a layer-by-layer prefill that can recompute only some tokens.
+
+Written against the model's own modules (embedding, each layer's input_layernorm, q/k/v/o
+projections, optional q/k norms, post_attention_layernorm, MLP, the final norm, lm_head and the
+shared rotary embedding), so the weights and numerics are the model's; only the loop is ours. The
+loop is what a stock forward cannot do: at each layer it computes Q/K/V for a chosen subset of
+positions, writes their fresh K/V into a full-length KV buffer that holds cached values for the
+rest, and lets only that subset attend over the mixed buffer.
+
+Supported: Hugging Face Llama, Qwen2, Qwen3 and Mistral families (same block structure). Anything
+else is refused with :class:`~kvlayer.errors.UnsupportedModelError` rather than run wrongly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kvlayer.blend.rope import Rope, apply_rope
+from kvlayer.blend.select import Selector, kv_deviation
+from kvlayer.errors import UnsupportedModelError
+from kvlayer.spec import KVSpec, dtype_name
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+#: layer -> (K, V), each ``[tokens, kv_heads, head_dim]`` covering the whole prompt (cached values
+#: where known, anything elsewhere: positions that are computed get overwritten).
+LayerKV = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class RunOutput:
+    kv: torch.Tensor  # [layers, 2, tokens, kv_heads, head_dim], K post-RoPE at prompt positions
+    logits: torch.Tensor  # [logits_last, vocab] for the last positions
+    computed: np.ndarray  # positions computed in the last layer
+    history: list[tuple[int, int]] = field(default_factory=list)
+
+
+def model_fingerprint(model: Any) -> str:
+    """A digest of the config and a strided sample of every weight: cheap (no full hash of the
+    weights) but different for different checkpoints in practice; stable across processes."""
+    h = hashlib.sha256()
+    cfg = model.config.to_dict()
+    for k in ("_name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype", "_attn_implementation",
+              "_attn_implementation_autoset", "use_cache", "architectures"):
+        cfg.pop(k, None)
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(flat[::step].float().cpu().numpy().tobytes())
+    return f"{model.config.model_type}-{h.hexdigest()[:24]}"
+
+
+class Runner:
+    """Prefill (full or selective) of one causal LM, one prompt at a time, no batching."""
+
+    def __init__(self, model: Any) -> None:
+        cfg = model.config
+        if getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+            # Check RoPE first so a model without it gets the more precise error.
+            Rope(model)
+            raise UnsupportedModelError(
+                f"blending runner supports model types {SUPPORTED_MODEL_TYPES}, not {cfg.model_type!r}"
+            )
+        base = getattr(model, "model", None)
+        for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
+            if base is None or not hasattr(base, attr):
+                raise UnsupportedModelError(f"{type(model).__name__} lacks model.{attr}; not a Llama-family layout")
+        if not hasattr(model, "lm_head"):
+            raise UnsupportedModelError(f"{type(model).__name__} has no lm_head")
+        self.model = model
+        self.base = base
+        self.rope = Rope(model)
+        self.num_layers = len(base.layers)
+        self.num_heads = int(cfg.num_attention_heads)
+        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        self.dtype = next(model.parameters()).dtype
+        self.sliding_window = self._sliding_window(cfg)
+        self._fingerprint: str | None = None
+
+    @staticmethod
+    def _sliding_window(cfg: Any) -> int | None:
+        win = getattr(cfg, "sliding_window", None)
+        if not win:
+            return None
+        types = getattr(cfg, "layer_types", None)
+        if types is not None:
+            return int(win) if any(t == "sliding_attention" for t in types) else None
+        if cfg.model_type == "qwen2" and not getattr(cfg, "use_sliding_window", False):
+            return None
+        return int(win)
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
+
+    def kv_spec(self, dtype: torch.dtype | None = None, **extra: Any) -> KVSpec:
+        """The KVSpec under which this model's chunks and documents are stored."""
+        return KVSpec(model=self.fingerprint, num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
+                      head_dim=self.head_dim, dtype=dtype_name(dtype or self.dtype), **extra)
+
+    # ------------------------------------------------------------------ pieces
+    def _qkv(self, layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        attn = layer.self_attn
+        m = x.shape[0]
+        q = attn.q_proj(x).view(m, -1, self.head_dim)
+        k = attn.k_proj(x).view(m, -1, self.head_dim)
+        v = attn.v_proj(x).view(m, -1, self.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _attend(self, layer: Any, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        """q ``[m, heads, D]`` over keys/values ``[n, kv_heads, D]``; causal by position."""
+        mask = kpos[None, :] <= qpos[:, None]
+        if self.sliding_window is not None:
+            mask &= kpos[None, :] > qpos[:, None] - self.sliding_window
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+            attn_mask=mask[None, None], scale=float(layer.self_attn.scaling),
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return layer.self_attn.o_proj(out[0].transpose(0, 1).reshape(q.shape[0], -1))
+
+    # ------------------------------------------------------------------ the loop
+    @torch.inference_mode()
+    def run(self, tokens: Any, *, layer_kv: LayerKV | None = None, prefix_len: int = 0,
+            reused: np.ndarray | None = None, selector: Selector | None = None, logits_last: int = 1,
+            start_pos: int = 0, kv_dtype: torch.dtype | None = None) -> RunOutput:
+        """Prefill ``tokens`` (positions ``start_pos + i``).
+
+        ``prefix_len`` leading tokens are taken from ``layer_kv`` as exact and never computed.
+        ``reused`` marks positions whose cached KV (from ``layer_kv``) may be kept: all are
+        computed up to the selector's check layer, then only the selected ones. Without a
+        selector every non-prefix position is computed (a full prefill).
+        """
+        ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+        n = int(ids.numel())
+        if not 0 <= prefix_len < n:
+            raise ValueError(f"prefix_len {prefix_len} must leave at least one token to compute (n={n})")
+        if not 1 <= logits_last <= n - prefix_len:
+            raise ValueError(f"logits_last must be in [1, {n - prefix_len}]")
+        if (prefix_len or (reused is not None and reused.any())) and layer_kv is None:
+            raise ValueError("cached positions need layer_kv")
+        if reused is None:
+            reused = np.zeros(n, dtype=bool)
+        # ``reused`` is read at the check layer, not now: a background loader may still clear
+        # positions whose KV turned out to be missing. The prefix and the positions whose logits
+        # we return are never candidates.
+        candidate = torch.zeros(n, dtype=torch.bool)
+        candidate[prefix_len:n - logits_last] = True
+        pos = torch.arange(n) + start_pos
+        cos_all, sin_all = self.rope.cos_sin(pos)
+        comp = torch.arange(prefix_len, n)
+        h = self.base.embed_tokens(ids[comp])
+        kv_out = torch.empty(self.num_layers, 2, n, self.num_kv_heads, self.head_dim, dtype=kv_dtype or self.dtype)
+        for li, layer in enumerate(self.base.layers):
+            if kv_out.dtype == self.dtype:  # work in the output buffer: no extra copy
+                keys, values = kv_out[li, 0], kv_out[li, 1]
+            else:
+                keys = torch.empty(n, self.num_kv_heads, self.head_dim, dtype=self.dtype)
+                values = torch.empty_like(keys)
+            if layer_kv is not None:
+                ck, cv = layer_kv(li)
+                keys.copy_(ck)
+                values.copy_(cv)
+            x = layer.input_layernorm(h)
+            q, k, v = self._qkv(layer, x, cos_all[comp], sin_all[comp])
+            if selector is not None and selector.active(li):
+                is_r = torch.from_numpy(np.ascontiguousarray(reused, dtype=bool))[comp] & candidate[comp]
+                ridx = is_r.nonzero().squeeze(1)
+                dev = kv_deviation(k[ridx], v[ridx], keys[comp[ridx]], values[comp[ridx]], selector.policy.deviation)
+                keep_r = ridx[selector.select(li, dev)]
+                keep = ~is_r
+                keep[keep_r] = True
+                comp, h, q, k, v = comp[keep], h[keep], q[keep], k[keep], v[keep]
+            keys[comp] = k
+            values[comp] = v
+            if kv_out.dtype != self.dtype:
+                kv_out[li, 0] = keys
+                kv_out[li, 1] = values
+            last = int(comp[-1]) + 1
+            h = h + self._attend(layer, q, keys[:last], values[:last], pos[comp], pos[:last])
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        hl = self.base.norm(h[-logits_last:])
+        logits = self.model.lm_head(hl).float()
+        return RunOutput(kv_out, logits, comp.numpy(), list(selector.history) if selector else [])
+
+    def prefill(self, tokens: Any, *, start_pos: int = 0, logits_last: int = 1,
+                kv_dtype: torch.dtype | None = None) -> RunOutput:
+        """Plain full prefill (what a document's KV is computed with, at start_pos 0)."""
+        return self.run(tokens, start_pos=start_pos, logits_last=logits_last, kv_dtype=kv_dtype)
