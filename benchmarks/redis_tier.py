@@ -1,0 +1,161 @@
+"""Put/get throughput of 1, 4 and 8 MiB values through the kvlayer Redis tier, against two
+baselines measured in the same run on the same redis-server:
+
+- ``redis-benchmark`` (the C client shipped with Redis): ``-t set,get -d <size> -c C -P 1 --csv``;
+  its requests/s x value size. ``-c`` equals the tier's connection count (default 4) so both sides
+  may keep the same number of requests in flight; ``-P 1`` because pipelining multi-MB values buys
+  nothing (the socket is the bottleneck) and larger ``-P`` only makes its latency burstier. Its keys
+  are one fixed key (no ``-r``), so every GET finds the value its SET wrote.
+- naive redis-py: one ``SET``/``GET`` call at a time on one connection (hiredis parser), the way a
+  simple client stores KV chunks.
+
+The tier moves a batch of N values with ``put_many``/``get_many`` (pipelined, split across its
+connections). Figures are medians of repeated runs; ratios per size plus their geometric mean.
+The last stdout line is JSON with ``put_vs_redis_benchmark``, ``get_vs_redis_benchmark`` and
+``get_vs_naive``.
+
+    python benchmarks/redis_tier.py [--quick] [--url redis://host:port/0] [--connections 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import redis  # noqa: E402
+from _common import emit_json, markdown_table, time_gbps, write_results  # noqa: E402
+
+from kvlayer.storage.redis import RedisTier  # noqa: E402
+
+MiB = 1 << 20
+
+
+def redis_benchmark(host: str, port: int, size: int, requests: int, clients: int) -> dict[str, float]:
+    """GB/s of SET and GET from redis-benchmark's CSV (requests/s x value size)."""
+    exe = shutil.which("redis-benchmark")
+    if exe is None:
+        raise SystemExit("redis-benchmark not found (it ships with redis-server: apt-get install redis-server)")
+    cmd = [exe, "-h", host, "-p", str(port), "-t", "set,get", "-d", str(size), "-n", str(requests),
+           "-c", str(clients), "-P", "1", "--csv"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300).stdout
+    rows = {r["test"]: float(r["rps"]) for r in csv.DictReader(io.StringIO(out))}
+    return {"put": rows["SET"] * size / 1e9, "get": rows["GET"] * size / 1e9}
+
+
+def geomean(xs: list[float]) -> float:
+    xs = [x for x in xs if x > 0 and math.isfinite(x)]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else 0.0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="under 60 s: fewer bytes and repeats")
+    ap.add_argument("--url", help="use this Redis (redis://host:port/db) instead of starting a redis-server; "
+                                  "it must be a scratch server: keys under kvlayer:bench: and redis-benchmark's are written")
+    ap.add_argument("--sizes", default="1,4,8", help="value sizes in MiB (default 1,4,8)")
+    ap.add_argument("--batch-mib", type=int, default=0, help="bytes per batch (default 128, --quick 64)")
+    ap.add_argument("--repeat", type=int, default=0, help="timed repetitions (default 5, --quick 3)")
+    ap.add_argument("--connections", type=int, default=4, help="tier connections = redis-benchmark -c")
+    args = ap.parse_args()
+    batch = (args.batch_mib or (64 if args.quick else 128)) * MiB
+    repeat = args.repeat or (3 if args.quick else 5)
+    sizes = [int(float(s) * MiB) for s in args.sizes.split(",")]
+
+    server = None
+    if args.url:
+        url = args.url
+    else:
+        from tests.fixtures.redis_server import RedisServer
+
+        server = RedisServer().start()
+        url = server.url
+    u = urlsplit(url)
+    host, port = u.hostname or "127.0.0.1", u.port or 6379
+    t_start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    try:
+        tier = RedisTier(url, name="bench", connections=args.connections)
+        naive = redis.Redis(host=host, port=port, password=u.password, username=u.username)
+        for size in sizes:
+            n = max(4, batch // size)
+            value = os.urandom(size)
+            keys = [f"{i:064x}" for i in range(n)]
+            items = [(k, value) for k in keys]
+
+            put = time_gbps(lambda items=items: tier.put_many(items), n * size, repeat=repeat)
+            got = tier.get_many(keys)
+            assert all(g is not None and bytes(g) == value for g in got), "tier round trip is not bit-exact"
+            del got
+            get = time_gbps(lambda keys=keys: tier.get_many(keys), n * size, repeat=repeat)
+
+            nkeys = [tier.rkey(k) for k in keys]
+
+            def naive_put(nkeys: list[str] = nkeys, value: bytes = value) -> None:
+                for k in nkeys:
+                    naive.set(k, value)
+
+            def naive_get(nkeys: list[str] = nkeys) -> None:
+                for k in nkeys:
+                    naive.get(k)
+
+            nput = time_gbps(naive_put, n * size, repeat=repeat)
+            nget = time_gbps(naive_get, n * size, repeat=repeat)
+            tier.clear()
+            # Same bytes as one tier batch, at least 3 batches' worth so its timer is not all start-up.
+            rb = redis_benchmark(host, port, size, requests=max(3 * n, 24), clients=args.connections)
+            naive.delete("key:__rand_int__")
+            rows.append({
+                "_name": f"{size // MiB} MiB", "size_mib": size / MiB, "batch": n,
+                "tier_put_gbps": put, "tier_get_gbps": get,
+                "redis_benchmark_put_gbps": rb["put"], "redis_benchmark_get_gbps": rb["get"],
+                "naive_put_gbps": nput, "naive_get_gbps": nget,
+                "put_vs_redis_benchmark": put / rb["put"], "get_vs_redis_benchmark": get / rb["get"],
+                "put_vs_naive": put / nput, "get_vs_naive": get / nget,
+            })
+            print(f"{size // MiB} MiB x {n}: tier put {put:.2f} get {get:.2f} GB/s | redis-benchmark put "
+                  f"{rb['put']:.2f} get {rb['get']:.2f} | naive put {nput:.2f} get {nget:.2f}", file=sys.stderr)
+        tier.close()
+        naive.close()
+    finally:
+        if server is not None:
+            server.cleanup()
+
+    summary = {k: geomean([r[k] for r in rows]) for k in
+               ("put_vs_redis_benchmark", "get_vs_redis_benchmark", "get_vs_naive", "put_vs_naive")}
+    cols = ["batch", "tier_put_gbps", "tier_get_gbps", "redis_benchmark_put_gbps", "redis_benchmark_get_gbps",
+            "naive_put_gbps", "naive_get_gbps", "put_vs_redis_benchmark", "get_vs_redis_benchmark", "get_vs_naive"]
+    table = markdown_table(rows, cols, first="value size")
+    print(table, file=sys.stderr)
+    md = (
+        "# Redis tier benchmark (`benchmarks/redis_tier.py`)\n\n"
+        f"Values of {args.sizes} MiB on one local `redis-server` (no persistence), batches of "
+        f"{batch // MiB} MiB, median of {repeat} runs{' (--quick)' if args.quick else ''}. GB/s = 1e9 bytes/s. "
+        f"Tier: `put_many`/`get_many` over {args.connections} connections. Baselines in the same run: "
+        f"`redis-benchmark -t set,get -d <size> -c {args.connections} -P 1` (requests/s x size) and naive "
+        "redis-py, one SET/GET call at a time. Ratios in the summary are geometric means over sizes.\n\n"
+        + table + "\n" + "\n".join(f"- {k}: {v:.3g}" for k, v in summary.items()) + "\n"
+    )
+    per_size = {r["_name"]: {k: v for k, v in r.items() if k != "_name"} for r in rows}
+    data = {**summary, "sizes": per_size, "connections": args.connections, "batch_mib": batch // MiB,
+            "repeat": repeat, "quick": args.quick, "seconds": time.perf_counter() - t_start}
+    write_results("redis_tier", data, md)
+    emit_json(data)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
