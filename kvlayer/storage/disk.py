@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import threading
+from collections import Counter
 from pathlib import Path
 
 from kvlayer.codec.base import Buffer
@@ -39,6 +40,9 @@ class DiskTier(Tier):
         self._lru = LRUIndex(self.capacity_bytes)
         self._seq = 0
         self._seq_lock = threading.Lock()
+        # Keys accounted in the index whose file is still being written: not evictable, and a
+        # reader that finds no file yet must not drop them from the index (that orphaned files).
+        self._writing: Counter[str] = Counter()
         self._rebuild()
 
     # ------------------------------------------------------------------------------------------
@@ -92,6 +96,15 @@ class DiskTier(Tier):
         g = self.guard
         return g is not None and g.is_pinned(key)
 
+    def _unevictable(self, key: str) -> bool:
+        return key in self._writing or self._pinned(key)
+
+    def _done_writing(self, key: str) -> None:
+        """Under the index lock: end one write of ``key``."""
+        self._writing[key] -= 1
+        if self._writing[key] <= 0:
+            del self._writing[key]
+
     # ------------------------------------------------------------------------------------------
     def get(self, key: str) -> Buffer | None:
         if key not in self._lru:
@@ -105,7 +118,9 @@ class DiskTier(Tier):
                 n = fh.readinto(buf)
         except FileNotFoundError:
             with self._lru.lock:
-                self._lru.remove(key)
+                # A put may be creating it right now, or may have just finished.
+                if key not in self._writing and not p.exists():
+                    self._lru.remove(key)
             self.count(misses=1)
             return None
         except OSError as e:
@@ -125,7 +140,7 @@ class DiskTier(Tier):
             self._seq += 1
             tmp = self._tmp / f"{key}.{os.getpid()}.{threading.get_ident()}.{self._seq}.tmp"
         with self._lru.lock:
-            victims = self._lru.reserve(size, self._pinned, exclude=key)
+            victims = self._lru.reserve(size, self._unevictable, exclude=key)
             if victims is None:
                 self.count(dropped_writes=1)
                 return False
@@ -133,6 +148,7 @@ class DiskTier(Tier):
                 self._lru.remove(v)
             # Account now so concurrent writers cannot overshoot the budget together.
             self._lru.add(key, size)
+            self._writing[key] += 1
         evicted: list[tuple[str, Buffer | None]] = []
         g = self.guard
         for v in victims:
@@ -151,9 +167,17 @@ class DiskTier(Tier):
             os.replace(tmp, final)
         except OSError as e:
             with self._lru.lock:
-                self._lru.remove(key)
+                self._done_writing(key)
+                if key not in self._writing:
+                    self._lru.remove(key)
+                    final.unlink(missing_ok=True)  # an older copy would be unaccounted
             tmp.unlink(missing_ok=True)
             raise TierError(f"disk tier write {final}: {e}") from e
+        with self._lru.lock:
+            self._done_writing(key)
+            if key not in self._lru and key not in self._writing:
+                # Deleted while being written: the file must not outlive its index entry.
+                final.unlink(missing_ok=True)
         self.count(puts=1, bytes_written=size, evictions=len(evicted))
         if g is not None:
             for k, b in evicted:

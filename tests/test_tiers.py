@@ -1,0 +1,342 @@
+"""The memory and disk tiers on their own: budgets, LRU, restart, start-up cleanup, atomic writes."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from kvlayer.codec import decode, encode
+from kvlayer.codec.header import verify
+from kvlayer.storage.base import EvictionGuard, Tier
+from kvlayer.storage.disk import DiskTier
+from kvlayer.storage.memory import MemoryTier
+
+REPO = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+
+
+def key(i: int | str) -> str:
+    return hashlib.sha256(f"k{i}".encode()).hexdigest()
+
+
+def tensor(seed: int, nbytes: int = 64 << 10) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(nbytes // 2, generator=g).half().reshape(-1, 64)
+
+
+def blob(seed: int, nbytes: int = 64 << 10, codec: str = "raw") -> bytes:
+    return bytes(encode(tensor(seed, nbytes), codec))
+
+
+def files_on_disk(root: Path) -> dict[str, int]:
+    out = {}
+    for sub in root.iterdir():
+        if sub.is_dir() and sub.name != "tmp":
+            for f in sub.iterdir():
+                out[f.name.removesuffix(".kvb")] = f.stat().st_size
+    return out
+
+
+class Pins(EvictionGuard):
+    """A minimal guard: a fixed pin set, records evictions."""
+
+    def __init__(self, pinned: set[str]) -> None:
+        self.pinned = pinned
+        self.evicted: list[str] = []
+
+    def is_pinned(self, key: str) -> bool:
+        return key in self.pinned
+
+    def on_evict(self, tier: Tier, key: str, blob) -> None:
+        self.evicted.append(key)
+
+
+@pytest.fixture(params=["memory", "disk"])
+def make_tier(request, tmp_path):
+    def make(capacity: int) -> Tier:
+        if request.param == "memory":
+            return MemoryTier("cpu", capacity)
+        return DiskTier(tmp_path / "disk", capacity)
+
+    return make
+
+
+# ---------------------------------------------------------------------------------- both tiers
+def test_put_get_delete_roundtrip(make_tier):
+    t = make_tier(1 * MiB)
+    b = blob(1)
+    assert t.get(key(1)) is None and not t.contains(key(1))
+    assert t.put(key(1), b)
+    assert t.contains(key(1)) and t.keys() == [key(1)]
+    assert bytes(t.get(key(1))) == b
+    assert t.used_bytes() == len(b)
+    assert t.put(key(1), b)  # replacing a key does not count it twice
+    assert t.used_bytes() == len(b)
+    assert t.delete(key(1)) and not t.delete(key(1))
+    assert t.get(key(1)) is None and t.used_bytes() == 0
+    s = t.stats()
+    assert (s.hits, s.misses, s.puts, s.num_keys) == (1, 2, 2, 0)
+    assert s.bytes_read == len(b) and s.bytes_written == 2 * len(b)
+
+
+def test_lru_order_and_budget_under_10x_overload(make_tier):
+    cap = 1 * MiB
+    t = make_tier(cap)
+    size = len(blob(0))
+    per_tier = cap // size
+    for i in range(per_tier):
+        assert t.put(key(i), blob(i))
+    assert t.get(key(0)) is not None  # touch: key 0 becomes most recent
+    written = 0
+    i = per_tier
+    while written < 10 * cap:
+        assert t.put(key(i), blob(i))
+        written += size
+        assert t.used_bytes() <= cap
+        i += 1
+        if i == per_tier + 1:
+            assert t.contains(key(0)) and not t.contains(key(1))  # LRU, not FIFO
+    assert t.used_bytes() <= cap
+    assert len(t.keys()) == per_tier
+    assert t.stats().evictions >= 10 * per_tier - per_tier
+    if isinstance(t, DiskTier):
+        on_disk = files_on_disk(t.root)
+        assert set(on_disk) == set(t.keys()) and sum(on_disk.values()) <= cap
+
+
+def test_blob_larger_than_budget_is_refused(make_tier):
+    t = make_tier(100 << 10)
+    assert t.put(key(0), blob(0, 32 << 10))
+    assert not t.put(key(1), blob(1, 256 << 10))
+    assert t.contains(key(0)) and not t.contains(key(1))
+    assert t.stats().dropped_writes == 1
+
+
+def test_pinned_keys_are_not_evicted_and_a_full_tier_refuses(make_tier):
+    t = make_tier(256 << 10)
+    size = len(blob(0))
+    n = (256 << 10) // size
+    guard = Pins({key(i) for i in range(n)})
+    t.set_eviction_guard(guard)
+    for i in range(n):
+        assert t.put(key(i), blob(i))
+    for j in range(n, n + 10):  # every resident key is pinned: refuse rather than evict
+        assert not t.put(key(j), blob(j))
+    assert sorted(t.keys()) == sorted(guard.pinned) and guard.evicted == []
+    guard.pinned = {key(0)}
+    assert t.put(key(100), blob(100))
+    assert t.contains(key(0)) and t.contains(key(100))
+    assert guard.evicted == [key(1)]  # the oldest unpinned key went, and the guard heard of it
+
+
+def test_clear(make_tier):
+    t = make_tier(1 * MiB)
+    for i in range(4):
+        t.put(key(i), blob(i))
+    t.clear()
+    assert t.keys() == [] and t.used_bytes() == 0 and t.get(key(0)) is None
+
+
+# ---------------------------------------------------------------------------------- RSS budget
+def _rss() -> int:
+    gc.collect()
+    return psutil.Process().memory_info().rss
+
+
+@pytest.mark.parametrize("kind", ["memory", "disk"])
+def test_rss_stays_within_budget_under_10x_overload(kind, tmp_path):
+    budget = 64 * MiB
+    chunk = tensor(7, 1 * MiB)
+    tier: Tier = MemoryTier("cpu", budget) if kind == "memory" else DiskTier(tmp_path / "d", budget)
+    tier.put(key("warm"), encode(chunk))
+    tier.delete(key("warm"))
+    base = _rss()
+    peak = base
+    for i in range(10 * budget // MiB):
+        assert tier.put(key(i), encode(chunk))
+        assert tier.used_bytes() <= budget
+        if i % 8 == 0:
+            peak = max(peak, psutil.Process().memory_info().rss)
+    peak = max(peak, _rss())
+    held = budget if kind == "memory" else 0
+    # The tier holds its budget; everything else is a few chunks in flight plus allocator slack.
+    assert peak - base <= held + 24 * MiB, f"RSS grew {(peak - base) / MiB:.1f} MiB"
+    assert tier.stats().evictions >= 9 * budget // MiB - 2
+
+
+# ---------------------------------------------------------------------------------- disk only
+_WRITER = r"""
+import sys, hashlib, torch
+from kvlayer.codec import encode
+from kvlayer.storage.disk import DiskTier
+root, n = sys.argv[1], int(sys.argv[2])
+t = DiskTier(root, 256 << 20)
+def key(i): return hashlib.sha256(f"k{i}".encode()).hexdigest()
+for i in range(n):
+    g = torch.Generator().manual_seed(i)
+    x = torch.randn(32 << 10, generator=g).half().reshape(-1, 64)
+    assert t.put(key(i), encode(x, "lz4" if i % 2 else "raw"))
+print("ready", flush=True)
+# Keep writing big blobs until killed, so the kill lands in the middle of writes.
+big = encode(torch.randn(8 << 20).half())
+i = 0
+while True:
+    t.put(key(f"big{i}"), big)
+    i += 1
+"""
+
+
+def test_disk_survives_process_restart_and_kill_mid_write(tmp_path):
+    root = tmp_path / "disk"
+    n = 12
+    p = subprocess.Popen([sys.executable, "-c", _WRITER, str(root), str(n)], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        assert line.strip() == "ready", p.stderr.read() if p.stderr else ""
+        # wait until a temp file is being written, then kill -9 (a crash mid-write)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any((root / "tmp").iterdir()):
+            time.sleep(0.001)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
+    # This process is the "restart": it rebuilds the index from the files.
+    t = DiskTier(root, 256 << 20)
+    assert list((root / "tmp").iterdir()) == []  # leftover temp files removed at start-up
+    for i in range(n):
+        got = t.get(key(i))
+        assert got is not None, f"blob {i} lost across restart"
+        x = tensor(i, 64 << 10)
+        assert torch.equal(decode(got), x)  # bit-exact, raw and lz4
+    # Every blob under a real key name is complete (atomic rename): no partial big blob.
+    on_disk = files_on_disk(root)
+    assert set(on_disk) == set(t.keys())
+    for k in t.keys():
+        verify(t.get(k))
+    assert t.used_bytes() == sum(on_disk.values())
+
+
+def test_startup_removes_temp_truncated_and_garbage_files(tmp_path):
+    root = tmp_path / "disk"
+    t = DiskTier(root, 8 * MiB)
+    good = blob(1)
+    for i in range(4):
+        assert t.put(key(i), good)
+    del t
+    (root / "tmp" / "leftover.123.tmp").write_bytes(b"half a blob")
+    p_trunc = root / key(1)[:2] / f"{key(1)}.kvb"
+    p_trunc.write_bytes(good[: len(good) // 2])
+    p_garbage = root / key(2)[:2] / f"{key(2)}.kvb"
+    p_garbage.write_bytes(os.urandom(len(good)))
+    bad_name = root / "zz" / "not-a-key.kvb"
+    bad_name.parent.mkdir()
+    bad_name.write_bytes(good)
+    wrong_version = bytearray(good)
+    wrong_version[4] = 99
+    p_ver = root / key(3)[:2] / f"{key(3)}.kvb"
+    p_ver.write_bytes(wrong_version)
+
+    t = DiskTier(root, 8 * MiB)
+    assert t.keys() == [key(0)]
+    assert t.used_bytes() == len(good)
+    for p in (p_trunc, p_garbage, bad_name, p_ver):
+        assert not p.exists()
+    assert list((root / "tmp").iterdir()) == []
+    assert t.stats().corrupt == 4
+    assert bytes(t.get(key(0))) == good
+
+
+def test_restart_with_smaller_budget_trims_oldest(tmp_path):
+    root = tmp_path / "disk"
+    t = DiskTier(root, 8 * MiB)
+    size = len(blob(0))
+    for i in range(8):
+        assert t.put(key(i), blob(i))
+        # distinct, increasing modification times, the LRU order a restart recovers
+        p = root / key(i)[:2] / f"{key(i)}.kvb"
+        os.utime(p, (1_000_000 + i, 1_000_000 + i))
+    t2 = DiskTier(root, 4 * size)
+    assert sorted(t2.keys()) == sorted(key(i) for i in range(4, 8))
+    assert t2.used_bytes() <= 4 * size
+    assert set(files_on_disk(root)) == set(t2.keys())
+
+
+def test_disk_rejects_non_hex_keys(tmp_path):
+    t = DiskTier(tmp_path / "d", MiB)
+    with pytest.raises(Exception, match="invalid key"):
+        t.put("../../etc/passwd", b"x")
+
+
+def test_disk_index_matches_files_under_concurrent_put_get_delete(tmp_path):
+    """Readers, deleters and two writers at once: afterwards the index and the files agree and the
+    budget holds (a reader racing a write once dropped the key from the index, orphaning the file)."""
+    cap = 2 * MiB
+    t = DiskTier(tmp_path / "d", cap)
+    b = blob(3, 128 << 10)
+    keys = [key(i) for i in range(120)]
+    cur = [keys[0]]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def guarded(fn):
+        def run():
+            try:
+                fn()
+            except BaseException as e:  # surface thread failures in the test
+                errors.append(e)
+        return run
+
+    @guarded
+    def reader():
+        while not stop.is_set():
+            got = t.get(cur[0])
+            if got is not None:
+                verify(got)  # never a partial blob
+
+    @guarded
+    def deleter():
+        i = 0
+        while not stop.is_set():
+            t.delete(keys[i % len(keys)])
+            i += 7
+            time.sleep(0.0005)
+
+    def writer(offset: int):
+        @guarded
+        def run():
+            for k in keys[offset:] + keys[:offset]:
+                cur[0] = k
+                t.put(k, b)
+                assert t.used_bytes() <= cap
+        return run
+
+    threads = [threading.Thread(target=f) for f in (reader, deleter)]
+    writers = [threading.Thread(target=writer(o)) for o in (0, 60)]
+    for th in threads + writers:
+        th.start()
+    for th in writers:
+        th.join()
+    stop.set()
+    for th in threads:
+        th.join()
+    assert errors == []
+    on_disk = files_on_disk(t.root)
+    assert set(on_disk) == set(t.keys())
+    assert sum(on_disk.values()) == t.used_bytes() <= cap
+    assert list((t.root / "tmp").iterdir()) == []
