@@ -38,6 +38,13 @@ def _load_optional() -> None:
             pass
 
 
+def backend_info() -> dict[str, Any]:
+    """Which kernels run the quantized codecs and the byte-shuffle: C++ (built on first use) or torch."""
+    from kvlayer.codec import _ext
+
+    return _ext.backend_info()
+
+
 class Codec:
     """A parsed codec name with its parameters; thread-safe and reusable."""
 
@@ -123,4 +130,13 @@ def available_codecs() -> list[str]:
     return names + [f"{n}+lz4" for n in names if n != "raw"] + ["lz4"]
 
 
-__all__ = ["Codec", "CorruptBlobError", "available_codecs", "decode", "encode", "get_codec", "register_transform"]
+__all__ = [
+    "Codec",
+    "CorruptBlobError",
+    "available_codecs",
+    "backend_info",
+    "decode",
+    "encode",
+    "get_codec",
+    "register_transform",
+]

@@ -14,7 +14,8 @@ Arithmetic (fp32, shared bit for bit with the C++ kernels)::
 Error bound (tested): ``|x - x'| <= 2**-4 * |x| + 2**-10 * s + 1e-6 * |x| + u(x')`` where
 ``2**-4`` is half an ulp of the 3-bit mantissa relative to the value, ``2**-10 * s`` covers the
 subnormal range (|x| < 2**-6 s), ``1e-6`` the fp32 scaling and ``u`` half an ulp of the output
-dtype. Non-finite input: a (layer, plane, head) slice holding NaN or +-inf decodes to all-NaN.
+dtype. Non-finite input: a (layer, plane, head) slice holding NaN or +-inf decodes to all-NaN
+(the canonical quiet NaN, as in quant.py).
 
 Payload = scales (fp32, ``[L, P, H]``) | codes (``[L, P, T, H, D]``, 1 byte each).
 """
@@ -28,7 +29,7 @@ import torch
 
 from kvlayer.codec import register_transform
 from kvlayer.codec.base import Buffer, Transform, tensor_bytes
-from kvlayer.codec.quant import _COMPRESSOR_PARAMS, _payload_tensor, canonical_shape
+from kvlayer.codec.quant import _COMPRESSOR_PARAMS, _payload_tensor, canonical_nan, canonical_shape
 from kvlayer.errors import ConfigError
 
 FP8_MAX = 448.0
@@ -50,14 +51,14 @@ def fp8_encode_torch(x5: torch.Tensor, scales: torch.Tensor, codes: torch.Tensor
             scales.zero_()
         return
     s, inv = fp8_scales(x5)
-    scales.copy_(s)
+    scales.copy_(canonical_nan(s))
     y = x5.float() * inv[:, :, None, :, None]
     codes.copy_(y.to(torch.float8_e4m3fn).view(torch.uint8))
 
 
 def fp8_decode_torch(scales: torch.Tensor, codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     y = codes.view(torch.float8_e4m3fn).float()
-    return (y * scales[:, :, None, :, None]).to(dtype)
+    return canonical_nan((y * scales[:, :, None, :, None]).to(dtype))
 
 
 def _views(buf: torch.Tensor, L: int, P: int, T: int, H: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:

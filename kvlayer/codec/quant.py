@@ -30,7 +30,9 @@ of the output dtype at ``x'`` (the final cast), and the last term covers fp32 ar
 short: int8 error <= (max-min)/510 per group, int4 <= (max-min)/30, int2 <= (max-min)/6.
 
 Non-finite input: a group holding any NaN or +-inf decodes to all-NaN (its scale or zero is
-non-finite); the damage stays visible and confined to its group, and encoding never fails.
+non-finite); the damage stays visible and confined to its group, and encoding never fails. NaNs
+are written as the canonical quiet NaN (meta and output), so blobs and decoded tensors are
+byte-identical whichever backend (torch or C++) produced them.
 
 Packing: each token row of each (layer, plane) holds ``kv_heads * head_dim`` codes packed
 little-end first (int4: 2 per byte, int2: 4 per byte), padded to a whole byte per row.
@@ -168,7 +170,13 @@ def _group_params(mn: torch.Tensor, mx: torch.Tensor, qmax: int, meta: torch.dty
             s_m = torch.where(up, (s_m.view(torch.int16) + 1).view(torch.float16), s_m)
     sf = s_m.float()
     inv = torch.where(sf > 0, 1.0 / sf, torch.zeros((), dtype=torch.float32))
-    return z_m, s_m, z, sf, inv
+    return canonical_nan(z_m), canonical_nan(s_m), z, sf, inv
+
+
+def canonical_nan(t: torch.Tensor) -> torch.Tensor:
+    """Every NaN as the one canonical quiet NaN, so both backends write identical bytes."""
+    nan = torch.isnan(t)
+    return t.masked_fill_(nan, float("nan")) if bool(nan.any()) else t
 
 
 def _codes(x: torch.Tensor, z: torch.Tensor, inv: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -251,7 +259,7 @@ def dequantize_torch(parts: tuple[torch.Tensor, ...], lay: QuantLayout, dtype: t
     s = v_scale.float().repeat_interleave(lay.gv, dim=3)[..., :D]
     z = v_zero.float().repeat_interleave(lay.gv, dim=3)[..., :D]
     out[:, P - 1] = q[:, P - 1].view(L, T, H, D) * s + z
-    return out
+    return canonical_nan(out)
 
 
 # ----------------------------------------------------------------------------- dispatch
