@@ -1,0 +1,33 @@
+"""What the scheduler side tells the worker side each step (plain data: it may be pickled to a
+worker process)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+
+@dataclass
+class LoadOp:
+    """Load ``keys`` (consecutive chunks) into ``blocks[i]``, skipping the first ``skips[i]``
+    blocks of chunk i (vLLM's own prefix cache already holds them)."""
+
+    req_id: str
+    keys: list[str]
+    blocks: list[list[int]]
+    skips: list[int]
+    lease: str | None = None
+
+
+@dataclass
+class SaveOp:
+    req_id: str
+    key: str
+    blocks: list[int]
+
+
+@dataclass
+class ConnectorMeta(KVConnectorMetadata):
+    loads: list[LoadOp] = field(default_factory=list)
+    saves: list[SaveOp] = field(default_factory=list)

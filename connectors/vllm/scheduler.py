@@ -1,0 +1,217 @@
+"""Scheduler-side state: what to load for a request, what to save after each step.
+
+Per request we keep the chained chunk keys of its tokens, its block ids, how many leading chunks
+are already in the store or queued, and at most one load plan. A load plan holds a pin lease on
+its chunks from allocation until the worker has loaded them, so an eviction cannot turn a claimed
+hit into a failed load. Every piece of state is dropped when the request finishes, is aborted or
+is preempted (a preempted request is looked up afresh when it resumes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvlayer.engine import KVCache
+from kvlayer.keys import chain_hash
+
+from .config import ConnectorOptions
+from .metadata import ConnectorMeta, LoadOp, SaveOp
+from .stats import ConnectorCounters
+
+log = logging.getLogger("kvlayer.vllm")
+
+
+@dataclass
+class LoadPlan:
+    first_chunk: int
+    keys: list[str]
+    start_token: int  # first token to load (block aligned: vLLM's own prefix hit ends here)
+    end_token: int  # chunk aligned
+    tiers: list[str]
+    lease: str | None = None
+    emitted: bool = False
+
+
+@dataclass
+class ReqState:
+    req_id: str
+    request: Any
+    keys: list[str] = field(default_factory=list)  # full chunks of the tokens seen so far
+    parent: bytes = b""
+    stored_chunks: int = 0  # leading chunks that are in the store or queued for saving
+    block_ids: list[int] = field(default_factory=list)
+    hit_tokens: int = 0
+    hit_tiers: list[str] = field(default_factory=list)
+    load: LoadPlan | None = None
+    skip: bool = False  # multimodal / LoRA / embeddings: never load or save
+
+
+class SchedulerSide:
+    def __init__(self, cache: KVCache, options: ConnectorOptions, counters: ConnectorCounters, *,
+                 block_size: int) -> None:
+        self.cache = cache
+        self.options = options
+        self.counters = counters
+        self.block_size = block_size
+        self.chunk_size = cache.chunk_size
+        self.blocks_per_chunk = self.chunk_size // block_size
+        self._reqs: dict[str, ReqState] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ keys
+    def _seed(self, request: Any) -> bytes:
+        salt = getattr(request, "cache_salt", None)
+        if not salt:
+            return self.cache.namespace
+        return hashlib.sha256(self.cache.namespace + b"vllm-cache-salt:" + str(salt).encode()).digest()
+
+    def _extend_keys(self, st: ReqState, tokens: list[int]) -> None:
+        """Extend the chained keys over every full chunk of ``tokens`` (incremental)."""
+        c = self.chunk_size
+        while (len(st.keys) + 1) * c <= len(tokens):
+            i = len(st.keys)
+            st.parent = chain_hash(st.parent, tokens[i * c:(i + 1) * c])
+            st.keys.append(st.parent.hex())
+
+    def _state(self, request: Any) -> ReqState:
+        st = self._reqs.get(request.request_id)
+        if st is None or st.request is not request:
+            st = ReqState(request.request_id, request, parent=self._seed(request))
+            st.skip = bool(getattr(request, "mm_features", None) or getattr(request, "lora_request", None)
+                           or getattr(request, "prompt_embeds", None) is not None)
+            self._reqs[request.request_id] = st
+        return st
+
+    # ------------------------------------------------------------------ vLLM hooks
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        with self._lock:
+            st = self._state(request)
+            if st.skip:
+                return 0, False
+            prompt = list(request.prompt_token_ids or [])
+            self._extend_keys(st, prompt)
+            # Never claim the last prompt token: vLLM must compute at least one token.
+            claimable = (len(prompt) - 1) // self.chunk_size
+            tiers = self.cache.store_.lookup(st.keys[:claimable]) if claimable > 0 else []
+            self.counters.add(lookups=1)
+            st.hit_tiers = tiers
+            st.hit_tokens = len(tiers) * self.chunk_size
+            st.stored_chunks = max(st.stored_chunks, len(tiers))
+            new = st.hit_tokens - num_computed_tokens
+            if new <= 0 or new < self.options.min_hit_tokens:
+                return 0, False
+            return new, False
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        with self._lock:
+            st = self._state(request)
+            try:
+                st.block_ids = list(blocks.get_block_ids()[0])
+            except (AttributeError, IndexError):
+                pass
+            if num_external_tokens <= 0 or st.skip:
+                return
+            end = st.hit_tokens
+            start = end - num_external_tokens
+            if start < 0 or start % self.block_size or end % self.chunk_size:
+                log.warning("request %s: unexpected external range [%d, %d); not loading", st.req_id, start, end)
+                return
+            first, last = start // self.chunk_size, end // self.chunk_size
+            keys = st.keys[first:last]
+            self._release_load(st)
+            lease = self.cache.pin(keys=keys, ttl_s=self.options.pin_ttl_s)
+            st.load = LoadPlan(first, keys, start, end, st.hit_tiers[first:last], lease)
+            self.counters.add(hit_tokens=num_external_tokens, hit_requests=1)
+
+    def hit_sources(self, request: Any, num_external_tokens: int) -> dict[str, int]:
+        """Tokens of the planned load per tier name."""
+        st = self._reqs.get(request.request_id)
+        if st is None or st.load is None or num_external_tokens <= 0:
+            return {}
+        out: dict[str, int] = {}
+        first_chunk_tokens = (st.load.first_chunk + 1) * self.chunk_size - st.load.start_token
+        for i, tier in enumerate(st.load.tiers):
+            n = first_chunk_tokens if i == 0 else self.chunk_size
+            out[tier] = out.get(tier, 0) + n
+        return out
+
+    def build_connector_meta(self, so: Any) -> ConnectorMeta:
+        meta = ConnectorMeta()
+        with self._lock:
+            num_sched = so.num_scheduled_tokens
+            # A request preempted and re-admitted in the same step already has a fresh plan.
+            for req_id in getattr(so, "preempted_req_ids", None) or ():
+                if req_id not in num_sched:
+                    self._drop(req_id)
+            for req_id in getattr(so, "finished_req_ids", None) or ():
+                self._drop(req_id)
+            for nr in so.scheduled_new_reqs:
+                st = self._reqs.get(nr.req_id)
+                if st is None or st.skip:
+                    continue
+                st.block_ids = list(nr.block_ids[0]) if nr.block_ids else st.block_ids
+                self._emit(st, meta, nr.num_computed_tokens + num_sched.get(nr.req_id, 0))
+            cr = so.scheduled_cached_reqs
+            resumed = getattr(cr, "resumed_req_ids", set()) or set()
+            for i, req_id in enumerate(cr.req_ids):
+                st = self._reqs.get(req_id)
+                if st is None or st.skip:
+                    continue
+                nb = cr.new_block_ids[i]
+                if nb is not None and len(nb) > 0:
+                    if req_id in resumed:
+                        st.block_ids = list(nb[0])
+                    else:
+                        st.block_ids.extend(nb[0])
+                self._emit(st, meta, cr.num_computed_tokens[i] + num_sched.get(req_id, 0))
+        return meta
+
+    def _emit(self, st: ReqState, meta: ConnectorMeta, computed_after: int) -> None:
+        bpc, bs, c = self.blocks_per_chunk, self.block_size, self.chunk_size
+        plan = st.load
+        if plan is not None and not plan.emitted:
+            plan.emitted = True
+            blocks: list[list[int]] = []
+            skips: list[int] = []
+            for j in range(len(plan.keys)):
+                ci = plan.first_chunk + j
+                blocks.append(st.block_ids[ci * bpc:(ci + 1) * bpc])
+                skips.append(max(0, (plan.start_token - ci * c) // bs))
+            if all(len(b) == bpc for b in blocks):
+                meta.loads.append(LoadOp(st.req_id, plan.keys, blocks, skips, plan.lease))
+            else:  # cannot happen with vLLM's allocation; never load into the wrong blocks
+                log.warning("request %s: missing blocks for its load; skipped", st.req_id)
+        tokens = st.request.all_token_ids if self.options.save_generated else st.request.prompt_token_ids
+        limit = min(computed_after, len(tokens or []))
+        if limit // c > len(st.keys):
+            self._extend_keys(st, list(tokens[:limit]))
+        upto = min(limit // c, len(st.keys), len(st.block_ids) // bpc)
+        for ci in range(st.stored_chunks, upto):
+            meta.saves.append(SaveOp(st.req_id, st.keys[ci], st.block_ids[ci * bpc:(ci + 1) * bpc]))
+        st.stored_chunks = max(st.stored_chunks, upto)
+
+    def request_finished(self, request: Any) -> None:
+        with self._lock:
+            self._drop(request.request_id)
+
+    def _release_load(self, st: ReqState) -> None:
+        if st.load is not None and st.load.lease:
+            self.cache.unpin(st.load.lease)
+        st.load = None
+
+    def _drop(self, req_id: str) -> None:
+        st = self._reqs.pop(req_id, None)
+        if st is not None:
+            self._release_load(st)
+
+    def num_requests(self) -> int:
+        return len(self._reqs)
+
+    def reset(self) -> None:
+        with self._lock:
+            for req_id in list(self._reqs):
+                self._drop(req_id)

@@ -1,0 +1,126 @@
+"""Worker side: copy whole blocks between vLLM's paged cache and kvlayer chunks.
+
+Loads run in ``start_load_kv`` (before the forward pass: the scheduler marks them synchronous);
+a chunk that cannot be read (missing, corrupt, tier down) marks its blocks and every later block
+of that request as failed, which vLLM then recomputes. Saves run in ``wait_for_save`` after the
+forward pass: the hottest tier takes the chunk synchronously (a memcpy), slower tiers get it from
+the store's bounded background writer, which drops and counts instead of blocking.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from kvlayer.engine import KVCache
+
+from .layout import Adapter, Layout, LayoutError, make_adapter, probe_layout, table_layout
+from .metadata import ConnectorMeta
+from .stats import ConnectorCounters
+
+log = logging.getLogger("kvlayer.vllm")
+
+
+class WorkerSide:
+    def __init__(self, cache: KVCache, counters: ConnectorCounters, *, block_size: int, num_blocks: int,
+                 layer_names: list[str]) -> None:
+        self.cache = cache
+        self.counters = counters
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.layer_names = layer_names
+        self.adapter: Adapter | None = None
+        self._errors: set[int] = set()
+        self.load_seconds = 0.0
+        self.save_seconds = 0.0
+
+    # ------------------------------------------------------------------ setup
+    def register(self, kv_caches: dict[str, torch.Tensor], forward_context: dict[str, Any], backend: str) -> Layout:
+        names = [n for n in self.layer_names if n in kv_caches] or list(kv_caches)
+        if len(names) != self.cache.spec.num_layers:
+            raise LayoutError(f"vLLM registered {len(names)} KV layers, the spec has {self.cache.spec.num_layers}")
+        caches = [kv_caches[n] for n in names]
+        spec = self.cache.spec
+        geom = dict(num_blocks=self.num_blocks, block_size=self.block_size, num_heads=spec.num_kv_heads,
+                    head_dim=spec.head_dim)
+        layer = forward_context.get(names[0])
+        try:
+            layout = probe_layout(layer, caches[0], **geom)
+        except Exception as e:
+            log.warning("kvlayer: probing the %s KV layout failed (%s: %s); trying the known-layout table",
+                        backend, type(e).__name__, e)
+            layout = table_layout(backend, caches[0], **geom)
+        for kv in caches[1:]:
+            if kv.shape != caches[0].shape or kv.stride() != caches[0].stride() or kv.dtype != caches[0].dtype:
+                raise LayoutError("KV layers differ in shape/stride/dtype; one layout per model is supported")
+        if caches[0].dtype != spec.torch_dtype:
+            raise LayoutError(f"KV cache dtype {caches[0].dtype} != spec dtype {spec.torch_dtype}")
+        self.adapter = make_adapter(caches, layout)
+        log.info("kvlayer: %d KV layers, layout %s", len(caches), layout.describe())
+        return layout
+
+    # ------------------------------------------------------------------ load
+    def start_load(self, meta: ConnectorMeta) -> None:
+        if self.adapter is None or not meta.loads:
+            return
+        t0 = time.perf_counter()
+        for op in meta.loads:
+            try:
+                self._load_one(op)
+            except Exception as e:  # never into the engine: recompute instead
+                log.warning("kvlayer: load for %s failed (%s: %s); recomputing", op.req_id, type(e).__name__, e)
+                self._fail(op, 0)
+            finally:
+                if op.lease:
+                    self.cache.unpin(op.lease)
+        self.load_seconds += time.perf_counter() - t0
+
+    def _load_one(self, op: Any) -> None:
+        assert self.adapter is not None
+        chunks = self.cache.retrieve_chunks(op.keys)
+        c = self.cache.chunk_size
+        for i, chunk in enumerate(chunks):
+            if chunk is None or chunk.shape[2] != c:
+                self._fail(op, i)
+                return
+            skip = op.skips[i]
+            blocks = op.blocks[i][skip:]
+            if blocks:
+                self.adapter.scatter(blocks, chunk[:, :, skip * self.block_size:])
+            self.counters.add(loaded_chunks=1, loaded_tokens=len(blocks) * self.block_size)
+
+    def _fail(self, op: Any, first: int) -> None:
+        bad = [b for i in range(first, len(op.blocks)) for b in op.blocks[i][op.skips[i]:]]
+        self._errors.update(bad)
+        self.counters.add(load_errors=len(op.blocks) - first, error_blocks=len(bad))
+
+    def take_load_errors(self) -> set[int]:
+        out, self._errors = self._errors, set()
+        return out
+
+    # ------------------------------------------------------------------ save
+    def save(self, meta: ConnectorMeta) -> None:
+        if self.adapter is None or not meta.saves:
+            return
+        t0 = time.perf_counter()
+        try:
+            ops = meta.saves
+            where = self.cache.store_.locate([op.key for op in ops])
+            keys, chunks, seen = [], [], set()
+            for op, w in zip(ops, where, strict=True):
+                if w is not None or op.key in seen:
+                    self.counters.add(skipped_saves=1)
+                    continue
+                seen.add(op.key)
+                keys.append(op.key)
+                chunks.append(self.adapter.gather(op.blocks))
+            if keys:
+                self.cache.store_chunks(keys, chunks, block=False)
+                self.counters.add(saved_chunks=len(keys))
+        except Exception as e:  # a failed save is a future miss, nothing more
+            self.counters.add(save_errors=1)
+            log.warning("kvlayer: save failed (%s: %s)", type(e).__name__, e)
+        self.save_seconds += time.perf_counter() - t0
