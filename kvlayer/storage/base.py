@@ -101,7 +101,7 @@ class Tier(ABC):
     def clear(self) -> None:
         self.delete_many(self.keys())
 
-    def flush(self) -> None:
+    def flush(self) -> None:  # noqa: B027 - an optional hook: most tiers buffer nothing
         """Wait for pending writes, if the tier buffers any."""
 
     def close(self) -> None:
@@ -110,9 +110,13 @@ class Tier(ABC):
     def healthy(self) -> bool:
         return True
 
-    def stats(self) -> TierStats:
+    def counters(self) -> TierStats:
+        """The in-process counters only: never touches the backend, so it works while it is down."""
         with self._stats_lock:
-            s = TierStats(**asdict(self._stats))
+            return TierStats(**asdict(self._stats))
+
+    def stats(self) -> TierStats:
+        s = self.counters()
         s.used_bytes = self.used_bytes()
         s.num_keys = len(self.keys())
         return s

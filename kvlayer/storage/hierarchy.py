@@ -140,9 +140,9 @@ class TieredStore(EvictionGuard):
         idx = next((i for i, lv in enumerate(self.levels) if lv.tier is tier), None)
         if idx is None or idx + 1 >= len(self.levels):
             return
-        self._enqueue(_Job((idx + 1,), key, None, blob, self.levels[idx].codec.name, memoryview(blob).nbytes),
-                      block=False)
-        self._count(demotions=1)
+        if self._enqueue(_Job((idx + 1,), key, None, blob, self.levels[idx].codec.name, memoryview(blob).nbytes),
+                         block=False):
+            self._count(demotions=1)
 
     # ------------------------------------------------------------------ read path
     def locate(self, keys: Sequence[str]) -> list[str | None]:
@@ -229,12 +229,21 @@ class TieredStore(EvictionGuard):
             ok = self._safe(top, "put", lambda key=key, blob=blob: top.tier.put(key, blob), False)
             stored += ok
             if len(self.levels) > 1 and self.write_policy == "write_through":
-                self._enqueue(_Job(tuple(range(1, len(self.levels))), key, t, None, None, t.numel() * t.element_size()),
-                              block=block)
+                self._enqueue(self._job(tuple(range(1, len(self.levels))), key, t, blob), block=block)
             elif len(self.levels) > 1 and not ok:
                 # The hot tier refused it (full of pins / too big): demote right away.
-                self._enqueue(_Job((1,), key, t, None, None, t.numel() * t.element_size()), block=block)
+                self._enqueue(self._job((1,), key, t, blob), block=block)
         return stored
+
+    def _job(self, levels: tuple[int, ...], key: str, tensor: torch.Tensor, blob: Buffer) -> _Job:
+        """A background write that owns its data: the caller may reuse ``tensor`` as soon as
+        ``put`` returns (engines recycle staging buffers), so queueing the tensor itself let the
+        lower tiers store whatever the buffer held later. The hot tier's blob is an independent
+        copy; it is exact when that codec is lossless, else the tensor is cloned."""
+        top = self.levels[0].codec
+        if top.lossless:
+            return _Job(levels, key, None, blob, top.name, memoryview(blob).nbytes)
+        return _Job(levels, key, tensor.detach().clone(), None, None, tensor.numel() * tensor.element_size())
 
     def _enqueue(self, job: _Job, *, block: bool) -> bool:
         with self._q_cv:
@@ -285,6 +294,7 @@ class TieredStore(EvictionGuard):
                     try:
                         tensor = decode(job.blob)  # type: ignore[arg-type]
                     except CorruptBlobError:
+                        self._count(dropped_writes=1)
                         return
                 blob = lv.codec.encode(tensor)
             if not self._safe(lv, "put", lambda lv=lv, blob=blob: lv.tier.put(job.key, blob), False):
@@ -328,7 +338,11 @@ class TieredStore(EvictionGuard):
         tiers = []
         for lv in self.levels:
             s = self._safe(lv, "stats", lv.tier.stats, None)
-            d: dict[str, Any] = s.as_dict() if s is not None else {"name": lv.name, "kind": lv.tier.kind}
+            # A tier that is down or failing still shows its counters (its errors matter most
+            # now); its sizes are unknown.
+            d: dict[str, Any] = dict((s if s is not None else lv.tier.counters()).as_dict())
+            if s is None:
+                d["used_bytes"] = d["num_keys"] = None
             d["codec"] = lv.codec.name
             d["available"] = self._available(lv)
             tiers.append(d)

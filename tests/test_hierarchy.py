@@ -1,0 +1,435 @@
+"""The tiered store: corruption as misses, failing tiers, bounded background writes, demotion,
+promotion, pins against eviction, and lookups that move no data."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvlayer.codec import Codec, decode, get_codec
+from kvlayer.codec.header import FORMAT_VERSION
+from kvlayer.storage.base import Tier
+from kvlayer.storage.disk import DiskTier
+from kvlayer.storage.hierarchy import TieredStore
+from kvlayer.storage.memory import MemoryTier
+
+SHAPE = (2, 2, 16, 2, 8)  # [layers, 2, tokens, heads, dim] fp16 = 2 KiB raw
+
+
+def key(i: int | str) -> str:
+    return hashlib.sha256(f"chunk{i}".encode()).hexdigest()
+
+
+def chunk(seed: int, shape: tuple[int, ...] = SHAPE) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).half()
+
+
+RAW = get_codec("raw")
+LZ4 = get_codec("lz4")
+BLOB = len(RAW.encode(chunk(0)))
+
+
+class FlakyTier(MemoryTier):
+    """A memory tier that raises from every data method while ``broken`` (a dead remote, a full
+    disk); counts the calls that reach it."""
+
+    kind = "flaky"
+
+    def __init__(self, name: str = "flaky", capacity: int = 1 << 20) -> None:
+        super().__init__(name, capacity)
+        self.broken = False
+        self.calls = 0
+
+    def _check(self) -> None:
+        self.calls += 1
+        if self.broken:
+            raise ConnectionError("tier is down")
+
+    def get(self, key):
+        self._check()
+        return super().get(key)
+
+    def put(self, key, blob):
+        self._check()
+        return super().put(key, blob)
+
+    def delete(self, key):
+        self._check()
+        return super().delete(key)
+
+    def contains(self, key):
+        self._check()
+        return super().contains(key)
+
+    def used_bytes(self):
+        self._check()
+        return super().used_bytes()
+
+
+class GatedTier(MemoryTier):
+    """A memory tier whose puts wait for ``gate``: a slow lower tier, deterministically."""
+
+    kind = "gated"
+
+    def __init__(self, name: str = "slow", capacity: int = 1 << 20) -> None:
+        super().__init__(name, capacity)
+        self.gate = threading.Event()
+
+    def put(self, key, blob):
+        assert self.gate.wait(timeout=60), "test never opened the gate"
+        return super().put(key, blob)
+
+
+def _store(levels: list[tuple[Tier, Codec]], **kw) -> TieredStore:
+    return TieredStore(levels, **kw)
+
+
+@pytest.fixture
+def closing():
+    stores: list[TieredStore] = []
+
+    def add(s: TieredStore) -> TieredStore:
+        stores.append(s)
+        return s
+
+    yield add
+    for s in stores:
+        for lv in s.levels:
+            gate = getattr(lv.tier, "gate", None)
+            if gate is not None:
+                gate.set()
+            if isinstance(lv.tier, FlakyTier):
+                lv.tier.broken = False
+        s.close()
+
+
+# ---------------------------------------------------------------------------------- corruption
+def _corruptions(good: bytes) -> dict[str, bytes]:
+    flipped = bytearray(good)
+    flipped[len(good) - 7] ^= 0x10  # one bit in the payload
+    header_flip = bytearray(good)
+    header_flip[12] ^= 0x01  # one bit in the shape
+    version = bytearray(good)
+    version[4] = FORMAT_VERSION + 1
+    return {
+        "bitflip": bytes(flipped),
+        "header_bitflip": bytes(header_flip),
+        "truncated": good[: len(good) - 100],
+        "garbage": bytes(range(256)) * (len(good) // 256),
+        "wrong_version": bytes(version),
+        "empty": b"",
+    }
+
+
+CORRUPTIONS = list(_corruptions(bytes(RAW.encode(chunk(0)))))
+
+
+def _plant(tier: Tier, k: str, bad: bytes) -> None:
+    """Overwrite a stored blob the way real damage would: in memory, or in the file on disk."""
+    if isinstance(tier, DiskTier):
+        p = tier.root / k[:2] / f"{k}.kvb"
+        assert p.exists()
+        p.write_bytes(bad)
+    else:
+        assert tier.put(k, bad)
+
+
+@pytest.mark.parametrize("damage", CORRUPTIONS)
+@pytest.mark.parametrize("kind", ["memory", "disk"])
+def test_corrupt_blob_is_a_miss_and_is_deleted(kind, damage, tmp_path, closing):
+    tier: Tier = MemoryTier("cpu", 1 << 20) if kind == "memory" else DiskTier(tmp_path / "d", 1 << 20)
+    s = closing(_store([(tier, RAW)]))
+    x = chunk(1)
+    assert s.put([key(1)], [x]) == 1
+    _plant(tier, key(1), _corruptions(bytes(tier.get(key(1))))[damage])
+    assert s.get([key(1)]) == [None]
+    assert not tier.contains(key(1))
+    if kind == "disk":
+        assert not (tier.root / key(1)[:2] / f"{key(1)}.kvb").exists()
+    st = s.stats()
+    assert st["store"]["corrupt"] == 1 and st["store"]["misses"] == 1 and st["tiers"][0]["corrupt"] == 1
+    # the key can be stored again and reads back exactly
+    s.put([key(1)], [x])
+    assert torch.equal(s.get([key(1)])[0], x)
+
+
+@pytest.mark.parametrize("damage", ["bitflip", "truncated", "wrong_version"])
+def test_corrupt_hot_copy_falls_back_to_a_good_cold_copy(damage, tmp_path, closing):
+    cpu, disk = MemoryTier("cpu", 1 << 20), DiskTier(tmp_path / "d", 1 << 20)
+    s = closing(_store([(cpu, RAW), (disk, LZ4)]))
+    x = chunk(2)
+    s.put([key(2)], [x])
+    assert s.flush(timeout=30)
+    _plant(cpu, key(2), _corruptions(bytes(cpu.get(key(2))))[damage])
+    got = s.get([key(2)])[0]
+    assert got is not None and torch.equal(got, x)  # never the damaged data
+    assert s.stats()["store"]["hits_by_tier"] == {"disk": 1}
+    # the damaged copy was replaced by a promotion of the good one
+    assert torch.equal(decode(cpu.get(key(2))), x)
+
+
+def test_corrupt_cold_copy_is_a_miss_and_deleted_from_disk(tmp_path, closing):
+    cpu, disk = MemoryTier("cpu", 1 << 20), DiskTier(tmp_path / "d", 1 << 20)
+    s = closing(_store([(cpu, RAW), (disk, LZ4)]))
+    s.put([key(3)], [chunk(3)])
+    assert s.flush(timeout=30)
+    cpu.delete(key(3))
+    _plant(disk, key(3), _corruptions(bytes(disk.get(key(3))))["bitflip"])
+    assert s.get([key(3)]) == [None]
+    assert not disk.contains(key(3)) and not cpu.contains(key(3))
+
+
+# ---------------------------------------------------------------------------------- failing tiers
+def test_failing_hot_tier_degrades_to_the_next_one(closing):
+    flaky, cpu = FlakyTier(), MemoryTier("cpu", 1 << 20)
+    s = closing(_store([(flaky, RAW), (cpu, RAW)], retry_after_s=3600))
+    flaky.broken = True
+    xs = [chunk(i) for i in range(3)]
+    # nothing raises; the write-through queue still lands the chunks in the healthy tier
+    assert s.put([key(i) for i in range(3)], xs) == 0
+    assert s.flush(timeout=30)
+    assert s.lookup([key(i) for i in range(3)]) == ["cpu"] * 3
+    got = s.get([key(i) for i in range(3)])
+    assert all(g is not None and torch.equal(g, x) for g, x in zip(got, xs, strict=True))
+    st = s.stats()
+    assert st["store"]["tier_errors"] == 1 and st["tiers"][0]["errors"] == 1
+    assert st["tiers"][0]["available"] is False
+    # the broken tier is skipped, not hammered, until retry_after_s passes
+    calls = flaky.calls
+    s.get([key(0)])
+    s.put([key(9)], [chunk(9)])
+    s.lookup([key(0)])
+    assert flaky.calls == calls
+
+
+def test_failing_tier_is_retried_after_retry_after_s(closing):
+    flaky, cpu = FlakyTier(), MemoryTier("cpu", 1 << 20)
+    s = closing(_store([(flaky, RAW), (cpu, RAW)], retry_after_s=0.05))
+    flaky.broken = True
+    assert s.put([key(1)], [chunk(1)]) == 0
+    flaky.broken = False
+    time.sleep(0.2)
+    assert s.put([key(2)], [chunk(2)]) == 1  # tried again, and it works now
+    assert flaky.contains(key(2))
+    assert s.stats()["tiers"][0]["available"] is True
+    assert torch.equal(s.get([key(2)])[0], chunk(2))
+
+
+def test_failing_cold_tier_drops_background_writes_and_reads_still_work(closing):
+    cpu, flaky = MemoryTier("cpu", 1 << 20), FlakyTier()
+    s = closing(_store([(cpu, RAW), (flaky, RAW)], retry_after_s=3600))
+    flaky.broken = True
+    s.put([key(i) for i in range(4)], [chunk(i) for i in range(4)])
+    assert s.flush(timeout=30)
+    st = s.stats()
+    assert st["store"]["dropped_writes"] >= 4 and st["store"]["tier_errors"] >= 1
+    assert st["tiers"][1]["errors"] >= 1
+    assert [torch.equal(g, chunk(i)) for i, g in enumerate(s.get([key(i) for i in range(4)]))] == [True] * 4
+    # a lookup of keys the hot tier lacks asks the broken tier: still an answer, not an exception
+    assert s.lookup([key(0), key(77)]) == ["cpu"]
+    assert s.get([key(77)]) == [None]
+
+
+def test_every_tier_broken_is_just_misses(closing):
+    a, b = FlakyTier("a"), FlakyTier("b")
+    s = closing(_store([(a, RAW), (b, RAW)], retry_after_s=3600))
+    a.broken = b.broken = True
+    assert s.put([key(1)], [chunk(1)]) == 0
+    assert s.get([key(1)]) == [None]
+    assert s.lookup([key(1)]) == []
+    assert s.delete([key(1)]) == 0
+    st = s.stats()  # stats of a tier that raises still render
+    assert [t["name"] for t in st["tiers"]] == ["a", "b"]
+    s.clear()
+
+
+# ---------------------------------------------------------------------------------- write queue
+def test_write_queue_is_bounded_and_drops_when_not_blocking(closing):
+    cpu, slow = MemoryTier("cpu", 1 << 20), GatedTier()
+    limit = 3 * BLOB
+    s = closing(_store([(cpu, RAW), (slow, RAW)], write_queue_bytes=limit))
+    n = 12
+    assert s.put([key(i) for i in range(n)], [chunk(i) for i in range(n)], block=False) == n
+    st = s.stats()["store"]
+    assert st["write_queue_bytes"] <= limit
+    assert st["dropped_writes"] >= n - 4  # at most the queue plus the one in flight got through
+    assert st["queued_writes"] + st["dropped_writes"] == n
+    slow.gate.set()
+    assert s.flush(timeout=30)
+    assert len(slow.keys()) == st["queued_writes"]
+    assert len(cpu.keys()) == n  # the hot tier took every chunk regardless
+
+
+def test_write_queue_applies_back_pressure_when_blocking(closing):
+    cpu, slow = MemoryTier("cpu", 1 << 20), GatedTier()
+    limit = 2 * BLOB
+    s = closing(_store([(cpu, RAW), (slow, RAW)], write_queue_bytes=limit))
+    n = 8
+    done = threading.Event()
+
+    def producer():
+        for i in range(n):
+            s.put([key(i)], [chunk(i)], block=True)
+        done.set()
+
+    th = threading.Thread(target=producer, daemon=True)
+    th.start()
+    # The slow tier accepts nothing until the gate opens. The limit covers queued and in-flight
+    # jobs (2 chunks), so the producer stalls in its third put, after the hot tier took it.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(cpu.keys()) < 3:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert not done.is_set()
+    assert len(cpu.keys()) == 3
+    assert s.stats()["store"]["write_queue_bytes"] <= limit
+    slow.gate.set()
+    assert done.wait(timeout=30)
+    assert s.flush(timeout=30)
+    st = s.stats()["store"]
+    assert st["dropped_writes"] == 0
+    assert sorted(slow.keys()) == sorted(key(i) for i in range(n))
+
+
+def test_background_write_keeps_the_data_as_stored(closing):
+    """The caller may reuse its buffer as soon as put returns: the lower tier must get the data
+    as it was at put time, not whatever the buffer holds when the background writer runs."""
+    cpu, slow = MemoryTier("cpu", 1 << 20), GatedTier()
+    s = closing(_store([(cpu, RAW), (slow, RAW)]))
+    buf = chunk(5)
+    want = buf.clone()
+    s.put([key(5)], [buf])
+    buf.zero_()  # an engine reusing its staging buffer
+    slow.gate.set()
+    assert s.flush(timeout=30)
+    assert torch.equal(decode(slow.get(key(5))), want)
+    assert torch.equal(decode(cpu.get(key(5))), want)
+
+
+# ---------------------------------------------------------------------------------- demotion
+def test_on_demotion_evicted_blobs_land_on_disk_and_hits_promote(tmp_path, closing):
+    cap = 4 * BLOB
+    cpu, disk = MemoryTier("cpu", cap), DiskTier(tmp_path / "d", 1 << 20)
+    s = closing(_store([(cpu, RAW), (disk, LZ4)], write_policy="on_demotion"))
+    n = 10
+    xs = [chunk(i) for i in range(n)]
+    for i in range(n):
+        s.put([key(i)], [xs[i]])
+    assert s.flush(timeout=30)
+    assert cpu.used_bytes() <= cap
+    in_cpu = set(cpu.keys())
+    on_disk = set(disk.keys())
+    assert in_cpu == {key(i) for i in range(n - 4, n)}
+    assert on_disk == {key(i) for i in range(n - 4)}  # exactly the evicted ones, nothing more
+    assert s.stats()["store"]["demotions"] == n - 4
+    assert s.lookup([key(i) for i in range(n)]) == ["disk"] * (n - 4) + ["cpu"] * 4
+    # a disk hit comes back bit-exact and is promoted to the CPU tier
+    got = s.get([key(0)])[0]
+    assert torch.equal(got, xs[0])
+    assert cpu.contains(key(0))
+    assert s.stats()["store"]["promotions"] == 1
+    assert s.lookup([key(0)]) == ["cpu"]
+    assert torch.equal(decode(cpu.get(key(0))), xs[0])
+
+
+def test_write_through_writes_every_tier_and_promotion_reencodes(tmp_path, closing):
+    cpu, disk = MemoryTier("cpu", 1 << 20), DiskTier(tmp_path / "d", 1 << 20)
+    s = closing(_store([(cpu, RAW), (disk, LZ4)]))
+    xs = [chunk(i) for i in range(5)]
+    s.put([key(i) for i in range(5)], xs)
+    assert s.flush(timeout=30)
+    assert set(disk.keys()) == set(cpu.keys()) == {key(i) for i in range(5)}
+    # each tier holds its own codec's blob
+    assert b"lz4" in bytes(disk.get(key(0)))[:64] and b"lz4" not in bytes(cpu.get(key(0)))[:64]
+    cpu.clear()
+    got = s.get([key(i) for i in range(5)])
+    assert all(torch.equal(g, x) for g, x in zip(got, xs, strict=True))
+    assert torch.equal(decode(cpu.get(key(3))), xs[3])
+    assert b"lz4" not in bytes(cpu.get(key(3)))[:64]  # promoted in the CPU tier's codec
+
+
+def test_promote_on_hit_can_be_disabled(tmp_path, closing):
+    cpu, disk = MemoryTier("cpu", 1 << 20), DiskTier(tmp_path / "d", 1 << 20)
+    s = closing(_store([(cpu, RAW), (disk, RAW)], promote_on_hit=False))
+    s.put([key(1)], [chunk(1)])
+    assert s.flush(timeout=30)
+    cpu.clear()
+    assert torch.equal(s.get([key(1)])[0], chunk(1))
+    assert not cpu.contains(key(1))
+
+
+# ---------------------------------------------------------------------------------- pins
+@pytest.mark.parametrize("policy", ["write_through", "on_demotion"])
+def test_tier_full_of_pins_refuses_and_lower_tier_gets_the_write(policy, tmp_path, closing):
+    cap = 3 * BLOB
+    cpu, disk = MemoryTier("cpu", cap), DiskTier(tmp_path / "d", 1 << 20)
+    s = closing(_store([(cpu, RAW), (disk, RAW)], write_policy=policy))
+    s.put([key(i) for i in range(3)], [chunk(i) for i in range(3)])
+    lease = s.pins.pin([key(i) for i in range(3)])
+    assert s.put([key(10)], [chunk(10)]) == 0  # refused, nothing pinned evicted
+    assert s.flush(timeout=30)
+    assert sorted(cpu.keys()) == sorted(key(i) for i in range(3))
+    assert disk.contains(key(10))
+    assert torch.equal(s.get([key(10)], promote=False)[0], chunk(10))
+    assert cpu.stats().evictions == 0
+    s.pins.unpin(lease)
+    assert s.put([key(11)], [chunk(11)]) == 1
+    assert cpu.used_bytes() <= cap
+
+
+def test_pins_survive_10x_overload(closing, tmp_path):
+    cap = 8 * BLOB
+    cpu, disk = MemoryTier("cpu", cap), DiskTier(tmp_path / "d", 4 * cap)
+    s = closing(_store([(cpu, RAW), (disk, RAW)]))
+    pinned = [key(f"p{i}") for i in range(3)]
+    s.put(pinned, [chunk(100 + i) for i in range(3)])
+    s.pins.pin(pinned)
+    for i in range(80):  # 10x the CPU budget
+        s.put([key(i)], [chunk(i)])
+        assert cpu.used_bytes() <= cap
+    assert s.flush(timeout=30)
+    assert all(cpu.contains(k) for k in pinned)
+    assert all(disk.contains(k) for k in pinned)  # pinned on disk too, which was also overloaded
+    assert disk.used_bytes() <= 4 * cap
+    got = s.get(pinned)
+    assert all(torch.equal(g, chunk(100 + i)) for i, g in enumerate(got))
+    assert s.delete(pinned) == 0  # delete respects pins ...
+    assert s.delete(pinned, force=True) == 3  # ... unless forced
+
+
+# ---------------------------------------------------------------------------------- lookup
+def test_lookup_moves_no_data(tmp_path, closing):
+    cpu, disk = MemoryTier("cpu", 1 << 20), DiskTier(tmp_path / "d", 1 << 20)
+    s = closing(_store([(cpu, RAW), (disk, LZ4)]))
+    keys = [key(i) for i in range(6)]
+    s.put(keys[:4], [chunk(i) for i in range(4)])
+    assert s.flush(timeout=30)
+    cpu.delete(keys[0])
+    before = [(t["bytes_read"], t["hits"], t["misses"], t["puts"]) for t in s.stats()["tiers"]]
+    assert s.lookup(keys) == ["disk", "cpu", "cpu", "cpu"]
+    assert s.locate(keys) == ["disk", "cpu", "cpu", "cpu", None, None]
+    after = [(t["bytes_read"], t["hits"], t["misses"], t["puts"]) for t in s.stats()["tiers"]]
+    assert after == before
+    assert not cpu.contains(keys[0])  # and promotes nothing
+    assert s.stats()["store"]["lookups"] == 1
+
+
+def test_store_needs_a_tier():
+    with pytest.raises(ValueError):
+        TieredStore([])
+
+
+def test_close_is_idempotent_and_flushes(tmp_path):
+    cpu, disk = MemoryTier("cpu", 1 << 20), DiskTier(tmp_path / "d", 1 << 20)
+    s = TieredStore([(cpu, RAW), (disk, RAW)])
+    s.put([key(1)], [chunk(1)])
+    s.close()
+    assert disk.contains(key(1))
+    s.close()
+    assert Path(disk.root).exists()
