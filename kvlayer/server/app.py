@@ -93,6 +93,8 @@ def split_budget(cpu_bytes: int, inflight: int | None, queue: int | None, lower_
     def part(v: int | None) -> int:
         return v if v is not None else max(8 << 20, min(512 << 20, cpu_bytes // 8))
 
+    if cpu_bytes == 0:  # no CPU tier: buffers only (64 MiB each unless given)
+        return Budget(0, (queue or 64 << 20) if lower_tiers else 0, inflight or 64 << 20)
     inf = part(inflight)
     q = part(queue) if lower_tiers else 0
     mem = cpu_bytes - inf - q
@@ -134,6 +136,8 @@ class ServerApp:
         cfg = load_config(args.config, cli=cli)
         tcs = [tc for tc in cfg.tier_configs() if tc.kind != "remote"]
         mem_tcs = [tc for tc in tcs if tc.kind == "memory"]
+        if not tcs:
+            raise SystemExit("no storage tier: give --cpu-bytes > 0, a disk tier or --redis-url")
         budget = split_budget(cfg.cpu_bytes, args.inflight_bytes, args.write_queue_bytes,
                               lower_tiers=len(tcs) > len(mem_tcs))
         tiers = []

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
@@ -41,7 +41,6 @@ TENANT_RE = re.compile(r"^[A-Za-z0-9_.:@/-]{1,128}$")
 TENANT_HEADER = "x-kvlayer-tenant"
 DEFAULT_TENANT = "default"
 _SEP = "\x00"
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def tenant_prefix(tenant: str) -> str:
@@ -114,10 +113,11 @@ class Auth:
         return bool(self.token) or bool(self.tenant_tokens)
 
 
-def _rpc(name: str, *, streaming_response: bool = False, needs_auth: bool = True) -> Callable[[F], F]:
+def _rpc(name: str, *, streaming_response: bool = False,
+         needs_auth: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Auth + tenant resolution, status mapping and metrics around one handler."""
 
-    def deco(fn: F) -> F:
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         if streaming_response:
             @functools.wraps(fn)
             def gen_wrapper(self: KVLayerServicer, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
@@ -136,7 +136,7 @@ def _rpc(name: str, *, streaming_response: bool = False, needs_auth: bool = True
                     self.metrics.active.dec()
                     self._observe(name, code, t0)
 
-            return gen_wrapper  # type: ignore[return-value]
+            return gen_wrapper
 
         @functools.wraps(fn)
         def wrapper(self: KVLayerServicer, request: Any, context: grpc.ServicerContext) -> Any:
@@ -155,7 +155,7 @@ def _rpc(name: str, *, streaming_response: bool = False, needs_auth: bool = True
                 self.metrics.active.dec()
                 self._observe(name, code, t0)
 
-        return wrapper  # type: ignore[return-value]
+        return wrapper
 
     return deco
 
@@ -242,10 +242,10 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
             return [caller.prefix + k for k in keys], "", bounds
         if which == "doc_id" and allow_doc:
             with self._docs_lock:
-                keys = self._docs.get((caller.tenant, target.doc_id))
-            if keys is None:
+                dkeys = self._docs.get((caller.tenant, target.doc_id))
+            if dkeys is None:
                 raise Abort(grpc.StatusCode.NOT_FOUND, f"unknown document {target.doc_id!r}; register it first")
-            return list(keys), target.doc_id, None
+            return list(dkeys), target.doc_id, None
         raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "target must name keys, a token prefix or a document")
 
     def _prefix_keys(self, p: pb.TokenPrefix, *, document: bool = False) -> tuple[list[str], list[tuple[int, int]]]:

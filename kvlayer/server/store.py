@@ -80,7 +80,7 @@ class BlobStore(TieredStore):
     def keys_with_prefix(self, prefix: str) -> set[str]:
         out: set[str] = set()
         for lv in self.levels:
-            ks = self._safe(lv, "keys", lv.tier.keys, [])
+            ks: list[str] = self._safe(lv, "keys", lv.tier.keys, [])
             out.update(k for k in ks if k.startswith(prefix))
         return out
 

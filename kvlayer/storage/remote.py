@@ -14,6 +14,7 @@ Options (``TierConfig.options`` / ``KVLayerConfig`` fields): ``auth_token``, ``t
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -89,7 +90,7 @@ class RemoteTier(Tier):
     def get_many(self, keys: Sequence[str]) -> list[Buffer | None]:
         out: list[Buffer | None] = []
         for part in self._batches(list(keys)):
-            out.extend(self._call("get", lambda part=part: self.client.get(part)))
+            out.extend(self._call("get", functools.partial(self.client.get, part)))
         hits = [b for b in out if b is not None]
         self.count(hits=len(hits), misses=len(out) - len(hits), bytes_read=sum(len(b) for b in hits))
         return out
@@ -103,7 +104,7 @@ class RemoteTier(Tier):
         for i in range(0, len(items), self.batch_keys):
             part = items[i : i + self.batch_keys]
             try:
-                out.extend(self._call("put", lambda part=part: self.client.put(part, durable=self.durable)))
+                out.extend(self._call("put", functools.partial(self.client.put, part, durable=self.durable)))
             except TierError as e:
                 if "RESOURCE_EXHAUSTED" not in str(e):
                     raise
@@ -117,7 +118,7 @@ class RemoteTier(Tier):
     def exists_many(self, keys: Sequence[str]) -> list[bool]:
         out: list[bool] = []
         for part in self._batches(list(keys)):
-            out.extend(self._call("exists", lambda part=part: self.client.exists(part)))
+            out.extend(self._call("exists", functools.partial(self.client.exists, part)))
         return out
 
     def contains(self, key: str) -> bool:
@@ -128,7 +129,7 @@ class RemoteTier(Tier):
 
     def delete_many(self, keys: Iterable[str]) -> int:
         ks = list(keys)
-        return sum(self._call("evict", lambda part=part: self.client.evict(keys=list(part))) for part in self._batches(ks))
+        return sum(self._call("evict", functools.partial(self.client.evict, keys=list(part))) for part in self._batches(ks))
 
     def keys(self) -> list[str]:
         return self._call("keys", lambda: self.client.keys())
