@@ -111,7 +111,7 @@ def _tune_malloc() -> None:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 256 << 10)  # M_MMAP_THRESHOLD (fixed: disables the dynamic threshold)
+        libc.mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD (fixed: disables the dynamic threshold)
         libc.mallopt(-8, 4)  # M_ARENA_MAX
         libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
