@@ -7,10 +7,15 @@ baselines measured in the same run on the same redis-server:
   nothing (the socket is the bottleneck) and larger ``-P`` only makes its latency burstier. Its keys
   are one fixed key (no ``-r``), so every GET finds the value its SET wrote.
 - naive redis-py: one ``SET``/``GET`` call at a time on one connection (hiredis parser), the way a
-  simple client stores KV chunks.
+  simple client stores KV chunks; like the tier it keeps every value it read until the batch is done
+  (redis-benchmark reads each reply into one reused buffer, which a cache that hands values to its
+  caller cannot do; on machines where fresh pages are costly this is most of the gap).
 
 The tier moves a batch of N values with ``put_many``/``get_many`` (pipelined, split across its
-connections). Figures are medians of repeated runs; ratios per size plus their geometric mean.
+connections). Every contender runs once per round and rounds are interleaved, so load from other
+processes hits all of them alike; figures are medians over rounds, ratios per size plus their
+geometric mean. Also reported: the tier's GET through plain redis-py pipelines (``raw_reads=False``)
+and the client CPU seconds per GB of both read paths, the measurement behind the raw reader.
 The last stdout line is JSON with ``put_vs_redis_benchmark``, ``get_vs_redis_benchmark`` and
 ``get_vs_naive``.
 
@@ -25,6 +30,7 @@ import io
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -68,11 +74,11 @@ def main() -> int:
                                   "it must be a scratch server: keys under kvlayer:bench: and redis-benchmark's are written")
     ap.add_argument("--sizes", default="1,4,8", help="value sizes in MiB (default 1,4,8)")
     ap.add_argument("--batch-mib", type=int, default=0, help="bytes per batch (default 128, --quick 64)")
-    ap.add_argument("--repeat", type=int, default=0, help="timed repetitions (default 5, --quick 3)")
+    ap.add_argument("--repeat", type=int, default=0, help="interleaved rounds (default 7, --quick 3)")
     ap.add_argument("--connections", type=int, default=4, help="tier connections = redis-benchmark -c")
     args = ap.parse_args()
     batch = (args.batch_mib or (64 if args.quick else 128)) * MiB
-    repeat = args.repeat or (3 if args.quick else 5)
+    repeat = args.repeat or (3 if args.quick else 7)
     sizes = [int(float(s) * MiB) for s in args.sizes.split(",")]
 
     server = None
@@ -89,46 +95,63 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     try:
         tier = RedisTier(url, name="bench", connections=args.connections)
-        naive = redis.Redis(host=host, port=port, password=u.password, username=u.username)
+        piped = RedisTier(url, name="bench", connections=args.connections, raw_reads=False)
+        naive = redis.Redis(host=host, port=port, password=u.password, username=u.username, protocol=2)
         for size in sizes:
             n = max(4, batch // size)
             value = os.urandom(size)
             keys = [f"{i:064x}" for i in range(n)]
             items = [(k, value) for k in keys]
-
-            put = time_gbps(lambda items=items: tier.put_many(items), n * size, repeat=repeat)
+            nkeys = [tier.rkey(k) for k in keys]
+            tier.put_many(items)
             got = tier.get_many(keys)
             assert all(g is not None and bytes(g) == value for g in got), "tier round trip is not bit-exact"
             del got
-            get = time_gbps(lambda keys=keys: tier.get_many(keys), n * size, repeat=repeat)
-
-            nkeys = [tier.rkey(k) for k in keys]
 
             def naive_put(nkeys: list[str] = nkeys, value: bytes = value) -> None:
                 for k in nkeys:
                     naive.set(k, value)
 
-            def naive_get(nkeys: list[str] = nkeys) -> None:
-                for k in nkeys:
-                    naive.get(k)
+            def naive_get(nkeys: list[str] = nkeys) -> list[Any]:
+                return [naive.get(k) for k in nkeys]  # keeps the values, as a caller must
 
-            nput = time_gbps(naive_put, n * size, repeat=repeat)
-            nget = time_gbps(naive_get, n * size, repeat=repeat)
+            # Rounds interleave every contender, so a noisy neighbour slows them all alike; each
+            # figure is the median over rounds.
+            m: dict[str, list[float]] = {k: [] for k in ("put", "get", "get_piped", "cpu", "cpu_piped", "nput",
+                                                          "nget", "rb_put", "rb_get")}
+            for _ in range(repeat):
+                m["put"].append(time_gbps(lambda items=items: tier.put_many(items), n * size, repeat=1, warmup=0))
+                c0 = time.process_time()
+                m["get"].append(time_gbps(lambda keys=keys: tier.get_many(keys), n * size, repeat=1, warmup=0))
+                m["cpu"].append((time.process_time() - c0) / (n * size / 1e9))
+                c0 = time.process_time()
+                m["get_piped"].append(time_gbps(lambda keys=keys: piped.get_many(keys), n * size, repeat=1, warmup=0))
+                m["cpu_piped"].append((time.process_time() - c0) / (n * size / 1e9))
+                m["nput"].append(time_gbps(naive_put, n * size, repeat=1, warmup=0))
+                m["nget"].append(time_gbps(naive_get, n * size, repeat=1, warmup=0))
+                # at least as many bytes as one tier batch, so its timer is not all start-up
+                rb = redis_benchmark(host, port, size, requests=max(2 * n, 16), clients=args.connections)
+                m["rb_put"].append(rb["put"])
+                m["rb_get"].append(rb["get"])
             tier.clear()
-            # Same bytes as one tier batch, at least 3 batches' worth so its timer is not all start-up.
-            rb = redis_benchmark(host, port, size, requests=max(3 * n, 24), clients=args.connections)
             naive.delete("key:__rand_int__")
+            med = {k: statistics.median(v) for k, v in m.items()}
             rows.append({
-                "_name": f"{size // MiB} MiB", "size_mib": size / MiB, "batch": n,
-                "tier_put_gbps": put, "tier_get_gbps": get,
-                "redis_benchmark_put_gbps": rb["put"], "redis_benchmark_get_gbps": rb["get"],
-                "naive_put_gbps": nput, "naive_get_gbps": nget,
-                "put_vs_redis_benchmark": put / rb["put"], "get_vs_redis_benchmark": get / rb["get"],
-                "put_vs_naive": put / nput, "get_vs_naive": get / nget,
+                "_name": f"{size / MiB:g} MiB", "size_mib": size / MiB, "batch": n,
+                "tier_put_gbps": med["put"], "tier_get_gbps": med["get"],
+                "redis_benchmark_put_gbps": med["rb_put"], "redis_benchmark_get_gbps": med["rb_get"],
+                "naive_put_gbps": med["nput"], "naive_get_gbps": med["nget"],
+                "put_vs_redis_benchmark": med["put"] / med["rb_put"], "get_vs_redis_benchmark": med["get"] / med["rb_get"],
+                "put_vs_naive": med["put"] / med["nput"], "get_vs_naive": med["get"] / med["nget"],
+                "tier_get_redispy_pipeline_gbps": med["get_piped"],
+                "get_client_cpu_s_per_gb": med["cpu"], "get_redispy_pipeline_client_cpu_s_per_gb": med["cpu_piped"],
             })
-            print(f"{size // MiB} MiB x {n}: tier put {put:.2f} get {get:.2f} GB/s | redis-benchmark put "
-                  f"{rb['put']:.2f} get {rb['get']:.2f} | naive put {nput:.2f} get {nget:.2f}", file=sys.stderr)
+            print(f"{size / MiB:g} MiB x {n}: tier put {med['put']:.2f} get {med['get']:.2f} GB/s "
+                  f"(redis-py pipeline get {med['get_piped']:.2f}; client CPU {med['cpu']:.3f} vs "
+                  f"{med['cpu_piped']:.3f} s/GB) | redis-benchmark put {med['rb_put']:.2f} get {med['rb_get']:.2f} "
+                  f"| naive put {med['nput']:.2f} get {med['nget']:.2f}", file=sys.stderr)
         tier.close()
+        piped.close()
         naive.close()
     finally:
         if server is not None:
@@ -137,16 +160,20 @@ def main() -> int:
     summary = {k: geomean([r[k] for r in rows]) for k in
                ("put_vs_redis_benchmark", "get_vs_redis_benchmark", "get_vs_naive", "put_vs_naive")}
     cols = ["batch", "tier_put_gbps", "tier_get_gbps", "redis_benchmark_put_gbps", "redis_benchmark_get_gbps",
-            "naive_put_gbps", "naive_get_gbps", "put_vs_redis_benchmark", "get_vs_redis_benchmark", "get_vs_naive"]
+            "naive_put_gbps", "naive_get_gbps", "put_vs_redis_benchmark", "get_vs_redis_benchmark", "get_vs_naive",
+            "tier_get_redispy_pipeline_gbps", "get_client_cpu_s_per_gb", "get_redispy_pipeline_client_cpu_s_per_gb"]
     table = markdown_table(rows, cols, first="value size")
     print(table, file=sys.stderr)
     md = (
         "# Redis tier benchmark (`benchmarks/redis_tier.py`)\n\n"
         f"Values of {args.sizes} MiB on one local `redis-server` (no persistence), batches of "
-        f"{batch // MiB} MiB, median of {repeat} runs{' (--quick)' if args.quick else ''}. GB/s = 1e9 bytes/s. "
+        f"{batch // MiB} MiB, median of {repeat} interleaved rounds{' (--quick)' if args.quick else ''}. "
+        "GB/s = 1e9 bytes/s. "
         f"Tier: `put_many`/`get_many` over {args.connections} connections. Baselines in the same run: "
         f"`redis-benchmark -t set,get -d <size> -c {args.connections} -P 1` (requests/s x size) and naive "
-        "redis-py, one SET/GET call at a time. Ratios in the summary are geometric means over sizes.\n\n"
+        "redis-py, one SET/GET call at a time. Ratios in the summary are geometric means over sizes. "
+        "`tier_get_redispy_pipeline` is the tier with `raw_reads=False` (redis-py/hiredis pipelines instead of "
+        "the zero-copy GET reader); the client CPU columns are this process's CPU seconds per GB read.\n\n"
         + table + "\n" + "\n".join(f"- {k}: {v:.3g}" for k, v in summary.items()) + "\n"
     )
     per_size = {r["_name"]: {k: v for k, v in r.items() if k != "_name"} for r in rows}

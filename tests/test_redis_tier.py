@@ -103,6 +103,36 @@ def test_round_trip_cluster_bit_exact(redis_cluster):
         tier.close()
 
 
+def test_cluster_reads_follow_moved(redis_cluster, monkeypatch):
+    """The raw GET path talks to the node redis-py's slot map names; a stale map gets a real MOVED
+    reply, and those keys are fetched again through redis-py, which follows the redirect."""
+    tier = RedisTier(redis_cluster.url)
+    try:
+        vals = blobs([1000] * 12, seed=3)
+        keys = [hexkey(i) for i in range(12)]
+        assert all(tier.put_many(list(zip(keys, vals, strict=True))))
+        calls = {"pipelined": 0}
+        real_pipelined = tier._fetch_pipelined
+
+        def counting(rkeys):
+            calls["pipelined"] += 1
+            return real_pipelined(rkeys)
+
+        monkeypatch.setattr(tier, "_fetch_pipelined", counting)
+        assert [bytes(v) for v in tier.get_many(keys)] == vals  # type: ignore[arg-type]
+        assert calls["pipelined"] == 0  # served by the raw reader, node by node
+
+        client = tier.client
+        nodes = client.get_primaries()
+        wrong = {rk: next(n for n in nodes if n.name != client.get_node_from_key(rk).name)
+                 for rk in map(tier.rkey, keys)}
+        monkeypatch.setattr(client, "get_node_from_key", lambda rk, replica=False: wrong[rk])
+        assert [bytes(v) for v in tier.get_many(keys)] == vals  # type: ignore[arg-type]
+        assert calls["pipelined"] == 1
+    finally:
+        tier.close()
+
+
 def test_cluster_through_kvcache(redis_cluster, spec):
     cfg = KVLayerConfig(chunk_size=16, tiers=[TierConfig(kind="redis", url=redis_cluster.plain_url,
                                                          options={"cluster": True}, codec="lz4")])
@@ -113,6 +143,26 @@ def test_cluster_through_kvcache(redis_cluster, spec):
         assert cache.lookup(tokens).hit_tokens == 100
         n, got = cache.retrieve(tokens)
         assert n == 100 and torch.equal(got, kv)
+
+
+def test_wrong_type_and_pipelined_reads(redis_server, raw):
+    """A key of another type (an error reply) is a miss; the redis-py read path agrees bit for bit."""
+    tier = RedisTier(redis_server.url)
+    piped = RedisTier(redis_server.url, raw_reads=False, packer="hiredis", max_value_bytes=100_000)
+    try:
+        vals = blobs([10, 300_000, 2 << 20], seed=4)
+        keys = [hexkey(i) for i in range(3)]
+        assert all(tier.put_many(list(zip(keys, vals, strict=True))))
+        raw.rpush(tier.rkey(hexkey(9)), b"not a string")
+        assert tier.get_many([hexkey(9)] + keys)[0] is None
+        assert [bytes(v) for v in tier.get_many(keys)] == vals  # type: ignore[arg-type]
+        assert [bytes(v) for v in piped.get_many(keys)] == vals  # type: ignore[arg-type]
+        assert piped.get(hexkey(9)) is None
+        assert all(piped.put_many(list(zip(keys, vals[::-1], strict=True))))  # split on this one
+        assert [bytes(v) for v in tier.get_many(keys)] == vals[::-1]  # type: ignore[arg-type]
+    finally:
+        tier.close()
+        piped.close()
 
 
 # ---------------------------------------------------------------------- lookup
@@ -365,6 +415,16 @@ def test_config_url_options_and_errors(spec):
             n, got = cache.retrieve(tokens)
             assert n == 48 and torch.equal(got, kv)
             assert cache.stats()["tiers"][0]["kind"] == "redis"
+    # a Cluster that is down at start-up: building works, operations fail as TierError (= misses)
+    down = build_tier(TierConfig(kind="redis", url=f"redis+cluster://127.0.0.1:{free_port()}/0",
+                                 options={"connect_timeout": 0.2}))
+    try:
+        assert isinstance(down, RedisTier) and down.cluster
+        with pytest.raises(TierError):
+            down.get(hexkey(1))
+        assert not down.ping() and down.used_bytes() == 0
+    finally:
+        down.close()
     for options, match in [({"bogus": 1}, "unknown option"), ({"prefix": "a{b"}, "must not contain"),
                            ({"packer": "x"}, "packer"), ({"max_value_bytes": 10}, "max_value_bytes")]:
         with pytest.raises(ConfigError, match=match):

@@ -718,7 +718,7 @@ class RedisTier(Tier):
 
     def ping(self) -> bool:
         try:
-            return bool(self._call("ping", self.client.ping))
+            return bool(self._call("ping", lambda: self.client.ping()))
         except TierError:
             return False
 
