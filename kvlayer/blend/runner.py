@@ -126,12 +126,16 @@ class Runner:
     def _attend(self, layer: Any, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
         """q ``[m, heads, D]`` over keys/values ``[n, kv_heads, D]``; causal by position."""
-        mask = kpos[None, :] <= qpos[:, None]
-        if self.sliding_window is not None:
-            mask &= kpos[None, :] > qpos[:, None] - self.sliding_window
+        causal = self.sliding_window is None and q.shape[0] == keys.shape[0]  # every position: plain causal
+        mask = None
+        if not causal:
+            mask = kpos[None, :] <= qpos[:, None]
+            if self.sliding_window is not None:
+                mask &= kpos[None, :] > qpos[:, None] - self.sliding_window
+            mask = mask[None, None]
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
-            attn_mask=mask[None, None], scale=float(layer.self_attn.scaling),
+            attn_mask=mask, is_causal=causal, scale=float(layer.self_attn.scaling),
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
         return layer.self_attn.o_proj(out[0].transpose(0, 1).reshape(q.shape[0], -1))

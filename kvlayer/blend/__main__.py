@@ -1,0 +1,5 @@
+import sys
+
+from kvlayer.blend.cli import main
+
+sys.exit(main())
