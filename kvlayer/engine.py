@@ -108,8 +108,12 @@ class KVCache:
         """Store the KV of ``tokens`` (``kv`` covers at least ``len(tokens)`` tokens on dim 2).
         Returns the number of chunks written (already cached chunks are skipped)."""
         n = len(tokens)
-        if kv.dim() != 5 or kv.shape[2] < n:
-            raise SpecMismatchError(f"kv must be [layers, {self.spec.kv_planes}, >= {n} tokens, heads, dim], got {tuple(kv.shape)}")
+        # Checked up front, not per written chunk: a wrong tensor must fail even when every chunk
+        # is already cached (it was silently accepted then).
+        if (kv.dim() != 5 or kv.shape[2] < n or tuple(kv.shape) != self.spec.chunk_shape(kv.shape[2])
+                or kv.dtype != self.spec.torch_dtype):
+            raise SpecMismatchError(f"kv must be {self.spec.torch_dtype} {self.spec.chunk_shape(n)} or longer on dim 2, "
+                                    f"got {kv.dtype} {tuple(kv.shape)}")
         keys = self.keys(tokens, full_only=full_only)
         bounds = chunk_bounds(n, self.chunk_size, full_only=full_only)
         present = self.store_.locate(keys) if skip_cached else [None] * len(keys)

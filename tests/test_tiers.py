@@ -156,7 +156,7 @@ def _rss() -> int:
 
 @pytest.mark.parametrize("kind", ["memory", "disk"])
 def test_rss_stays_within_budget_under_10x_overload(kind, tmp_path):
-    budget = 64 * MiB
+    budget = 64 * MiB if kind == "memory" else 32 * MiB  # disk: 10x of it is real I/O, keep it modest
     chunk = tensor(7, 1 * MiB)
     tier: Tier = MemoryTier("cpu", budget) if kind == "memory" else DiskTier(tmp_path / "d", budget)
     tier.put(key("warm"), encode(chunk))
