@@ -125,6 +125,11 @@ struct E4M3Table {
 };
 const E4M3Table kE4M3;
 
+// The canonical quiet NaN (torch writes float("nan") as this): every NaN the kernels store is
+// this one, so both backends produce identical bytes even for non-finite input.
+const float kNaN = u2f(0x7FC00000u);
+inline float canon(float v) { return v != v ? kNaN : v; }
+
 // ---- rows of any dtype <-> fp32
 void load_row(const void* base, int dt, size_t off, float* dst, int n) {
   if (dt == F32) {
@@ -165,11 +170,6 @@ void store_row(const float* src, int dt, void* base, size_t off, int n) {
 }
 
 // ---- group parameters (quant.py::_group_params)
-// The canonical quiet NaN (torch writes float("nan") as this): every NaN the kernels store is
-// this one, so both backends produce identical bytes even for non-finite input.
-const float kNaN = u2f(0x7FC00000u);
-inline float canon(float v) { return v != v ? kNaN : v; }
-
 struct Meta {
   bool half;
   void* scale;
@@ -199,8 +199,119 @@ struct Meta {
   float get_z(size_t i) const { return half ? h2f(((const uint16_t*)zero)[i]) : ((const float*)zero)[i]; }
 };
 
-inline float nan_min(float a, float v) { return (v < a || v != v) ? v : a; }
-inline float nan_max(float a, float v) { return (v > a || v != v) ? v : a; }
+#if defined(__AVX__)
+inline float hmin8(__m256 v) {
+  __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_min_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+#endif
+
+// min and max of p[0..n) (n >= 1), both NaN if any element is NaN (torch.amin/amax semantics).
+// Branch-free and vectorised: the order of ties between -0 and +0 is unspecified, which is why
+// both implementations add +0.0f to the results (quant.py: ``amin(...) + 0.0``).
+inline void minmax(const float* p, int n, float* mn_out, float* mx_out) {
+  int i = 0;
+  float mn = p[0], mx = p[0];
+  bool nan = false;
+#if defined(__AVX__)
+  if (n >= 8) {
+    __m256 vmn = _mm256_loadu_ps(p), vmx = vmn, vnan = _mm256_cmp_ps(vmn, vmn, _CMP_UNORD_Q);
+    for (i = 8; i + 8 <= n; i += 8) {
+      const __m256 v = _mm256_loadu_ps(p + i);
+      vmn = _mm256_min_ps(vmn, v);
+      vmx = _mm256_max_ps(vmx, v);
+      vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    mn = hmin8(vmn);
+    mx = hmax8(vmx);
+    nan = _mm256_movemask_ps(vnan) != 0;
+  }
+#endif
+  for (; i < n; ++i) {
+    const float v = p[i];
+    mn = v < mn ? v : mn;
+    mx = v > mx ? v : mx;
+    nan |= v != v;
+  }
+  *mn_out = nan ? kNaN : mn + 0.0f;
+  *mx_out = nan ? kNaN : mx + 0.0f;
+}
+
+// max |p[i]| over n >= 0 elements starting from a (>= 0); NaN if any element is NaN.
+inline float absmax(const float* p, int n, float a) {
+  int i = 0;
+  bool nan = a != a;
+#if defined(__AVX__)
+  if (n >= 8) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 vmx = _mm256_set1_ps(nan ? 0.0f : a), vnan = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+      const __m256 v = _mm256_loadu_ps(p + i);
+      vmx = _mm256_max_ps(vmx, _mm256_andnot_ps(sign, v));
+      vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    a = hmax8(vmx);
+    nan |= _mm256_movemask_ps(vnan) != 0;
+  }
+#endif
+  for (; i < n; ++i) {
+    const float v = std::fabs(p[i]);
+    a = v > a ? v : a;
+    nan |= v != v;
+  }
+  return nan ? kNaN : a;
+}
+
+// Meta::put for n groups at once (vectorised with F16C/AVX; the same IEEE operations, so the
+// results are identical to the scalar path): writes meta[off..off+n) and z/inv[0..n).
+void params_batch(const Meta& m, size_t off, const float* mn, const float* mx, int n, float qmax, float* z,
+                  float* inv) {
+  int i = 0;
+#if defined(__F16C__) && defined(__AVX2__)
+  const __m256 vq = _mm256_set1_ps(qmax), one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  if (m.half) {
+    const __m128i cnan = _mm_set1_epi16(0x7E00);
+    for (; i + 8 <= n; i += 8) {
+      const __m256 a = _mm256_loadu_ps(mn + i), b = _mm256_loadu_ps(mx + i);
+      const __m128i zh = _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT);
+      const __m256 zf = _mm256_cvtph_ps(zh);
+      const __m256 sv = _mm256_div_ps(_mm256_sub_ps(b, zf), vq);
+      __m128i sh = _mm256_cvtps_ph(sv, _MM_FROUND_TO_NEAREST_INT);
+      const __m256 up = _mm256_cmp_ps(_mm256_cvtph_ps(sh), sv, _CMP_LT_OQ);
+      const __m256i up32 = _mm256_castps_si256(up);
+      sh = _mm_sub_epi16(sh, _mm_packs_epi32(_mm256_castsi256_si128(up32), _mm256_extracti128_si256(up32, 1)));
+      const __m256 sf = _mm256_cvtph_ps(sh);
+      const __m256i zn = _mm256_castps_si256(_mm256_cmp_ps(zf, zf, _CMP_UNORD_Q));
+      const __m256i sn = _mm256_castps_si256(_mm256_cmp_ps(sf, sf, _CMP_UNORD_Q));
+      const __m128i zn16 = _mm_packs_epi32(_mm256_castsi256_si128(zn), _mm256_extracti128_si256(zn, 1));
+      const __m128i sn16 = _mm_packs_epi32(_mm256_castsi256_si128(sn), _mm256_extracti128_si256(sn, 1));
+      _mm_storeu_si128((__m128i*)((uint16_t*)m.zero + off + i), _mm_blendv_epi8(zh, cnan, zn16));
+      _mm_storeu_si128((__m128i*)((uint16_t*)m.scale + off + i), _mm_blendv_epi8(sh, cnan, sn16));
+      _mm256_storeu_ps(z + i, zf);
+      _mm256_storeu_ps(inv + i, _mm256_and_ps(_mm256_div_ps(one, sf), _mm256_cmp_ps(sf, zero, _CMP_GT_OQ)));
+    }
+  } else {
+    const __m256 cnan = _mm256_set1_ps(kNaN);
+    for (; i + 8 <= n; i += 8) {
+      const __m256 a = _mm256_loadu_ps(mn + i), b = _mm256_loadu_ps(mx + i);
+      const __m256 sf = _mm256_div_ps(_mm256_sub_ps(b, a), vq);
+      _mm256_storeu_ps((float*)m.zero + off + i, _mm256_blendv_ps(a, cnan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q)));
+      _mm256_storeu_ps((float*)m.scale + off + i, _mm256_blendv_ps(sf, cnan, _mm256_cmp_ps(sf, sf, _CMP_UNORD_Q)));
+      _mm256_storeu_ps(z + i, a);
+      _mm256_storeu_ps(inv + i, _mm256_and_ps(_mm256_div_ps(one, sf), _mm256_cmp_ps(sf, zero, _CMP_GT_OQ)));
+    }
+  }
+#endif
+  for (; i < n; ++i) m.put(off + i, mn[i], mx[i], qmax, &z[i], &inv[i], nullptr);
+}
 
 inline uint8_t quant1(float x, float z, float inv, float qmax) {
   float t = (x - z) * inv;
@@ -273,8 +384,10 @@ int kvl_quantize(const void* x, int dt, int L, int P, int T, int H, int D, int b
   const int nkg = (T + gk - 1) / gk;
   const int nvg = (D + gv - 1) / gv;
   const bool half = dt == F16;
-  std::vector<float> row(C), mn(C), mx(C), z(C), inv(C);
-  std::vector<uint8_t> q(C);
+  const int TB = 16;
+  std::vector<float> row(C), mn(C), mx(C), z(C), inv(C), vrows((size_t)TB * C);
+  std::vector<float> gmn((size_t)TB * H * nvg), gmx(gmn.size()), gz(gmn.size()), ginv(gmn.size());
+  std::vector<uint8_t> q(C), bad(C);
   for (int l = 0; l < L; ++l) {
     if (P == 2) {
       const size_t plane = (size_t)l * P * T * C;
@@ -283,15 +396,24 @@ int kvl_quantize(const void* x, int dt, int L, int P, int T, int H, int D, int b
         const int t0 = g * gk, t1 = t0 + gk < T ? t0 + gk : T;
         load_row(x, dt, plane + (size_t)t0 * C, mn.data(), C);
         std::memcpy(mx.data(), mn.data(), sizeof(float) * C);
+        for (int c = 0; c < C; ++c) bad[c] = mn[c] != mn[c];
         for (int t = t0 + 1; t < t1; ++t) {
           load_row(x, dt, plane + (size_t)t * C, row.data(), C);
-          for (int c = 0; c < C; ++c) {
-            mn[c] = nan_min(mn[c], row[c]);
-            mx[c] = nan_max(mx[c], row[c]);
+          float* __restrict a = mn.data();
+          float* __restrict b = mx.data();
+          uint8_t* __restrict n = bad.data();
+          const float* __restrict r = row.data();
+          for (int c = 0; c < C; ++c) {  // branch-free, vectorised; NaN tracked on the side
+            a[c] = r[c] < a[c] ? r[c] : a[c];
+            b[c] = r[c] > b[c] ? r[c] : b[c];
+            n[c] |= r[c] != r[c];
           }
         }
-        const size_t mi = ((size_t)l * nkg + g) * C;
-        for (int c = 0; c < C; ++c) m.put(mi + c, mn[c], mx[c], qmax, &z[c], &inv[c], nullptr);
+        for (int c = 0; c < C; ++c) {
+          mn[c] = bad[c] ? kNaN : mn[c] + 0.0f;
+          mx[c] = bad[c] ? kNaN : mx[c] + 0.0f;
+        }
+        params_batch(m, ((size_t)l * nkg + g) * C, mn.data(), mx.data(), C, qmax, z.data(), inv.data());
         for (int t = t0; t < t1; ++t) {
           load_row(x, dt, plane + (size_t)t * C, row.data(), C);
           for (int c = 0; c < C; ++c) q[c] = quant1(row[c], z[c], inv[c], qmax);
@@ -299,25 +421,36 @@ int kvl_quantize(const void* x, int dt, int L, int P, int T, int H, int D, int b
         }
       }
     }
+    // V: blocks of TB tokens, so the group parameters of a block are computed in one vector pass
+    // (V meta of consecutive tokens is contiguous).
     const size_t plane = ((size_t)l * P + (P - 1)) * T * C;
     const Meta m{half, v_scale, v_zero};
-    for (int t = 0; t < T; ++t) {
-      load_row(x, dt, plane + (size_t)t * C, row.data(), C);
-      for (int h = 0; h < H; ++h) {
-        for (int g = 0; g < nvg; ++g) {
-          const int c0 = h * D + g * gv;
-          const int c1 = g * gv + gv < D ? c0 + gv : h * D + D;
-          float a = row[c0], b = row[c0];
-          for (int c = c0 + 1; c < c1; ++c) {
-            a = nan_min(a, row[c]);
-            b = nan_max(b, row[c]);
+    const int ng = H * nvg;
+    for (int t0 = 0; t0 < T; t0 += TB) {
+      const int nt = T - t0 < TB ? T - t0 : TB;
+      for (int r = 0; r < nt; ++r) {
+        float* rp = vrows.data() + (size_t)r * C;
+        load_row(x, dt, plane + (size_t)(t0 + r) * C, rp, C);
+        for (int h = 0; h < H; ++h)
+          for (int g = 0; g < nvg; ++g) {
+            const int c0 = h * D + g * gv;
+            const int c1 = g * gv + gv < D ? c0 + gv : h * D + D;
+            const int gi = r * ng + h * nvg + g;
+            minmax(rp + c0, c1 - c0, &gmn[gi], &gmx[gi]);
           }
-          float zz, ii;
-          m.put((((size_t)l * T + t) * H + h) * nvg + g, a, b, qmax, &zz, &ii, nullptr);
-          for (int c = c0; c < c1; ++c) q[c] = quant1(row[c], zz, ii, qmax);
-        }
       }
-      pack_row(q.data(), C, bits, codes + (((size_t)l * P + (P - 1)) * T + t) * rb, rb);
+      params_batch(m, ((size_t)l * T + t0) * ng, gmn.data(), gmx.data(), nt * ng, qmax, gz.data(), ginv.data());
+      for (int r = 0; r < nt; ++r) {
+        const float* rp = vrows.data() + (size_t)r * C;
+        for (int h = 0; h < H; ++h)
+          for (int g = 0; g < nvg; ++g) {
+            const int c0 = h * D + g * gv;
+            const int c1 = g * gv + gv < D ? c0 + gv : h * D + D;
+            const float zz = gz[r * ng + h * nvg + g], ii = ginv[r * ng + h * nvg + g];
+            for (int c = c0; c < c1; ++c) q[c] = quant1(rp[c], zz, ii, qmax);
+          }
+        pack_row(q.data(), C, bits, codes + (((size_t)l * P + (P - 1)) * T + t0 + r) * rb, rb);
+      }
     }
   }
   return 0;
@@ -383,11 +516,7 @@ int kvl_fp8_encode(const void* x, int dt, int L, int P, int T, int H, int D, flo
     for (int h = 0; h < H; ++h) amax[h] = 0.0f;
     for (int t = 0; t < T; ++t) {
       load_row(x, dt, plane + (size_t)t * C, row.data(), C);
-      for (int h = 0; h < H; ++h) {
-        float a = amax[h];
-        for (int d = 0; d < D; ++d) a = nan_max(a, std::fabs(row[h * D + d]));
-        amax[h] = a;
-      }
+      for (int h = 0; h < H; ++h) amax[h] = absmax(row.data() + h * D, D, amax[h]);
     }
     for (int h = 0; h < H; ++h) {
       const float s = amax[h] / 448.0f;

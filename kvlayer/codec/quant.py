@@ -12,7 +12,7 @@ last token group of K and the last channel group of V may be partial.
 
 Arithmetic (shared bit for bit by the torch reference and the C++ kernels, all in fp32)::
 
-    mn, mx = min(group), max(group)               # NaN propagates
+    mn, mx = min(group) + 0.0, max(group) + 0.0   # NaN propagates; +0.0 makes -0 -> +0
     z  = meta(mn)                                 # exact: see "meta dtype"
     s  = meta_round_up((mx - z) / qmax)           # scale rounded *up* so the range is covered
     inv = 1 / s if s > 0 else 0
@@ -230,13 +230,13 @@ def quantize_torch(x: torch.Tensor, lay: QuantLayout, out: tuple[torch.Tensor, .
     q_all = torch.empty((L, P, T, C), dtype=torch.uint8)
     if P == 2:
         k = _pad_last(x5[:, 0].reshape(L, T, C), 1, lay.gk).view(L, lay.nkg, lay.gk, C)
-        z_m, s_m, z, sf, inv = _group_params(k.amin(2), k.amax(2), lay.qmax, lay.meta)
+        z_m, s_m, z, sf, inv = _group_params(k.amin(2) + 0.0, k.amax(2) + 0.0, lay.qmax, lay.meta)
         k_zero.copy_(z_m)
         k_scale.copy_(s_m)
         q = _codes(k, z[:, :, None], inv[:, :, None], lay.qmax)
         q_all[:, 0] = q.view(L, lay.nkg * lay.gk, C)[:, :T]
     v = _pad_last(x5[:, P - 1], 3, lay.gv).view(L, T, H, lay.nvg, lay.gv)
-    z_m, s_m, z, sf, inv = _group_params(v.amin(4), v.amax(4), lay.qmax, lay.meta)
+    z_m, s_m, z, sf, inv = _group_params(v.amin(4) + 0.0, v.amax(4) + 0.0, lay.qmax, lay.meta)
     v_zero.copy_(z_m)
     v_scale.copy_(s_m)
     q = _codes(v, z[..., None], inv[..., None], lay.qmax)
