@@ -227,6 +227,37 @@ def test_large_values_split_and_reassembled(redis_server, raw):
         tier.close()
 
 
+def test_concurrent_callers_many_parts(redis_server):
+    """Several threads share one tier (the engine thread and the store's writer do); values of
+    many parts are read in parallel straight into place: every byte must land where it belongs."""
+    import threading
+
+    tier = RedisTier(redis_server.url, max_value_bytes=1024, connections=4)
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        try:
+            vals = blobs([1024 * 37 + t, 10, 5000, 1024], seed=100 + t)
+            keys = [hexkey(1000 * t + i) for i in range(len(vals))]
+            for _ in range(5):
+                assert all(tier.put_many(list(zip(keys, vals, strict=True))))
+                got = tier.get_many(keys[::-1])
+                assert [bytes(g) for g in got[::-1]] == vals  # type: ignore[arg-type]
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    try:
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=60)
+        assert not errors, errors[0]
+        assert len(tier.keys()) == 16
+    finally:
+        tier.close()
+
+
 # ---------------------------------------------------------------------- TTL
 def test_ttl_honoured(redis_server, raw):
     tier = build_tier(TierConfig(kind="redis", url=redis_server.url,

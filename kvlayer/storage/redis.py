@@ -7,7 +7,7 @@ the URL or from ``options`` (``username``, ``password``). Other options (all opt
 
     prefix            key prefix, default "kvlayer:<tier name>:"   (no "{" or "}")
     ttl_s             expire every value after this many seconds   (default: never)
-    max_value_bytes   larger values are split into parts of this size (default 32 MiB)
+    max_value_bytes   larger values are split into equal parts of at most this size (default 64 MiB)
     connections       parallel connections a big batch is split across (default 4)
     socket_timeout, connect_timeout   seconds (defaults 2.0, 0.5): a hung server costs at most that
     retries           redis-py retries of a failed command, exponential backoff (default 1)
@@ -67,7 +67,7 @@ R = TypeVar("R")
 MANIFEST_MAGIC = b"\x00kvlPRT1"
 _MANIFEST = struct.Struct("<8sQIQ8s")  # magic, total_len, n_parts, part_size, nonce
 MANIFEST_LEN = _MANIFEST.size  # 36
-_BUFFER_CUTOFF = 6000
+_DEL_IF_EQUAL = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 _NET_ERRORS: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
 _CLUSTER_DOWN: tuple[type[BaseException], ...] = (redis.exceptions.ClusterDownError, redis.exceptions.ClusterError,
                                                   redis.exceptions.RedisClusterException)
@@ -78,7 +78,7 @@ OPTIONS = {"prefix", "ttl_s", "max_value_bytes", "connections", "socket_timeout"
 
 
 # --- connections that send large values straight from the caller's buffer -------------------------
-def _python_packer(self: Connection) -> PythonRespSerializer:
+def _python_packer(self: Any) -> PythonRespSerializer:
     # redis-py's hiredis packer turns every memoryview into bytes and then packs a joined copy (two
     # copies of a multi-MB value); the Python packer sends large arguments as they are.
     return PythonRespSerializer(self._buffer_cutoff, self.encoder.encode)
@@ -135,7 +135,9 @@ class _BulkReader:
                 raise redis.ConnectionError("protocol error: reply line too long")
             self._fill()
 
-    def reply(self) -> bytearray | _Redirect | None:
+    def reply(self, dest: memoryview | None = None) -> bytearray | memoryview | _Redirect | None:
+        """The next reply: a new bytearray, or ``dest`` itself when a value of exactly its size was
+        read into it (parts of a split value land in place in the reassembled blob)."""
         head = self._line()
         kind = head[:1]
         if kind == b"-":
@@ -147,8 +149,12 @@ class _BulkReader:
         n = int(head[1:])
         if n < 0:
             return None
-        out = bytearray(n)
-        mv = memoryview(out)
+        out: bytearray | memoryview
+        if dest is not None and dest.nbytes == n:
+            out = mv = dest
+        else:
+            out = bytearray(n)
+            mv = memoryview(out)
         got = min(len(self.pend), n)
         if got:
             mv[:got] = self.pend[:got]
@@ -179,7 +185,7 @@ class RedisTier(Tier):
         cluster: bool | None = None,
         nodes: Sequence[str] = (),
         ttl_s: float | None = None,
-        max_value_bytes: int = 32 << 20,
+        max_value_bytes: int = 64 << 20,
         connections: int = 4,
         socket_timeout: float = 2.0,
         connect_timeout: float = 0.5,
@@ -387,9 +393,10 @@ class RedisTier(Tier):
         self.count(hits=hits, misses=len(keys) - hits, bytes_read=sum(len(v) for v in out if v is not None))
         return out
 
-    def _fetch(self, rkeys: list[str]) -> list[Buffer | None]:
+    def _fetch(self, rkeys: list[str], dests: list[memoryview] | None = None) -> list[Buffer | None]:
         """GET Redis keys, split across connections (and Cluster nodes) in parallel. Error replies
-        (e.g. WRONGTYPE) read as None."""
+        (e.g. WRONGTYPE) read as None. With ``dests``, a value of exactly the size of its dest is
+        read into it and returned as that same object (other paths return a copy to place)."""
         if not self.raw_reads:
             return self._fetch_pipelined(rkeys)
         jobs: list[tuple[Any, list[int]]] = []
@@ -408,15 +415,16 @@ class RedisTier(Tier):
         else:
             pool = self.client.connection_pool
             jobs = [(pool, g) for g in self._groups_by_count(len(rkeys))]
-        results = self._fanout(jobs, lambda job: self._raw_gets(job[0], [rkeys[i] for i in job[1]]))
+        results = self._fanout(jobs, lambda job: self._raw_gets(
+            job[0], [rkeys[i] for i in job[1]], None if dests is None else [dests[i] for i in job[1]]))
         out: list[Buffer | None] = [None] * len(rkeys)
         redirected: list[int] = []
         for (_, idx), res in zip(jobs, results, strict=True):
-            for i, v in zip(idx, res, strict=True):
-                if isinstance(v, _Redirect):
+            for i, r in zip(idx, res, strict=True):
+                if isinstance(r, _Redirect):
                     redirected.append(i)
                 else:
-                    out[i] = v
+                    out[i] = r
         if redirected and isinstance(self.client, RedisCluster):
             # Slots moved (resharding, failover): redis-py follows MOVED/ASK and refreshes its map.
             again = self._fetch_pipelined([rkeys[i] for i in redirected])
@@ -439,7 +447,8 @@ class RedisTier(Tier):
                 out[i] = v if isinstance(v, bytes | bytearray) else None
         return out
 
-    def _raw_gets(self, pool: Any, rkeys: list[str]) -> list[bytearray | _Redirect | None]:
+    def _raw_gets(self, pool: Any, rkeys: list[str], dests: list[memoryview] | None = None,
+                  ) -> list[bytearray | memoryview | _Redirect | None]:
         """GETs on one pooled connection with a sliding window of requests in flight, sized so about
         ``window_bytes`` are outstanding (Redis copies every pipelined reply into its output buffer,
         so an unbounded pipeline of multi-MB values would balloon the server's memory). A stale
@@ -447,8 +456,8 @@ class RedisTier(Tier):
         for attempt in range(self.retries + 1):
             conn = pool.get_connection()
             try:
-                return self._raw_gets_on(conn, rkeys)
-            except (*_NET_ERRORS, ValueError) as e:
+                return self._raw_gets_on(conn, rkeys, dests)
+            except (redis.ConnectionError, redis.TimeoutError, OSError, ValueError) as e:
                 conn.disconnect()
                 if attempt >= self.retries or isinstance(e, redis.TimeoutError | TimeoutError):
                     raise redis.ConnectionError(f"{type(e).__name__}: {e}") from e
@@ -459,11 +468,12 @@ class RedisTier(Tier):
                 pool.release(conn)
         raise AssertionError("unreachable")
 
-    def _raw_gets_on(self, conn: Any, rkeys: list[str]) -> list[bytearray | _Redirect | None]:
+    def _raw_gets_on(self, conn: Any, rkeys: list[str], dests: list[memoryview] | None,
+                     ) -> list[bytearray | memoryview | _Redirect | None]:
         if conn._sock is None:
             conn.connect()
         reader = _BulkReader(conn._sock)
-        out: list[bytearray | _Redirect | None] = []
+        out: list[bytearray | memoryview | _Redirect | None] = []
         n = len(rkeys)
         sent = 0
         biggest = -1  # largest value seen so far; -1 = none yet
@@ -474,9 +484,9 @@ class RedisTier(Tier):
                 conn.send_packed_command(conn.pack_commands([("GET", k) for k in rkeys[sent:upto]]),
                                          check_health=False)
                 sent = upto
-            v = reader.reply()
+            v = reader.reply(None if dests is None else dests[len(out)])
             out.append(v)
-            if isinstance(v, bytearray):
+            if isinstance(v, bytearray | memoryview):
                 biggest = max(biggest, len(v))
         if reader.pend:
             raise redis.ConnectionError("protocol error: unexpected bytes after the last reply")
@@ -484,31 +494,41 @@ class RedisTier(Tier):
 
     def _read_parts(self, keys: list[str], split: list[tuple[int, tuple[int, int, int, bytes]]],
                     out: list[Buffer | None]) -> None:
-        names = [self._part_key(keys[i], nonce, p) for i, (_, n, _, nonce) in split for p in range(n)]
-        res = self._call("get parts", lambda: self._fetch(names))
-        broken: list[tuple[str, int, bytes]] = []
-        pos = 0
+        """Fetch every part straight into its place in one buffer per value; any missing or
+        wrong-sized part makes the whole value a miss."""
+        names: list[str] = []
+        dests: list[memoryview] = []
+        bufs: list[bytearray] = []
         for i, (total, n, size, nonce) in split:
-            chunks = res[pos:pos + n]
-            pos += n
-            ok = all(c is not None for c in chunks) and all(len(c) == size for c in chunks[:-1]) \
-                and sum(len(c) for c in chunks) == total  # type: ignore[arg-type]
-            if not ok:
-                broken.append((keys[i], n, nonce))
-                continue
             buf = bytearray(total)
             mv = memoryview(buf)
-            off = 0
-            for c in chunks:
-                mv[off:off + len(c)] = c  # type: ignore[arg-type]
-                off += len(c)  # type: ignore[arg-type]
-            out[i] = buf
+            bufs.append(buf)
+            for p in range(n):
+                names.append(self._part_key(keys[i], nonce, p))
+                dests.append(mv[p * size:min(total, (p + 1) * size)])
+        res = self._call("get parts", lambda: self._fetch(names, dests))
+        broken: list[tuple[str, int, bytes, bytes | None]] = []
+        pos = 0
+        for (i, (total, n, size, nonce)), buf in zip(split, bufs, strict=True):
+            ok = True
+            for v, d in zip(res[pos:pos + n], dests[pos:pos + n], strict=True):
+                if v is d:
+                    continue
+                if v is None or len(v) != d.nbytes:
+                    ok = False
+                    break
+                d[:] = v  # read by a path that could not place it (redis-py pipelines)
+            pos += n
+            if ok:
+                out[i] = buf
+            else:
+                broken.append((keys[i], n, nonce, self._manifest(total, n, size, nonce)))
         if broken:
             # A value with a missing/short part can never be read again: remove what is left of it.
             self.count(corrupt=len(broken))
             log.warning("redis tier %s: %d split value(s) with missing parts removed", self.name, len(broken))
             try:
-                self._call("delete broken", lambda: self._delete_split(broken, with_main=True))
+                self._call("delete broken", lambda: self._delete_split(broken))
             except TierError:
                 pass
 
@@ -560,8 +580,10 @@ class RedisTier(Tier):
                 n = 0
                 manifest = None
                 if v.nbytes > self.max_value_bytes:
-                    size = self.max_value_bytes
-                    n = -(-v.nbytes // size)
+                    n = -(-v.nbytes // self.max_value_bytes)
+                    size = -(-v.nbytes // n)  # balanced: no tiny tail part
+                    if (n - 1) * size >= v.nbytes:  # (only for absurdly many parts)
+                        size = self.max_value_bytes
                     nonce = os.urandom(8)
                     for p in range(n):
                         pipe.set(self._part_key(key, nonce, p), v[p * size:(p + 1) * size], px=part_px)
@@ -584,17 +606,17 @@ class RedisTier(Tier):
 
         groups = self._groups_by_size([sizes[i] for i in todo])
         results = self._call("put", lambda: self._fanout(groups, write))
-        stale: list[tuple[str, int, bytes]] = []
+        stale: list[tuple[str, int, bytes, bytes | None]] = []
         for idx, res in zip(groups, results, strict=True):
             for j, (stored, old) in zip(idx, res, strict=True):
                 i = todo[j]
                 ok[i] = stored
                 m = self._parse_manifest(old) if old is not None else None
                 if m is not None:
-                    stale.append((items[i][0], m[1], m[3]))
+                    stale.append((items[i][0], m[1], m[3], None))
         if stale:
             try:
-                self._call("delete stale parts", lambda: self._delete_split(stale, with_main=False))
+                self._call("delete stale parts", lambda: self._delete_split(stale))
             except TierError:
                 pass
         n_ok = sum(ok)
@@ -603,15 +625,18 @@ class RedisTier(Tier):
         return ok
 
     # ------------------------------------------------------------------ deletes
-    def _delete_split(self, victims: list[tuple[str, int, bytes]], *, with_main: bool) -> None:
+    def _delete_split(self, victims: list[tuple[str, int, bytes, bytes | None]]) -> None:
+        """Delete the parts of (key, n_parts, nonce, manifest) values; where ``manifest`` is given,
+        also the main key, but only while it still holds that manifest (a concurrent writer may
+        have stored a fresh copy meanwhile)."""
         pipe = self._pipe()
-        for key, n, nonce in victims:
-            names = [self._part_key(key, nonce, p) for p in range(n)]
-            if with_main:
-                names.append(self.rkey(key))
-            for nm in names:  # Cluster pipelines take one key per DEL
-                pipe.delete(nm)
+        for key, n, nonce, _ in victims:
+            for p in range(n):  # Cluster pipelines take one key per DEL
+                pipe.delete(self._part_key(key, nonce, p))
         pipe.execute(raise_on_error=False)
+        for key, _, _, manifest in victims:
+            if manifest is not None:
+                self.client.eval(_DEL_IF_EQUAL, 1, self.rkey(key), manifest)
 
     def delete(self, key: str) -> bool:
         return self.delete_many([key]) == 1
@@ -632,15 +657,15 @@ class RedisTier(Tier):
 
         res = self._call("delete", run)
         removed = 0
-        split = []
+        split: list[tuple[str, int, bytes, bytes | None]] = []
         for j, k in enumerate(keys):
             head, length, gone = res[3 * j: 3 * j + 3]
             removed += gone == 1
             m = self._parse_manifest(head) if length == MANIFEST_LEN else None
             if m is not None:
-                split.append((k, m[1], m[3]))
+                split.append((k, m[1], m[3], None))
         if split:
-            self._call("delete parts", lambda: self._delete_split(split, with_main=False))
+            self._call("delete parts", lambda: self._delete_split(split))
         return removed
 
     def clear(self) -> None:
