@@ -1,0 +1,245 @@
+"""SGLang host-pool pages <-> kvlayer canonical chunks.
+
+kvlayer stores one page as one canonical chunk ``[layers, 2, tokens, kv_heads, head_dim]`` (MLA:
+``[layers, 1, tokens, 1, latent]``), whatever order the engine keeps it in. That is what makes a
+page written from a ``page_head`` pool readable into a ``layer_first`` pool, by another SGLang
+instance or by vLLM, and what lets the quantized codecs see K and V per layer, token and head.
+
+SGLang's host pool ``kv_buffer`` shapes (0.5.x), with ``size`` token slots and ``pages`` pages:
+
+    MHA layer_first        (2, layers, size, heads, dim)       token-addressed
+    MHA page_first         (2, size, layers, heads, dim)       token-addressed
+    MHA page_first_direct  (2, pages, layers, page, heads, dim) page-addressed
+    MHA page_head          (2, pages, heads, page, layers, dim) page-addressed
+    MLA layer_first        (layers, size, 1, latent)           token-addressed
+    MLA page_first         (size, layers, 1, latent)           token-addressed
+    MLA page_first_direct  (pages, layers, page, 1, latent)    page-addressed
+
+``host_indices`` are token slots, ``page_size`` per page. Token-addressed layouts gather the exact
+slots (no assumption that a page's slots are contiguous); page-addressed layouts require each
+page's first slot to be page aligned, as SGLang's page allocator guarantees, and refuse otherwise.
+Every read returns contiguous chunks (one gather, one permute copy); every write scatters only the
+pages it is given, so a failed page never touches the pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+MHA_LAYOUTS = ("layer_first", "page_first", "page_first_direct", "page_head")
+MLA_LAYOUTS = ("layer_first", "page_first", "page_first_direct")
+
+
+class UnsupportedPoolError(ValueError):
+    """The host pool's layout, dtype or geometry has no canonical mapping here."""
+
+
+@dataclass(frozen=True)
+class PoolGeometry:
+    """What a KVSpec needs from a host pool."""
+
+    num_layers: int
+    num_kv_heads: int  # 1 for MLA
+    head_dim: int  # latent width for MLA
+    dtype: torch.dtype
+    page_size: int
+    is_mla: bool
+    layout: str
+
+
+class PageLayout:
+    """Reads and writes whole pages of one host pool as canonical chunks."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.layout: str = str(getattr(pool, "layout", ""))
+        self.page_size = int(pool.page_size)
+        self.kv: torch.Tensor = pool.kv_buffer
+        if self.kv is None:
+            raise UnsupportedPoolError("host pool has no kv_buffer (allocator-only / dummy pool)")
+        if getattr(pool, "dcp_size", 1) != 1:
+            raise UnsupportedPoolError("decode context parallel (dcp_size > 1) host pools are not supported")
+        self.is_mla = hasattr(pool, "kv_lora_rank")  # MLATokenToKVPoolHost; MHA pools have head_num
+        self.geometry = self._geometry()
+
+    # ------------------------------------------------------------------ geometry
+    def _geometry(self) -> PoolGeometry:
+        p, kv = self.pool, self.kv
+        layers = int(p.layer_num)
+        if self.is_mla:
+            if self.layout not in MLA_LAYOUTS:
+                raise UnsupportedPoolError(f"MLA host layout {self.layout!r} not supported; use one of {MLA_LAYOUTS}")
+            latent = int(p.kv_cache_dim)
+            want = {
+                "layer_first": (layers, -1, 1, latent),
+                "page_first": (-1, layers, 1, latent),
+                "page_first_direct": (-1, layers, self.page_size, 1, latent),
+            }[self.layout]
+            heads, dim = 1, latent
+        else:
+            if self.layout not in MHA_LAYOUTS:
+                raise UnsupportedPoolError(f"MHA host layout {self.layout!r} not supported; use one of {MHA_LAYOUTS}")
+            heads, dim = int(p.head_num), int(p.head_dim)
+            if int(getattr(p, "v_head_dim", dim)) != dim:
+                raise UnsupportedPoolError("K and V head dims differ; the canonical chunk needs one head_dim")
+            want = {
+                "layer_first": (2, layers, -1, heads, dim),
+                "page_first": (2, -1, layers, heads, dim),
+                "page_first_direct": (2, -1, layers, self.page_size, heads, dim),
+                "page_head": (2, -1, heads, self.page_size, layers, dim),
+            }[self.layout]
+        got = tuple(kv.shape)
+        if len(got) != len(want) or any(w not in (-1, g) for w, g in zip(want, got, strict=True)):
+            raise UnsupportedPoolError(f"{self.layout} kv_buffer has shape {got}, expected {want} (-1 = any)")
+        return PoolGeometry(layers, heads, dim, kv.dtype, self.page_size, self.is_mla, self.layout)
+
+    @property
+    def chunk_shape(self) -> tuple[int, int, int, int, int]:
+        g = self.geometry
+        return (g.num_layers, 1 if g.is_mla else 2, g.page_size, g.num_kv_heads, g.head_dim)
+
+    def page_count(self, host_indices: torch.Tensor) -> int:
+        n = int(host_indices.numel())
+        if n % self.page_size:
+            raise ValueError(f"{n} host indices is not a whole number of pages of {self.page_size}")
+        return n // self.page_size
+
+    def _slots(self, host_indices: torch.Tensor) -> torch.Tensor:
+        return host_indices.reshape(-1).to(device=self.kv.device, dtype=torch.long)
+
+    def _page_ids(self, host_indices: torch.Tensor) -> torch.Tensor:
+        first = self._slots(host_indices)[:: self.page_size]
+        if bool((first % self.page_size).any()):
+            raise ValueError(f"{self.layout} pages must start on a multiple of page_size={self.page_size}")
+        return first // self.page_size
+
+    # ------------------------------------------------------------------ read
+    def read(self, host_indices: torch.Tensor) -> list[torch.Tensor]:
+        """Canonical chunks of the pages at ``host_indices`` (copies, contiguous)."""
+        n = self.page_count(host_indices)
+        if n == 0:
+            return []
+        batched = self._read_batched(host_indices, n).contiguous()  # [n, layers, planes, page, heads, dim]
+        return list(batched.unbind(0))
+
+    def _read_batched(self, host_indices: torch.Tensor, n: int) -> torch.Tensor:
+        kv, P, lay = self.kv, self.page_size, self.layout
+        if self.is_mla:
+            if lay == "layer_first":  # (L, size, 1, Dl) -> (n, L, P, 1, Dl)
+                g = kv.index_select(1, self._slots(host_indices))
+                g = g.reshape(kv.shape[0], n, P, 1, kv.shape[-1]).permute(1, 0, 2, 3, 4)
+            elif lay == "page_first":  # (size, L, 1, Dl) -> (n, P, L, 1, Dl) -> (n, L, P, 1, Dl)
+                g = kv.index_select(0, self._slots(host_indices))
+                g = g.reshape(n, P, kv.shape[1], 1, kv.shape[-1]).permute(0, 2, 1, 3, 4)
+            else:  # page_first_direct (pages, L, P, 1, Dl)
+                g = kv.index_select(0, self._page_ids(host_indices))
+            return g.unsqueeze(2)  # planes axis: (n, L, 1, P, 1, Dl)
+        if lay == "layer_first":  # (2, L, size, H, D) -> (2, L, n, P, H, D) -> (n, L, 2, P, H, D)
+            g = kv.index_select(2, self._slots(host_indices))
+            return g.reshape(2, kv.shape[1], n, P, *kv.shape[3:]).permute(2, 1, 0, 3, 4, 5)
+        if lay == "page_first":  # (2, size, L, H, D) -> (2, n, P, L, H, D) -> (n, L, 2, P, H, D)
+            g = kv.index_select(1, self._slots(host_indices))
+            return g.reshape(2, n, P, *kv.shape[2:]).permute(1, 3, 0, 2, 4, 5)
+        pages = self._page_ids(host_indices)
+        g = kv.index_select(1, pages)
+        if lay == "page_first_direct":  # (2, n, L, P, H, D) -> (n, L, 2, P, H, D)
+            return g.permute(1, 2, 0, 3, 4, 5)
+        # page_head: (2, n, H, P, L, D) -> (n, L, 2, P, H, D)
+        return g.permute(1, 4, 0, 3, 2, 5)
+
+    # ------------------------------------------------------------------ write
+    def write(self, host_indices: torch.Tensor, chunks: Sequence[torch.Tensor | None]) -> list[bool]:
+        """Write canonical chunks into the pages at ``host_indices``; None entries are skipped.
+
+        Returns, per page, whether it was written. A chunk of the wrong shape is not written.
+        """
+        n = self.page_count(host_indices)
+        if len(chunks) != n:
+            raise ValueError(f"{len(chunks)} chunks for {n} pages")
+        want = self.chunk_shape
+        ok = [c is not None and tuple(c.shape) == want for c in chunks]
+        sel = [i for i, good in enumerate(ok) if good]
+        if not sel:
+            return ok
+        data = torch.stack([chunks[i].to(dtype=self.kv.dtype) for i in sel])  # type: ignore[union-attr]
+        slots = self._slots(host_indices).reshape(n, self.page_size)[sel]
+        self._write_batched(slots, data)
+        return ok
+
+    def _write_batched(self, slots: torch.Tensor, data: torch.Tensor) -> None:
+        """``slots``: [m, P] token slots; ``data``: [m, L, planes, P, H, D] canonical."""
+        kv, lay = self.kv, self.layout
+        m, P = slots.shape
+        flat = slots.reshape(-1)
+        if self.is_mla:
+            d = data.squeeze(2)  # (m, L, P, 1, Dl)
+            if lay == "layer_first":  # kv (L, size, 1, Dl)
+                kv[:, flat] = d.permute(1, 0, 2, 3, 4).reshape(kv.shape[0], m * P, 1, kv.shape[-1])
+            elif lay == "page_first":  # kv (size, L, 1, Dl)
+                kv[flat] = d.permute(0, 2, 1, 3, 4).reshape(m * P, kv.shape[1], 1, kv.shape[-1])
+            else:
+                kv[self._aligned_pages(slots)] = d
+            return
+        if lay == "layer_first":  # kv (2, L, size, H, D) <- (2, L, m*P, H, D)
+            kv[:, :, flat] = data.permute(2, 1, 0, 3, 4, 5).reshape(2, kv.shape[1], m * P, *kv.shape[3:])
+        elif lay == "page_first":  # kv (2, size, L, H, D) <- (2, m*P, L, H, D)
+            kv[:, flat] = data.permute(2, 0, 3, 1, 4, 5).reshape(2, m * P, *kv.shape[2:])
+        elif lay == "page_first_direct":  # kv (2, pages, L, P, H, D)
+            kv[:, self._aligned_pages(slots)] = data.permute(2, 0, 1, 3, 4, 5)
+        else:  # page_head: kv (2, pages, H, P, L, D)
+            kv[:, self._aligned_pages(slots)] = data.permute(2, 0, 4, 3, 1, 5)
+
+    def _aligned_pages(self, slots: torch.Tensor) -> torch.Tensor:
+        first = slots[:, 0]
+        if bool((first % self.page_size).any()):
+            raise ValueError(f"{self.layout} pages must start on a multiple of page_size={self.page_size}")
+        return first // self.page_size
+
+    # ------------------------------------------------------------------ legacy flat pages
+    def native_page_shape(self) -> tuple[int, ...]:
+        """Shape of one page as SGLang's ``get_data_page``/``set_from_flat_data_page`` order it."""
+        g, P = self.geometry, self.page_size
+        L, H, D = g.num_layers, g.num_kv_heads, g.head_dim
+        if self.is_mla:
+            return {"layer_first": (L, P, 1, D), "page_first": (P, L, 1, D),
+                    "page_first_direct": (1, L, P, 1, D)}[self.layout]
+        return {"layer_first": (2, L, P, H, D), "page_first": (2, P, L, H, D),
+                "page_first_direct": (2, 1, L, P, H, D), "page_head": (2, 1, H, P, L, D)}[self.layout]
+
+    def flat_to_chunk(self, flat: torch.Tensor) -> torch.Tensor:
+        """A flat page in the pool's native order (legacy ``set``) -> canonical chunk."""
+        x = flat.reshape(self.native_page_shape())
+        if self.is_mla:
+            if self.layout == "page_first":
+                x = x.permute(1, 0, 2, 3)
+            elif self.layout == "page_first_direct":
+                x = x[0]
+            return x.unsqueeze(1).contiguous()
+        if self.layout == "layer_first":
+            x = x.permute(1, 0, 2, 3, 4)
+        elif self.layout == "page_first":
+            x = x.permute(2, 0, 1, 3, 4)
+        elif self.layout == "page_first_direct":
+            x = x[:, 0].permute(1, 0, 2, 3, 4)
+        else:
+            x = x[:, 0].permute(3, 0, 2, 1, 4)
+        return x.contiguous()
+
+    def chunk_to_flat(self, chunk: torch.Tensor) -> torch.Tensor:
+        """Canonical chunk -> flat page in the pool's native order (legacy ``get``)."""
+        if self.is_mla:
+            x = chunk.squeeze(1)  # (L, P, 1, Dl)
+            if self.layout == "page_first":
+                x = x.permute(1, 0, 2, 3)
+            return x.contiguous().reshape(-1)
+        if self.layout in ("layer_first", "page_first_direct"):
+            x = chunk.permute(1, 0, 2, 3, 4)
+        elif self.layout == "page_first":
+            x = chunk.permute(1, 2, 0, 3, 4)
+        else:  # page_head (2, H, P, L, D)
+            x = chunk.permute(1, 3, 2, 0, 4)
+        return x.contiguous().reshape(-1)

@@ -1,0 +1,406 @@
+"""SGLang HiCache backend against SGLang's real classes: its backend factory (``dynamic``), its
+failure injector and its real CPU host pools (``MHATokenToKVPoolHost``, ``MLATokenToKVPoolHost``)
+in every layout. The SGLang engine itself cannot run here (no CPU ``sgl_kernel``); the pools'
+"device" buffers are CPU tensors, which the storage path never touches.
+
+Tiers are real: the in-process CPU tier, a disk tier in a temp dir, and a real redis-server.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from kvlayer import KVCache, KVSpec
+from kvlayer.errors import ConfigError
+from tests.fixtures.redis_server import redis_server, skip_without_redis  # noqa: F401
+from tests.fixtures.sglang_env import (
+    make_mha_host_pool,
+    make_mla_host_pool,
+    prepare_sglang_env,
+    sglang_available,
+)
+
+pytestmark = [pytest.mark.sglang, pytest.mark.skipif(not sglang_available(), reason="sglang not installed")]
+
+if sglang_available():
+    prepare_sglang_env()
+    from kvlayer.connectors.sglang import KVLayerStore
+    from kvlayer.connectors.sglang.keys import derived_key, sglang_page_hashes
+    from sglang.srt.mem_cache.hicache_storage import (
+        HiCacheStorageConfig,
+        HiCacheStorageExtraInfo,
+        HiCacheStorageFailureInjector,
+    )
+    from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
+
+P = 4  # page size == kvlayer chunk size in these tests
+MHA_LAYOUTS = ["layer_first", "page_first", "page_first_direct", "page_head"]
+MLA_LAYOUTS = ["layer_first", "page_first", "page_first_direct"]
+POOLS = [("mha", lay) for lay in MHA_LAYOUTS] + [("mla", lay) for lay in MLA_LAYOUTS]
+
+
+def storage_config(*, mla: bool = False, tp_rank: int = 0, tp_size: int = 1, model: str = "tiny-llama",
+                   **kvlayer: object) -> HiCacheStorageConfig:
+    extra = {"backend_name": "kvlayer", "module_path": "kvlayer.connectors.sglang", "class_name": "KVLayerStore",
+             "interface_v1": 1, "cpu_bytes": "64MiB", **kvlayer}
+    return HiCacheStorageConfig(tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
+                                is_mla_model=mla, enable_storage_metrics=True, is_page_first_layout=True,
+                                model_name=model, extra_config=extra)
+
+
+def make_pool(kind: str, layout: str) -> object:
+    return make_mla_host_pool(layout, page_size=P) if kind == "mla" else make_mha_host_pool(layout, page_size=P)
+
+
+def attach(pool: object, cfg: HiCacheStorageConfig) -> KVLayerStore:
+    """What SGLang's cache controller does: factory, then register the host pool."""
+    backend = StorageBackendFactory.create_backend("dynamic", cfg, pool)
+    backend.register_mem_pool_host(pool)
+    return backend
+
+
+def fill_random(pool: object, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    kv = pool.kv_buffer  # type: ignore[attr-defined]
+    kv.copy_(torch.randn(kv.shape, generator=g).to(kv.dtype))
+
+
+def pages(pool: object, idx: torch.Tensor) -> list[torch.Tensor]:
+    """Each page as SGLang's own get_data_page sees it (the oracle: independent of our layout code)."""
+    return [pool.get_data_page(int(idx[i * P]), flat=True).clone() for i in range(idx.numel() // P)]  # type: ignore[attr-defined]
+
+
+def page_keys(n: int, tag: str = "") -> list[str]:
+    tokens = np.arange(n * P) + sum(map(ord, tag)) * 7  # different tags, different sequences
+    return sglang_page_hashes(tokens, P)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def cleanup():
+    made: list[object] = []
+    yield made
+    for b in made:
+        b.close()  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------ factory, layouts, round trips
+def test_factory_builds_kvlayer_backend_with_layout_independent_namespace(cleanup):
+    specs = set()
+    for layout in MHA_LAYOUTS:
+        b = attach(make_mha_host_pool(layout, page_size=P), storage_config())
+        cleanup.append(b)
+        assert type(b) is KVLayerStore and b.interface_v1
+        specs.add(b.spec)
+    assert len(specs) == 1, "the namespace must not depend on the host layout"
+    (spec,) = specs
+    assert spec == KVSpec(model="tiny-llama", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16")
+    assert b.cache.chunk_size == P
+
+
+@pytest.mark.parametrize("kind,layout", POOLS)
+def test_set_zero_get_restores_pool_byte_identically(kind, layout, cleanup):
+    pool = make_pool(kind, layout)
+    b = attach(pool, storage_config(mla=kind == "mla"))
+    cleanup.append(b)
+    fill_random(pool, 1)
+    idx = pool.alloc(5 * P)
+    keys = page_keys(5)
+    before = pages(pool, idx)
+    assert b.batch_set_v1(keys, idx) == [True] * 5
+    assert b.batch_set_v1(keys, idx) == [True] * 5  # already stored: not rewritten
+    assert b.kvlayer_stats()["backend"]["set_skipped_present"] == 5
+    pool.kv_buffer.zero_()
+    assert b.batch_exists(keys) == 5
+    assert b.batch_get_v1(keys, idx) == [True] * 5
+    after = pages(pool, idx)
+    for x, y in zip(before, after, strict=True):
+        assert torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+    assert pool.kv_buffer.any()
+    for i in range(5):  # zero the loaded pages again: nothing outside them was written
+        pool.set_from_flat_data_page(int(idx[i * P]), torch.zeros_like(after[i]))
+    assert not pool.kv_buffer.any()
+    m = b.get_stats()
+    assert type(m).__name__ == "StorageMetrics" and m.prefetch_pgs == [5] and m.backup_pgs == [5]
+    assert b.get_stats().prefetch_pgs == []  # reported once
+
+
+@pytest.mark.parametrize("kind,layout", [("mha", "page_first"), ("mha", "page_head"), ("mla", "layer_first")])
+def test_exists_counts_leading_run_and_failed_pages_stay_untouched(kind, layout, cleanup):
+    pool = make_pool(kind, layout)
+    b = attach(pool, storage_config(mla=kind == "mla"))
+    cleanup.append(b)
+    fill_random(pool, 2)
+    idx = pool.alloc(4 * P)
+    keys = page_keys(4)
+    assert b.batch_set_v1([keys[0], keys[1], keys[3]], torch.cat([idx[: 2 * P], idx[3 * P :]])) == [True] * 3
+    assert b.batch_exists(keys) == 2  # page 2 missing: only the leading run counts
+    assert b.batch_exists(keys[2:]) == 0
+    assert b.batch_exists(keys[3:]) == 1
+    before = pages(pool, idx)
+    pool.kv_buffer.fill_(7)
+    assert b.batch_get_v1(keys, idx) == [True, True, False, True]
+    after = pages(pool, idx)
+    assert torch.equal(after[0], before[0]) and torch.equal(after[3], before[3])
+    assert bool((after[2] == 7).all()), "a missing page must not be written"
+    assert b.batch_get_v1(keys[:2], idx[:P]) == [False, False]  # wrong index count: failure, no exception
+
+
+def test_pages_written_from_one_layout_load_into_another(tmp_path, cleanup):
+    """Canonical chunks: page_head (MHA) pages written to a disk tier load into a layer_first pool of
+    another backend instance, token for token."""
+    cfg = dict(cpu_bytes=0, disk_path=str(tmp_path / "kv"), disk_codec="lz4")
+    src = make_mha_host_pool("page_head", page_size=P)
+    a = attach(src, storage_config(**cfg))
+    fill_random(src, 3)
+    idx = src.alloc(3 * P)
+    keys = page_keys(3)
+    assert a.batch_set_v1(keys, idx) == [True] * 3
+    a.close()
+    dst = make_mha_host_pool("layer_first", page_size=P)
+    b = attach(dst, storage_config(**cfg))
+    cleanup.append(b)
+    didx = dst.alloc(3 * P)
+    assert b.batch_get_v1(keys, didx) == [True] * 3
+    # logical (layer, k/v, token, head, dim) of both pools, indexed by SGLang's documented shapes
+    s = src.kv_buffer  # (2, pages, heads, page, layers, dim)
+    d = dst.kv_buffer  # (2, layers, size, heads, dim)
+    for t in range(3 * P):
+        sp, so = int(idx[t]) // P, int(idx[t]) % P
+        assert torch.equal(s[:, sp, :, so, :, :].permute(0, 2, 1, 3), d[:, :, int(didx[t])])
+
+
+@pytest.mark.parametrize("kind,layout", [("mha", "layer_first"), ("mha", "page_first"), ("mha", "page_first_direct"),
+                                         ("mha", "page_head"), ("mla", "page_first")])
+def test_legacy_get_set_with_flat_pages(kind, layout, cleanup):
+    pool = make_pool(kind, layout)
+    b = attach(pool, storage_config(mla=kind == "mla"))
+    cleanup.append(b)
+    fill_random(pool, 4)
+    idx = pool.alloc(3 * P)
+    keys = page_keys(3, "legacy")
+    flats = pages(pool, idx)
+    assert b.set(keys[0], flats[0]) and b.batch_set(keys[1:], flats[1:])
+    assert b.exists(keys[0]) and not b.exists("0" * 64)
+    targets = [pool.get_dummy_flat_data_page() for _ in keys]
+    got = b.batch_get(keys + ["0" * 64], targets + [pool.get_dummy_flat_data_page()])
+    assert got[-1] is None
+    pool.kv_buffer.zero_()
+    for i, g in enumerate(got[:3]):
+        assert g is targets[i] and torch.equal(g, flats[i])
+        pool.set_from_flat_data_page(int(idx[i * P]), g)  # what SGLang's generic get path does
+    assert all(torch.equal(x, y) for x, y in zip(pages(pool, idx), flats, strict=True))
+    # the legacy path and the zero-copy path store the same canonical chunk under the same key
+    pool.kv_buffer.zero_()
+    assert b.batch_get_v1(keys, idx) == [True] * 3
+    assert all(torch.equal(x, y) for x, y in zip(pages(pool, idx), flats, strict=True))
+
+
+# ------------------------------------------------------------------ failures never raise, never corrupt
+def test_sglang_failure_injector_returns_failures_and_never_corrupts(monkeypatch, cleanup):
+    monkeypatch.setenv("SGLANG_TEST_HICACHE_BACKEND_RANDOM_FAILURE", "0.5")
+    pool = make_mha_host_pool("page_first", page_size=P)
+    b = attach(pool, storage_config())
+    assert isinstance(b, HiCacheStorageFailureInjector)
+    cleanup.append(b)
+    fill_random(pool, 5)
+    idx = pool.alloc(4 * P)
+    reference = pages(pool, idx)
+    keys = page_keys(4, "inject")
+    outcomes: set[bool] = set()
+    for rnd in range(30):
+        ok_set = b.batch_set_v1(keys, idx)
+        assert isinstance(ok_set, list) and len(ok_set) == 4
+        n = b.batch_exists(keys)
+        assert isinstance(n, int) and 0 <= n <= 4
+        pool.kv_buffer.fill_(-1)
+        ok_get = b.batch_get_v1(keys, idx)
+        outcomes.update(ok_get)
+        now = pages(pool, idx)
+        for i, ok in enumerate(ok_get):
+            if ok:
+                assert torch.equal(now[i], reference[i]), f"round {rnd}: page {i} loaded wrong bytes"
+            else:
+                assert bool((now[i] == -1).all()), f"round {rnd}: failed page {i} was written"
+        pool.kv_buffer.zero_()
+        for i in range(4):
+            pool.set_from_flat_data_page(int(idx[i * P]), reference[i])
+    assert outcomes == {True, False}, "with p=0.5 over 30 rounds both outcomes must occur"
+
+
+def test_dead_redis_tier_means_failures_not_exceptions(cleanup):
+    pool = make_mha_host_pool("page_first_direct", page_size=P)
+    b = attach(pool, storage_config(cpu_bytes=0, redis_url=f"redis://127.0.0.1:{closed_port()}/0", retry_after_s=0))
+    cleanup.append(b)
+    fill_random(pool, 6)
+    idx = pool.alloc(2 * P)
+    keys = page_keys(2, "dead")
+    before = pool.kv_buffer.clone()
+    assert b.batch_set_v1(keys, idx) == [False, False]
+    assert b.batch_exists(keys) == 0
+    assert b.batch_get_v1(keys, idx) == [False, False]
+    assert b.get(keys[0], pool.get_dummy_flat_data_page()) is None
+    assert b.set(keys[0], pool.get_data_page(int(idx[0]))) is False
+    assert b.exists(keys[0]) is False
+    assert isinstance(b.clear(), bool)
+    assert torch.equal(pool.kv_buffer, before), "a dead tier must not touch the pool"
+    s = b.kvlayer_stats()
+    assert s["store"]["tier_errors"] > 0
+
+
+@skip_without_redis
+def test_redis_killed_mid_run_then_back(redis_server, cleanup):  # noqa: F811
+    pool = make_mha_host_pool("page_head", page_size=P)
+    b = attach(pool, storage_config(cpu_bytes=0, redis_url=redis_server.url, retry_after_s=0,
+                                    redis_codec="lz4"))
+    cleanup.append(b)
+    fill_random(pool, 7)
+    idx = pool.alloc(3 * P)
+    keys = page_keys(3, "redis")
+    ref = pages(pool, idx)
+    assert b.batch_set_v1(keys, idx) == [True] * 3
+    redis_server.kill()
+    pool.kv_buffer.fill_(3)
+    assert b.batch_exists(keys) == 0
+    assert b.batch_get_v1(keys, idx) == [False] * 3
+    assert all(bool((p == 3).all()) for p in pages(pool, idx))
+    redis_server.start()  # empty again: nothing persisted
+    assert b.batch_get_v1(keys, idx) == [False] * 3
+    for i in range(3):
+        pool.set_from_flat_data_page(int(idx[i * P]), ref[i])
+    for _ in range(200):  # the tier's circuit breaker lets it try again after its backoff
+        if b.batch_set_v1(keys, idx) == [True] * 3:
+            break
+        time.sleep(0.05)
+    pool.kv_buffer.zero_()
+    assert b.batch_get_v1(keys, idx) == [True] * 3
+    assert all(torch.equal(x, y) for x, y in zip(pages(pool, idx), ref, strict=True))
+
+
+# ------------------------------------------------------------------ codecs, config, MLA ranks
+@pytest.mark.parametrize("layout", ["page_first", "page_head"])
+def test_int8_codec_restores_within_its_error_bound(layout, cleanup):
+    pool = make_mha_host_pool(layout, page_size=P, head_dim=32)
+    b = attach(pool, storage_config(cpu_codec="int8"))
+    cleanup.append(b)
+    fill_random(pool, 8)
+    idx = pool.alloc(3 * P)
+    keys = page_keys(3, "int8")
+    chunks = b.layout.read(idx)  # canonical [layers, 2, page, heads, dim]
+    assert b.batch_set_v1(keys, idx) == [True] * 3
+    pool.kv_buffer.zero_()
+    assert b.batch_get_v1(keys, idx) == [True] * 3
+    got = b.layout.read(idx)
+    for x, y in zip(chunks, got, strict=True):
+        x32, y32 = x.float(), y.float()
+        for layer in range(x.shape[0]):
+            for plane in range(2):
+                a, r = x32[layer, plane], y32[layer, plane]
+                bound = (a.max() - a.min()) / 255 + 1e-3  # 2x KIVI int8's (max-min)/510 per group
+                assert float((a - r).abs().max()) <= float(bound)
+    assert any(not torch.equal(x, y) for x, y in zip(chunks, got, strict=True)), "int8 must really quantize"
+
+
+def test_bad_config_fails_at_startup_with_the_reason():
+    with pytest.raises(ConfigError, match="cpu_byts"):
+        KVLayerStore(storage_config(cpu_byts="1GiB"))
+    with pytest.raises(ConfigError, match="model"):
+        KVLayerStore(storage_config(model=""))
+
+
+def test_mla_ranks_share_one_namespace_and_only_the_writer_writes(tmp_path, cleanup):
+    disk = dict(cpu_bytes=0, disk_path=str(tmp_path / "kv"))
+    w_pool, r_pool = make_mla_host_pool("page_first", page_size=P), make_mla_host_pool("page_first", page_size=P)
+    writer = attach(w_pool, storage_config(mla=True, tp_rank=0, tp_size=2, **disk))
+    reader = attach(r_pool, storage_config(mla=True, tp_rank=1, tp_size=2, **disk))
+    cleanup.append(writer)
+    assert writer.spec == reader.spec and writer.spec.tp_size == 1
+    fill_random(w_pool, 9)
+    fill_random(r_pool, 10)
+    idx = w_pool.alloc(2 * P)
+    keys = page_keys(2, "mla")
+    assert reader.batch_set_v1(keys, idx) == [True, True]  # done by the writer rank, as SGLang skips it
+    assert reader.batch_exists(keys) == 0 and writer.batch_exists(keys) == 0
+    reader.close()
+    assert writer.batch_set_v1(keys, idx) == [True, True]
+    # a rank-1 process started later finds the writer's pages: one copy for all ranks
+    reader = attach(r_pool, storage_config(mla=True, tp_rank=1, tp_size=2, **disk))
+    cleanup.append(reader)
+    assert reader.batch_exists(keys) == 2
+    ridx = r_pool.alloc(2 * P)
+    assert reader.batch_get_v1(keys, ridx) == [True, True]
+    assert all(torch.equal(x, y) for x, y in zip(pages(r_pool, ridx), pages(w_pool, idx), strict=True))
+
+
+def test_mha_tp_ranks_do_not_share(cleanup):
+    a = attach(make_mha_host_pool("page_first", page_size=P), storage_config(tp_rank=0, tp_size=2))
+    b = attach(make_mha_host_pool("page_first", page_size=P), storage_config(tp_rank=1, tp_size=2))
+    cleanup += [a, b]
+    assert a.spec.namespace() != b.spec.namespace()
+    assert a.kv_keys(page_keys(1)) != b.kv_keys(page_keys(1))
+
+
+# ------------------------------------------------------------------ keys and cross-engine hits
+def test_page_hashes_match_sglang_native_hash():
+    from sglang.srt.mem_cache.utils import get_hash_str
+
+    tokens = list(np.random.default_rng(0).integers(0, 50_000, 5 * P + 3))
+    # SGLang also hashes a trailing partial page; only full pages are ever stored
+    assert sglang_page_hashes(tokens, P) == get_hash_str(tokens, None, page_size=P)[:5]
+    seed = "ab" * 32
+    assert sglang_page_hashes(tokens, P, seed) == get_hash_str(tokens, seed, page_size=P)[:5]
+
+
+@skip_without_redis
+def test_cross_engine_vllm_store_is_sglang_hit_and_back(redis_server, cleanup):  # noqa: F811
+    """A chunk stored through the vLLM path's API (``KVCache.store_chunks(cache.keys(tokens), ...)``)
+    is a hit through the SGLang backend, and pages SGLang stores are hits for ``KVCache`` — same
+    model, same tokens, page size == chunk size, one shared Redis tier."""
+    shared = dict(cpu_bytes=0, redis_url=redis_server.url)
+    pool = make_mha_host_pool("page_head", page_size=P)
+    sg = attach(pool, storage_config(model="tiny-llama", **shared))
+    cleanup.append(sg)
+    spec = KVSpec(model="tiny-llama", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16")
+    vllm_side = KVCache(spec, chunk_size=P, **shared)
+    cleanup.append(vllm_side)
+    rng = np.random.default_rng(1)
+
+    # vLLM -> SGLang
+    tokens = rng.integers(0, 1000, 3 * P).tolist()
+    chunks = [torch.randn(spec.chunk_shape(P)).half() for _ in range(3)]
+    assert vllm_side.store_chunks(vllm_side.keys(tokens), chunks) == 3
+    sg_keys = sglang_page_hashes(tokens, P)
+    info = HiCacheStorageExtraInfo(prefix_keys=[], extra_info={"token_ids": tokens})
+    assert sg.batch_exists(sg_keys, info) == 3
+    idx = pool.alloc(3 * P)
+    assert sg.batch_get_v1(sg_keys, idx, info) == [True] * 3
+    assert all(torch.equal(a, c) for a, c in zip(sg.layout.read(idx), chunks, strict=True))
+    # without the tokens SGLang's bare page hashes get the derived keys: no borrowing across schemes
+    assert sg.batch_exists(sg_keys) == 0
+    assert sg.kv_keys(sg_keys) == [derived_key(sg.cache.namespace, k) for k in sg_keys]
+    # a wrong token list (or a salted chain) is never mapped onto another sequence's keys
+    bad = HiCacheStorageExtraInfo(prefix_keys=[], extra_info={"token_ids": [t + 1 for t in tokens]})
+    assert sg.batch_exists(sg_keys, bad) == 0
+
+    # SGLang -> vLLM, second batch of a sequence (prefix_keys = the pages before it)
+    tokens2 = rng.integers(0, 1000, 4 * P).tolist()
+    fill_random(pool, 11)
+    idx2 = pool.alloc(4 * P)
+    all_keys = sglang_page_hashes(tokens2, P)
+    info2 = HiCacheStorageExtraInfo(prefix_keys=all_keys[:2], extra_info={"token_ids": tokens2})
+    first = HiCacheStorageExtraInfo(prefix_keys=[], extra_info={"token_ids": tokens2[: 2 * P]})
+    assert sg.batch_set_v1(all_keys[:2], idx2[: 2 * P], first) == [True, True]
+    assert sg.batch_set_v1(all_keys[2:], idx2[2 * P :], info2) == [True, True]
+    assert vllm_side.lookup(tokens2).hit_tokens == 4 * P
+    n, kv = vllm_side.retrieve(tokens2)
+    assert n == 4 * P and torch.equal(kv, torch.cat(sg.layout.read(idx2), dim=2))
