@@ -15,7 +15,8 @@ The tier moves a batch of N values with ``put_many``/``get_many`` (pipelined, sp
 connections). Every contender runs once per round and rounds are interleaved, so load from other
 processes hits all of them alike; figures are medians over rounds, ratios per size plus their
 geometric mean. Also reported: the tier's GET through plain redis-py pipelines (``raw_reads=False``)
-and the client CPU seconds per GB of both read paths, the measurement behind the raw reader.
+and the client CPU seconds per GB of both read paths, the measurement behind the raw reader; the
+same for writes with redis-py's hiredis command packer (``packer="hiredis"``).
 The last stdout line is JSON with ``put_vs_redis_benchmark``, ``get_vs_redis_benchmark`` and
 ``get_vs_naive``.
 
@@ -95,7 +96,7 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     try:
         tier = RedisTier(url, name="bench", connections=args.connections)
-        piped = RedisTier(url, name="bench", connections=args.connections, raw_reads=False)
+        piped = RedisTier(url, name="bench", connections=args.connections, raw_reads=False, packer="hiredis")
         naive = redis.Redis(host=host, port=port, password=u.password, username=u.username, protocol=2)
         for size in sizes:
             n = max(4, batch // size)
@@ -117,10 +118,17 @@ def main() -> int:
 
             # Rounds interleave every contender, so a noisy neighbour slows them all alike; each
             # figure is the median over rounds.
-            m: dict[str, list[float]] = {k: [] for k in ("put", "get", "get_piped", "cpu", "cpu_piped", "nput",
+            m: dict[str, list[float]] = {k: [] for k in ("put", "get", "get_piped", "cpu", "cpu_piped", "put_piped",
+                                                          "pcpu", "pcpu_piped", "nput",
                                                           "nget", "rb_put", "rb_get")}
             for _ in range(repeat):
+                c0 = time.process_time()
                 m["put"].append(time_gbps(lambda items=items: tier.put_many(items), n * size, repeat=1, warmup=0))
+                m["pcpu"].append((time.process_time() - c0) / (n * size / 1e9))
+                c0 = time.process_time()
+                m["put_piped"].append(time_gbps(lambda items=items: piped.put_many(items), n * size, repeat=1,
+                                                warmup=0))
+                m["pcpu_piped"].append((time.process_time() - c0) / (n * size / 1e9))
                 c0 = time.process_time()
                 m["get"].append(time_gbps(lambda keys=keys: tier.get_many(keys), n * size, repeat=1, warmup=0))
                 m["cpu"].append((time.process_time() - c0) / (n * size / 1e9))
@@ -145,6 +153,8 @@ def main() -> int:
                 "put_vs_naive": med["put"] / med["nput"], "get_vs_naive": med["get"] / med["nget"],
                 "tier_get_redispy_pipeline_gbps": med["get_piped"],
                 "get_client_cpu_s_per_gb": med["cpu"], "get_redispy_pipeline_client_cpu_s_per_gb": med["cpu_piped"],
+                "tier_put_hiredis_packer_gbps": med["put_piped"], "put_client_cpu_s_per_gb": med["pcpu"],
+                "put_hiredis_packer_client_cpu_s_per_gb": med["pcpu_piped"],
             })
             print(f"{size / MiB:g} MiB x {n}: tier put {med['put']:.2f} get {med['get']:.2f} GB/s "
                   f"(redis-py pipeline get {med['get_piped']:.2f}; client CPU {med['cpu']:.3f} vs "
@@ -161,7 +171,8 @@ def main() -> int:
                ("put_vs_redis_benchmark", "get_vs_redis_benchmark", "get_vs_naive", "put_vs_naive")}
     cols = ["batch", "tier_put_gbps", "tier_get_gbps", "redis_benchmark_put_gbps", "redis_benchmark_get_gbps",
             "naive_put_gbps", "naive_get_gbps", "put_vs_redis_benchmark", "get_vs_redis_benchmark", "get_vs_naive",
-            "tier_get_redispy_pipeline_gbps", "get_client_cpu_s_per_gb", "get_redispy_pipeline_client_cpu_s_per_gb"]
+            "tier_get_redispy_pipeline_gbps", "get_client_cpu_s_per_gb", "get_redispy_pipeline_client_cpu_s_per_gb",
+            "tier_put_hiredis_packer_gbps", "put_client_cpu_s_per_gb", "put_hiredis_packer_client_cpu_s_per_gb"]
     table = markdown_table(rows, cols, first="value size")
     print(table, file=sys.stderr)
     md = (
@@ -172,8 +183,10 @@ def main() -> int:
         f"Tier: `put_many`/`get_many` over {args.connections} connections. Baselines in the same run: "
         f"`redis-benchmark -t set,get -d <size> -c {args.connections} -P 1` (requests/s x size) and naive "
         "redis-py, one SET/GET call at a time. Ratios in the summary are geometric means over sizes. "
-        "`tier_get_redispy_pipeline` is the tier with `raw_reads=False` (redis-py/hiredis pipelines instead of "
-        "the zero-copy GET reader); the client CPU columns are this process's CPU seconds per GB read.\n\n"
+        "`tier_get_redispy_pipeline` / `tier_put_hiredis_packer` are the tier with `raw_reads=False, "
+        "packer='hiredis'` (redis-py's default paths: hiredis pipelines for reads, hiredis command packing, which "
+        "copies every value twice, for writes) instead of the raw GET reader and memoryview sends; the client "
+        "CPU columns are this process's CPU seconds per GB moved.\n\n"
         + table + "\n" + "\n".join(f"- {k}: {v:.3g}" for k, v in summary.items()) + "\n"
     )
     per_size = {r["_name"]: {k: v for k, v in r.items() if k != "_name"} for r in rows}

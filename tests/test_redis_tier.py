@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -40,7 +41,7 @@ def blobs(sizes: list[int], seed: int = 0) -> list[bytes]:
     return [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
 
 
-def net_out(client: redis.Redis) -> int:
+def net_out(client: Any) -> int:
     return int(client.info("stats")["total_net_output_bytes"])
 
 
@@ -299,7 +300,7 @@ def _wait_recovered(cache: KVCache, start: int, deadline_s: float = 15.0) -> int
         cache.store(tokens, kv)
         n, got = cache.retrieve(tokens)
         if n == 48:
-            assert torch.equal(got, kv)
+            assert got is not None and torch.equal(got, kv)
             return i
         i += 1
         time.sleep(0.05)
@@ -381,6 +382,29 @@ def test_frozen_server_times_out_then_recovers(redis_server):
         assert tier.healthy()
     finally:
         tier.close()
+
+
+def test_full_server_drops_writes_cleanly():
+    """maxmemory + noeviction: SETs fail with OOM. The write is dropped and counted, nothing is
+    left half-written (no orphan parts), earlier values stay readable."""
+    srv = RedisServer(extra_args=("--maxmemory", "3mb", "--maxmemory-policy", "noeviction"))
+    with srv:
+        tier = RedisTier(srv.url, max_value_bytes=256 << 10)
+        raw_c = redis.Redis(port=srv.port)
+        try:
+            small = blobs([1000], seed=7)[0]
+            assert tier.put(hexkey(1), small)
+            oks = [tier.put(hexkey(10 + i), b"\x01" * (1 << 20)) for i in range(6)]
+            assert not all(oks)  # the server filled up; no exception
+            assert tier.stats().dropped_writes >= 1
+            assert tier.get(hexkey(1)) == small
+            failed = [hexkey(10 + i) for i, ok in enumerate(oks) if not ok]
+            assert tier.get_many(failed) == [None] * len(failed)
+            for k in failed:  # no parts of a failed split write stay behind
+                assert list(raw_c.scan_iter(match=tier.rkey(k) + "*")) == []
+        finally:
+            tier.close()
+            raw_c.close()
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "split_part_garbage"])

@@ -568,7 +568,9 @@ class RedisTier(Tier):
         px = self.ttl_ms
         part_px = px + max(5000, px // 10) if px else None  # parts outlive their manifest
 
-        def write(idx: list[int]) -> list[tuple[bool, bytes | None]]:
+        Victim = tuple[str, int, bytes, bytes | None]
+
+        def write(idx: list[int]) -> list[tuple[bool, bytes | None, Victim | None]]:
             pipe = self._pipe()
             layout = []
             for j in idx:
@@ -579,6 +581,7 @@ class RedisTier(Tier):
                 pipe.strlen(rk)
                 n = 0
                 manifest = None
+                nonce = b""
                 if v.nbytes > self.max_value_bytes:
                     n = -(-v.nbytes // self.max_value_bytes)
                     size = -(-v.nbytes // n)  # balanced: no tiny tail part
@@ -591,29 +594,34 @@ class RedisTier(Tier):
                     pipe.set(rk, manifest, px=px)
                 else:
                     pipe.set(rk, v, px=px)
-                layout.append((n, manifest))
+                layout.append((key, n, nonce, manifest))
             res = pipe.execute(raise_on_error=False)
-            out: list[tuple[bool, bytes | None]] = []
+            out: list[tuple[bool, bytes | None, Victim | None]] = []
             pos = 0
-            for n, manifest in layout:
+            for key, n, nonce, manifest in layout:
                 old, old_len = res[pos], res[pos + 1]
                 sets = res[pos + 2: pos + 3 + n]
                 pos += 3 + n
+                # a SET can fail alone (e.g. OOM under maxmemory noeviction): then the old value
+                # stays as it was, and whatever this write left of a split value must go
                 stored = all(s is True for s in sets)
-                stale = old if old_len == MANIFEST_LEN and old != manifest else None
-                out.append((stored, stale))
+                stale = old if stored and old_len == MANIFEST_LEN and old != manifest else None
+                failed = (key, n, nonce, manifest) if n and not stored else None
+                out.append((stored, stale, failed))
             return out
 
         groups = self._groups_by_size([sizes[i] for i in todo])
         results = self._call("put", lambda: self._fanout(groups, write))
-        stale: list[tuple[str, int, bytes, bytes | None]] = []
+        stale: list[Victim] = []
         for idx, res in zip(groups, results, strict=True):
-            for j, (stored, old) in zip(idx, res, strict=True):
+            for j, (stored, old, failed) in zip(idx, res, strict=True):
                 i = todo[j]
                 ok[i] = stored
                 m = self._parse_manifest(old) if old is not None else None
                 if m is not None:
                     stale.append((items[i][0], m[1], m[3], None))
+                if failed is not None:
+                    stale.append(failed)
         if stale:
             try:
                 self._call("delete stale parts", lambda: self._delete_split(stale))
