@@ -44,8 +44,11 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import redis  # noqa: E402
+import torch  # noqa: E402
 from _common import emit_json, markdown_table, time_gbps, write_results  # noqa: E402
 
+from kvlayer.codec import get_codec  # noqa: E402
+from kvlayer.storage import TieredStore  # noqa: E402
 from kvlayer.storage.redis import RedisTier  # noqa: E402
 
 MiB = 1 << 20
@@ -74,11 +77,11 @@ def main() -> int:
     ap.add_argument("--url", help="use this Redis (redis://host:port/db) instead of starting a redis-server; "
                                   "it must be a scratch server: keys under kvlayer:bench: and redis-benchmark's are written")
     ap.add_argument("--sizes", default="1,4,8", help="value sizes in MiB (default 1,4,8)")
-    ap.add_argument("--batch-mib", type=int, default=0, help="bytes per batch (default 128, --quick 64)")
+    ap.add_argument("--batch-mib", type=int, default=0, help="MiB per batch (default 128, --quick 32)")
     ap.add_argument("--repeat", type=int, default=0, help="interleaved rounds (default 7, --quick 3)")
     ap.add_argument("--connections", type=int, default=4, help="tier connections = redis-benchmark -c")
     args = ap.parse_args()
-    batch = (args.batch_mib or (64 if args.quick else 128)) * MiB
+    batch = (args.batch_mib or (32 if args.quick else 128)) * MiB
     repeat = args.repeat or (3 if args.quick else 7)
     sizes = [int(float(s) * MiB) for s in args.sizes.split(",")]
 
@@ -118,7 +121,16 @@ def main() -> int:
 
             # Rounds interleave every contender, so a noisy neighbour slows them all alike; each
             # figure is the median over rounds.
-            m: dict[str, list[float]] = {k: [] for k in ("put", "get", "get_piped", "cpu", "cpu_piped", "put_piped",
+            # End to end: TieredStore.get = tier read + header/checksum verification + decode to a tensor.
+            tensors = [torch.frombuffer(bytearray(value), dtype=torch.uint8)[: size - 256].clone()]
+            skeys = [f"{i + 10**6:064x}" for i in range(n)]
+            raw_codec = get_codec("raw")
+            for k in skeys:
+                tier.put(k, raw_codec.encode(tensors[0]))
+            stores = {"raw": TieredStore([(tier, raw_codec)]), "piped": TieredStore([(piped, raw_codec)])}
+            assert all(t is not None and torch.equal(t, tensors[0]) for t in stores["raw"].get(skeys))
+
+            m: dict[str, list[float]] = {k: [] for k in ("ret", "ret_piped", "put", "get", "get_piped", "cpu", "cpu_piped", "put_piped",
                                                           "pcpu", "pcpu_piped", "nput",
                                                           "nget", "rb_put", "rb_get")}
             for _ in range(repeat):
@@ -141,6 +153,9 @@ def main() -> int:
                 rb = redis_benchmark(host, port, size, requests=max(2 * n, 16), clients=args.connections)
                 m["rb_put"].append(rb["put"])
                 m["rb_get"].append(rb["get"])
+                m["ret"].append(time_gbps(lambda st=stores["raw"], sk=skeys: st.get(sk), n * size, repeat=1, warmup=0))
+                m["ret_piped"].append(time_gbps(lambda st=stores["piped"], sk=skeys: st.get(sk), n * size, repeat=1,
+                                                warmup=0))
             tier.clear()
             naive.delete("key:__rand_int__")
             med = {k: statistics.median(v) for k, v in m.items()}
@@ -153,6 +168,7 @@ def main() -> int:
                 "put_vs_naive": med["put"] / med["nput"], "get_vs_naive": med["get"] / med["nget"],
                 "tier_get_redispy_pipeline_gbps": med["get_piped"],
                 "get_client_cpu_s_per_gb": med["cpu"], "get_redispy_pipeline_client_cpu_s_per_gb": med["cpu_piped"],
+                "retrieve_gbps": med["ret"], "retrieve_redispy_pipeline_gbps": med["ret_piped"],
                 "tier_put_hiredis_packer_gbps": med["put_piped"], "put_client_cpu_s_per_gb": med["pcpu"],
                 "put_hiredis_packer_client_cpu_s_per_gb": med["pcpu_piped"],
             })
@@ -172,7 +188,8 @@ def main() -> int:
     cols = ["batch", "tier_put_gbps", "tier_get_gbps", "redis_benchmark_put_gbps", "redis_benchmark_get_gbps",
             "naive_put_gbps", "naive_get_gbps", "put_vs_redis_benchmark", "get_vs_redis_benchmark", "get_vs_naive",
             "tier_get_redispy_pipeline_gbps", "get_client_cpu_s_per_gb", "get_redispy_pipeline_client_cpu_s_per_gb",
-            "tier_put_hiredis_packer_gbps", "put_client_cpu_s_per_gb", "put_hiredis_packer_client_cpu_s_per_gb"]
+            "tier_put_hiredis_packer_gbps", "put_client_cpu_s_per_gb", "put_hiredis_packer_client_cpu_s_per_gb",
+            "retrieve_gbps", "retrieve_redispy_pipeline_gbps"]
     table = markdown_table(rows, cols, first="value size")
     print(table, file=sys.stderr)
     md = (
@@ -186,7 +203,9 @@ def main() -> int:
         "`tier_get_redispy_pipeline` / `tier_put_hiredis_packer` are the tier with `raw_reads=False, "
         "packer='hiredis'` (redis-py's default paths: hiredis pipelines for reads, hiredis command packing, which "
         "copies every value twice, for writes) instead of the raw GET reader and memoryview sends; the client "
-        "CPU columns are this process's CPU seconds per GB moved.\n\n"
+        "CPU columns are this process's CPU seconds per GB moved. `retrieve` is `TieredStore.get` over the tier "
+        "(read + header/checksum check + decode to a tensor, raw codec): the raw reader's writable buffers are "
+        "decoded in place, redis-py's `bytes` need one more copy.\n\n"
         + table + "\n" + "\n".join(f"- {k}: {v:.3g}" for k, v in summary.items()) + "\n"
     )
     per_size = {r["_name"]: {k: v for k, v in r.items() if k != "_name"} for r in rows}
