@@ -404,3 +404,54 @@ def test_cross_engine_vllm_store_is_sglang_hit_and_back(redis_server, cleanup): 
     assert vllm_side.lookup(tokens2).hit_tokens == 4 * P
     n, kv = vllm_side.retrieve(tokens2)
     assert n == 4 * P and torch.equal(kv, torch.cat(sg.layout.read(idx2), dim=2))
+
+
+# ------------------------------------------------------------------ SGLang's own controller I/O code
+def test_sglang_controller_backup_query_and_prefetch_paths(cleanup):
+    """Drive the backend through HiCacheController's real storage methods: ``_page_backup`` (128-page
+    batches, prefix_keys carried across them), ``_storage_hit_query`` (SGLang computes the page
+    hashes from tokens itself) and ``_page_transfer`` with the zero-copy get. The controller object
+    itself needs device pools, CUDA streams and process groups, so these unbound methods run on a
+    minimal stand-in ``self`` holding only what they read."""
+    import functools
+    import queue
+    from types import SimpleNamespace
+
+    from sglang.srt.managers.cache_controller import HiCacheController as HC
+    from sglang.srt.managers.cache_controller import PrefetchOperation, StorageOperation
+    from sglang.srt.mem_cache.utils import get_storage_hash_str
+
+    pool = make_mha_host_pool("page_first", page_size=P, device_tokens=700)
+    b = attach(pool, storage_config())
+    cleanup.append(b)
+    ctl = SimpleNamespace(page_size=P, storage_backend=b, prefetch_sync_queue=queue.Queue())
+    ctl.page_get_func = functools.partial(HC._page_get_zero_copy, ctl)
+    ctl.page_set_func = functools.partial(HC._page_set_zero_copy, ctl)
+    ctl._page_transfer_kv_batch = functools.partial(HC._page_transfer_kv_batch, ctl)
+
+    n_pages = 300  # three STORAGE_BATCH_SIZE (128) batches
+    tokens = np.random.default_rng(2).integers(0, 30_000, n_pages * P).tolist()
+    fill_random(pool, 12)
+    idx = pool.alloc(n_pages * P)
+    ref = pages(pool, idx)
+    hashes = get_storage_hash_str(tokens, None, page_size=P)
+    backup = StorageOperation(idx, tokens, hash_value=hashes, prefix_keys=[])
+    HC._page_backup(ctl, backup)
+    assert backup.completed_tokens == n_pages * P
+    pool.free(idx)
+    pool.kv_buffer.zero_()
+
+    op = PrefetchOperation("req-1", tokens + [1, 2], prefix_keys=[])  # a partial tail page is never a hit
+    hit_hashes, hit_tokens = HC._storage_hit_query(ctl, op)
+    assert hit_tokens == n_pages * P and hit_hashes == hashes
+    op.hash_value = hit_hashes
+    op.host_indices = pool.alloc(n_pages * P)
+    assert HC._page_transfer(ctl, op) == n_pages
+    assert all(torch.equal(x, y) for x, y in zip(pages(pool, op.host_indices), ref, strict=True))
+    assert b.get_stats().prefetch_pgs == [128, 128, 44]
+
+
+def test_unsupported_pool_fails_the_attach_with_the_reason():
+    pool = make_mha_host_pool("page_first", page_size=P, dtype=torch.float8_e4m3fn)
+    with pytest.raises(Exception, match="float8"):
+        attach(pool, storage_config())
