@@ -54,7 +54,7 @@ from kvlayer.errors import ConfigError
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_GROUP = 32
 # Params that belong to the compressor stage of a composed codec (``int4+lz4``), not to us.
-_COMPRESSOR_PARAMS = frozenset({"shuffle"})
+_COMPRESSOR_PARAMS = frozenset({"shuffle", "min_gain"})
 
 
 def meta_dtype_for(dtype: torch.dtype) -> torch.dtype:
