@@ -39,8 +39,8 @@ if sglang_available():
     from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
 
 P = 4  # page size == kvlayer chunk size in these tests
-MHA_LAYOUTS = ["layer_first", "page_first", "page_first_direct", "page_head"]
-MLA_LAYOUTS = ["layer_first", "page_first", "page_first_direct"]
+MHA_LAYOUTS = ["layer_first", "page_first", "page_first_direct", "page_head", "page_unified"]
+MLA_LAYOUTS = ["layer_first", "page_first", "page_first_direct", "page_unified"]
 POOLS = [("mha", lay) for lay in MHA_LAYOUTS] + [("mla", lay) for lay in MLA_LAYOUTS]
 
 
@@ -54,7 +54,11 @@ def storage_config(*, mla: bool = False, tp_rank: int = 0, tp_size: int = 1, mod
 
 
 def make_pool(kind: str, layout: str) -> object:
-    return make_mla_host_pool(layout, page_size=P) if kind == "mla" else make_mha_host_pool(layout, page_size=P)
+    if kind == "mla":
+        return make_mla_host_pool(layout, page_size=P)
+    if layout == "page_unified":  # two head groups of two heads: exercises the head regrouping
+        return make_mha_host_pool(layout, page_size=P, heads=4, head_groups=2)
+    return make_mha_host_pool(layout, page_size=P)
 
 
 def attach(pool: object, cfg: HiCacheStorageConfig) -> KVLayerStore:
@@ -71,7 +75,10 @@ def fill_random(pool: object, seed: int) -> None:
 
 
 def pages(pool: object, idx: torch.Tensor) -> list[torch.Tensor]:
-    """Each page as SGLang's own get_data_page sees it (the oracle: independent of our layout code)."""
+    """Each page as SGLang's own get_data_page sees it (the oracle: independent of our layout code);
+    page_unified has no get_data_page in SGLang: its page block is ``kv_buffer[page]``."""
+    if pool.layout == "page_unified":  # type: ignore[attr-defined]
+        return [pool.kv_buffer[int(idx[i * P]) // P].flatten().clone() for i in range(idx.numel() // P)]  # type: ignore[attr-defined]
     return [pool.get_data_page(int(idx[i * P]), flat=True).clone() for i in range(idx.numel() // P)]  # type: ignore[attr-defined]
 
 
@@ -98,7 +105,8 @@ def cleanup():
 def test_factory_builds_kvlayer_backend_with_layout_independent_namespace(cleanup):
     specs = set()
     for layout in MHA_LAYOUTS:
-        b = attach(make_mha_host_pool(layout, page_size=P), storage_config())
+        b = attach(make_mha_host_pool(layout, page_size=P, head_groups=2 if layout == "page_unified" else 1),
+                   storage_config())
         cleanup.append(b)
         assert type(b) is KVLayerStore and b.interface_v1
         specs.add(b.spec)
@@ -128,7 +136,10 @@ def test_set_zero_get_restores_pool_byte_identically(kind, layout, cleanup):
         assert torch.equal(x.view(torch.uint8), y.view(torch.uint8))
     assert pool.kv_buffer.any()
     for i in range(5):  # zero the loaded pages again: nothing outside them was written
-        pool.set_from_flat_data_page(int(idx[i * P]), torch.zeros_like(after[i]))
+        if layout == "page_unified":
+            pool.kv_buffer[int(idx[i * P]) // P] = 0
+        else:
+            pool.set_from_flat_data_page(int(idx[i * P]), torch.zeros_like(after[i]))
     assert not pool.kv_buffer.any()
     m = b.get_stats()
     assert type(m).__name__ == "StorageMetrics" and m.prefetch_pgs == [5] and m.backup_pgs == [5]
@@ -178,6 +189,30 @@ def test_pages_written_from_one_layout_load_into_another(tmp_path, cleanup):
     for t in range(3 * P):
         sp, so = int(idx[t]) // P, int(idx[t]) % P
         assert torch.equal(s[:, sp, :, so, :, :].permute(0, 2, 1, 3), d[:, :, int(didx[t])])
+
+
+def test_page_unified_head_groups_load_into_page_head(tmp_path, cleanup):
+    cfg = dict(cpu_bytes=0, disk_path=str(tmp_path / "kv"))
+    src = make_mha_host_pool("page_unified", page_size=P, heads=4, head_groups=2)
+    a = attach(src, storage_config(**cfg))
+    fill_random(src, 13)
+    idx = src.alloc(2 * P)
+    keys = page_keys(2, "unified")
+    assert a.batch_set_v1(keys, idx) == [True] * 2
+    a.close()
+    dst = make_mha_host_pool("page_head", page_size=P, heads=4)
+    b = attach(dst, storage_config(**cfg))
+    cleanup.append(b)
+    didx = dst.alloc(2 * P)
+    assert b.batch_get_v1(keys, didx) == [True] * 2
+    s = src.kv_buffer  # (pages, groups, layers, 2, page, heads/group, dim)
+    d = dst.kv_buffer  # (2, pages, heads, page, layers, dim)
+    for t in range(2 * P):
+        sp, so, dp, do = int(idx[t]) // P, int(idx[t]) % P, int(didx[t]) // P, int(didx[t]) % P
+        for g in range(2):
+            for hi in range(2):
+                # (layers, 2, dim) of head g*2+hi at this token, in both pools
+                assert torch.equal(s[sp, g, :, :, so, hi, :], d[:, dp, g * 2 + hi, do, :, :].permute(1, 0, 2))
 
 
 @pytest.mark.parametrize("kind,layout", [("mha", "layer_first"), ("mha", "page_first"), ("mha", "page_first_direct"),

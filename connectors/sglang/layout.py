@@ -11,9 +11,13 @@ SGLang's host pool ``kv_buffer`` shapes (0.5.x), with ``size`` token slots and `
     MHA page_first         (2, size, layers, heads, dim)       token-addressed
     MHA page_first_direct  (2, pages, layers, page, heads, dim) page-addressed
     MHA page_head          (2, pages, heads, page, layers, dim) page-addressed
+    MHA page_unified       (pages, groups, layers, 2, page, heads/group, dim) page-addressed
     MLA layer_first        (layers, size, 1, latent)           token-addressed
     MLA page_first         (size, layers, 1, latent)           token-addressed
     MLA page_first_direct  (pages, layers, page, 1, latent)    page-addressed
+    MLA page_unified       (pages, layers, page, latent)       page-addressed
+
+(``page_unified`` groups kv heads in ``head_group_num`` contiguous runs: head ``g * per_group + i``.)
 
 ``host_indices`` are token slots, ``page_size`` per page. Token-addressed layouts gather the exact
 slots (no assumption that a page's slots are contiguous); page-addressed layouts require each
@@ -30,8 +34,8 @@ from typing import Any
 
 import torch
 
-MHA_LAYOUTS = ("layer_first", "page_first", "page_first_direct", "page_head")
-MLA_LAYOUTS = ("layer_first", "page_first", "page_first_direct")
+MHA_LAYOUTS = ("layer_first", "page_first", "page_first_direct", "page_head", "page_unified")
+MLA_LAYOUTS = ("layer_first", "page_first", "page_first_direct", "page_unified")
 
 
 class UnsupportedPoolError(ValueError):
@@ -78,6 +82,7 @@ class PageLayout:
                 "layer_first": (layers, -1, 1, latent),
                 "page_first": (-1, layers, 1, latent),
                 "page_first_direct": (-1, layers, self.page_size, 1, latent),
+                "page_unified": (-1, layers, self.page_size, latent),
             }[self.layout]
             heads, dim = 1, latent
         else:
@@ -86,7 +91,10 @@ class PageLayout:
             heads, dim = int(p.head_num), int(p.head_dim)
             if int(getattr(p, "v_head_dim", dim)) != dim:
                 raise UnsupportedPoolError("K and V head dims differ; the canonical chunk needs one head_dim")
+            groups = int(getattr(p, "head_group_num", 1) or 1)
+            self.groups = groups
             want = {
+                "page_unified": (-1, groups, layers, 2, self.page_size, heads // groups, dim),
                 "layer_first": (2, layers, -1, heads, dim),
                 "page_first": (2, -1, layers, heads, dim),
                 "page_first_direct": (2, -1, layers, self.page_size, heads, dim),
@@ -135,6 +143,8 @@ class PageLayout:
             elif lay == "page_first":  # (size, L, 1, Dl) -> (n, P, L, 1, Dl) -> (n, L, P, 1, Dl)
                 g = kv.index_select(0, self._slots(host_indices))
                 g = g.reshape(n, P, kv.shape[1], 1, kv.shape[-1]).permute(0, 2, 1, 3, 4)
+            elif lay == "page_unified":  # (pages, L, P, Dl) -> (n, L, P, 1, Dl)
+                g = kv.index_select(0, self._page_ids(host_indices)).unsqueeze(3)
             else:  # page_first_direct (pages, L, P, 1, Dl)
                 g = kv.index_select(0, self._page_ids(host_indices))
             return g.unsqueeze(2)  # planes axis: (n, L, 1, P, 1, Dl)
@@ -145,6 +155,9 @@ class PageLayout:
             g = kv.index_select(1, self._slots(host_indices))
             return g.reshape(2, n, P, *kv.shape[2:]).permute(1, 3, 0, 2, 4, 5)
         pages = self._page_ids(host_indices)
+        if lay == "page_unified":  # (n, G, L, 2, P, Hg, D) -> (n, L, 2, P, G*Hg, D)
+            g = kv.index_select(0, pages).permute(0, 2, 3, 4, 1, 5, 6)
+            return g.reshape(n, *g.shape[1:4], -1, kv.shape[-1])
         g = kv.index_select(1, pages)
         if lay == "page_first_direct":  # (2, n, L, P, H, D) -> (n, L, 2, P, H, D)
             return g.permute(1, 2, 0, 3, 4, 5)
@@ -181,6 +194,8 @@ class PageLayout:
                 kv[:, flat] = d.permute(1, 0, 2, 3, 4).reshape(kv.shape[0], m * P, 1, kv.shape[-1])
             elif lay == "page_first":  # kv (size, L, 1, Dl)
                 kv[flat] = d.permute(0, 2, 1, 3, 4).reshape(m * P, kv.shape[1], 1, kv.shape[-1])
+            elif lay == "page_unified":  # kv (pages, L, P, Dl)
+                kv[self._aligned_pages(slots)] = d.squeeze(3)
             else:
                 kv[self._aligned_pages(slots)] = d
             return
@@ -188,6 +203,9 @@ class PageLayout:
             kv[:, :, flat] = data.permute(2, 1, 0, 3, 4, 5).reshape(2, kv.shape[1], m * P, *kv.shape[3:])
         elif lay == "page_first":  # kv (2, size, L, H, D) <- (2, m*P, L, H, D)
             kv[:, flat] = data.permute(2, 0, 3, 1, 4, 5).reshape(2, m * P, *kv.shape[2:])
+        elif lay == "page_unified":  # kv (pages, G, L, 2, P, Hg, D)
+            d = data.reshape(*data.shape[:4], self.groups, -1, data.shape[-1])  # (m, L, 2, P, G, Hg, D)
+            kv[self._aligned_pages(slots)] = d.permute(0, 4, 1, 2, 3, 5, 6)
         elif lay == "page_first_direct":  # kv (2, pages, L, P, H, D)
             kv[:, self._aligned_pages(slots)] = data.permute(2, 0, 1, 3, 4, 5)
         else:  # page_head: kv (2, pages, H, P, L, D)
@@ -206,7 +224,9 @@ class PageLayout:
         L, H, D = g.num_layers, g.num_kv_heads, g.head_dim
         if self.is_mla:
             return {"layer_first": (L, P, 1, D), "page_first": (P, L, 1, D),
-                    "page_first_direct": (1, L, P, 1, D)}[self.layout]
+                    "page_first_direct": (1, L, P, 1, D), "page_unified": (L, P, D)}[self.layout]
+        if self.layout == "page_unified":
+            return (self.groups, L, 2, P, H // self.groups, D)
         return {"layer_first": (2, L, P, H, D), "page_first": (2, P, L, H, D),
                 "page_first_direct": (2, 1, L, P, H, D), "page_head": (2, 1, H, P, L, D)}[self.layout]
 
@@ -218,7 +238,12 @@ class PageLayout:
                 x = x.permute(1, 0, 2, 3)
             elif self.layout == "page_first_direct":
                 x = x[0]
+            elif self.layout == "page_unified":
+                x = x.unsqueeze(2)
             return x.unsqueeze(1).contiguous()
+        if self.layout == "page_unified":  # (G, L, 2, P, Hg, D) -> (L, 2, P, G*Hg, D)
+            x = x.permute(1, 2, 3, 0, 4, 5)
+            return x.reshape(*x.shape[:3], -1, x.shape[-1]).contiguous()
         if self.layout == "layer_first":
             x = x.permute(1, 0, 2, 3, 4)
         elif self.layout == "page_first":
@@ -232,11 +257,13 @@ class PageLayout:
     def chunk_to_flat(self, chunk: torch.Tensor) -> torch.Tensor:
         """Canonical chunk -> flat page in the pool's native order (legacy ``get``)."""
         if self.is_mla:
-            x = chunk.squeeze(1)  # (L, P, 1, Dl)
+            x = chunk.squeeze(1)  # (L, P, 1, Dl); page_unified (L, P, Dl) has the same order
             if self.layout == "page_first":
                 x = x.permute(1, 0, 2, 3)
             return x.contiguous().reshape(-1)
-        if self.layout in ("layer_first", "page_first_direct"):
+        if self.layout == "page_unified":  # (L, 2, P, H, D) -> (G, L, 2, P, Hg, D)
+            x = chunk.reshape(*chunk.shape[:3], self.groups, -1, chunk.shape[-1]).permute(3, 0, 1, 2, 4, 5)
+        elif self.layout in ("layer_first", "page_first_direct"):
             x = chunk.permute(1, 0, 2, 3, 4)
         elif self.layout == "page_first":
             x = chunk.permute(1, 2, 0, 3, 4)
