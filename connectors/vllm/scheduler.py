@@ -145,6 +145,7 @@ class SchedulerSide:
             num_sched = so.num_scheduled_tokens
             # A request preempted and re-admitted in the same step already has a fresh plan.
             for req_id in getattr(so, "preempted_req_ids", None) or ():
+                self.counters.add(preemptions=1)
                 if req_id not in num_sched:
                     self._drop(req_id)
             for req_id in getattr(so, "finished_req_ids", None) or ():
