@@ -433,3 +433,37 @@ def test_close_is_idempotent_and_flushes(tmp_path):
     assert disk.contains(key(1))
     s.close()
     assert Path(disk.root).exists()
+
+
+def test_delete_cancels_queued_background_writes(closing):
+    """An evicted key must not reappear in a lower tier from a write that was still queued."""
+    cpu, slow = MemoryTier("cpu", 1 << 20), GatedTier()
+    s = closing(_store([(cpu, RAW), (slow, RAW)]))
+    s.put([key(1), key(2), key(3)], [chunk(1), chunk(2), chunk(3)])  # 1 in flight, 2 and 3 queued
+    s.pins.pin([key(3)])
+    deleted = []
+    th = threading.Thread(target=lambda: deleted.append(s.delete([key(1), key(2), key(3)])), daemon=True)
+    th.start()
+    time.sleep(0.1)
+    slow.gate.set()  # let the in-flight write finish; delete waits for it
+    th.join(timeout=30)
+    assert deleted == [2]
+    assert s.flush(timeout=30)
+    assert not slow.contains(key(1)) and not slow.contains(key(2))
+    assert slow.contains(key(3))  # pinned: kept, and its queued write still ran
+    assert s.stats()["store"]["write_queue_bytes"] == 0
+
+
+def test_write_through_does_not_read_evicted_disk_blobs(tmp_path, closing):
+    """Nothing below the last tier: a disk eviction need not read the victim back (it did)."""
+    cpu, disk = MemoryTier("cpu", 1 << 20), DiskTier(tmp_path / "d", 4 * BLOB)
+    s = closing(_store([(cpu, RAW), (disk, RAW)]))
+    for i in range(12):
+        s.put([key(i)], [chunk(i)])
+    assert s.flush(timeout=30)
+    st = disk.stats()
+    assert st.evictions == 8
+    assert not s.wants_evicted(disk) and not s.wants_evicted(cpu)
+    s2 = closing(_store([(MemoryTier("c2", 1 << 20), RAW), (DiskTier(tmp_path / "e", 1 << 20), RAW)],
+                        write_policy="on_demotion"))
+    assert s2.wants_evicted(s2.levels[0].tier) and not s2.wants_evicted(s2.levels[1].tier)

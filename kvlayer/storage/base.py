@@ -136,6 +136,11 @@ class EvictionGuard(ABC):
     @abstractmethod
     def is_pinned(self, key: str) -> bool: ...
 
+    def wants_evicted(self, tier: Tier) -> bool:
+        """Whether ``on_evict`` needs the evicted blob (a disk tier must read it back to hand it
+        over, which is wasted I/O when nothing below takes demotions)."""
+        return True
+
     @abstractmethod
     def on_evict(self, tier: Tier, key: str, blob: Buffer) -> None:
         """Called after ``key`` left ``tier`` under pressure; the store may demote it."""

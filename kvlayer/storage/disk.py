@@ -152,7 +152,7 @@ class DiskTier(Tier):
         evicted: list[tuple[str, Buffer | None]] = []
         g = self.guard
         for v in victims:
-            vb = self._read_quiet(v) if g is not None else None
+            vb = self._read_quiet(v) if g is not None and g.wants_evicted(self) else None
             try:
                 self._path(v).unlink(missing_ok=True)
             except OSError:

@@ -97,6 +97,7 @@ class TieredStore(EvictionGuard):
         self._q_limit = max(1, int(write_queue_bytes))
         self._q_cv = threading.Condition()
         self._inflight = 0
+        self._inflight_keys: set[str] = set()
         self._closed = False
         self._worker: threading.Thread | None = None
         if len(self.levels) > 1:
@@ -134,11 +135,19 @@ class TieredStore(EvictionGuard):
     def is_pinned(self, key: str) -> bool:
         return self.pins.is_pinned(key)
 
-    def on_evict(self, tier: Tier, key: str, blob: Buffer) -> None:
+    def _demotes_from(self, tier: Tier) -> int | None:
+        """Index of ``tier`` if its evictions are demoted to the next tier, else None."""
         if self.write_policy != "on_demotion":
-            return
+            return None
         idx = next((i for i, lv in enumerate(self.levels) if lv.tier is tier), None)
-        if idx is None or idx + 1 >= len(self.levels):
+        return idx if idx is not None and idx + 1 < len(self.levels) else None
+
+    def wants_evicted(self, tier: Tier) -> bool:
+        return self._demotes_from(tier) is not None
+
+    def on_evict(self, tier: Tier, key: str, blob: Buffer) -> None:
+        idx = self._demotes_from(tier)
+        if idx is None:
             return
         if self._enqueue(_Job((idx + 1,), key, None, blob, self.levels[idx].codec.name, memoryview(blob).nbytes),
                          block=False):
@@ -269,6 +278,7 @@ class TieredStore(EvictionGuard):
                     return
                 job = self._q.popleft()
                 self._inflight += 1
+                self._inflight_keys.add(job.key)
             try:
                 self._run_job(job)
             except Exception:  # never let the writer die
@@ -276,6 +286,7 @@ class TieredStore(EvictionGuard):
             finally:
                 with self._q_cv:
                     self._inflight -= 1
+                    self._inflight_keys.discard(job.key)
                     self._q_bytes -= job.nbytes
                     self._q_cv.notify_all()
 
@@ -317,13 +328,32 @@ class TieredStore(EvictionGuard):
     def delete(self, keys: Sequence[str], *, force: bool = False) -> int:
         """Remove keys from every tier; pinned keys are kept unless ``force``. Returns keys removed."""
         removed = set()
+        targets = {k for k in keys if force or not self.pins.is_pinned(k)}
+        self._cancel_writes(targets)
         for lv in self.levels:
             for k in keys:
-                if not force and self.pins.is_pinned(k):
+                if k not in targets:
                     continue
                 if self._safe(lv, "delete", lambda lv=lv, k=k: lv.tier.delete(k), False):
                     removed.add(k)
         return len(removed)
+
+    def _cancel_writes(self, keys: set[str]) -> None:
+        """Drop queued background writes of ``keys`` and wait out one in flight, so a deleted key
+        cannot reappear in a lower tier afterwards."""
+        if not keys:
+            return
+        with self._q_cv:
+            kept: deque[_Job] = deque()
+            for job in self._q:
+                if job.key in keys:
+                    self._q_bytes -= job.nbytes
+                else:
+                    kept.append(job)
+            self._q = kept
+            self._q_cv.notify_all()
+            while self._inflight_keys & keys:
+                self._q_cv.wait(timeout=1.0)
 
     def clear(self) -> None:
         self.flush()
