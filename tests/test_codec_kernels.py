@@ -1,7 +1,7 @@
 """C++ codec kernels == torch reference, bit for bit (NaN included), and the CUDA sources compile.
 
-The C++ library is built into a per-test-session cache dir; the tests skip with the reason when
-no compiler is found. Both backends must also produce byte-identical *blobs*, so a chunk stored
+The C++ library is built (or found) in the normal extension cache (``KVLAYER_EXT_CACHE``, ...);
+the tests skip with the reason when no compiler is found or ``KVLAYER_NO_EXT=1`` is set. Both backends must also produce byte-identical *blobs*, so a chunk stored
 by a machine with the kernels decodes identically on one without.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -153,7 +154,7 @@ def test_backend_info_reports_cpp_and_env_forces_torch(lib: object, tmp_path: Pa
     assert backend_info()["backend"] == "cpp"
     code = "from kvlayer.codec import backend_info; print(backend_info()['backend'])"
     env = {**os.environ, "KVLAYER_NO_EXT": "1"}
-    out = subprocess.run(["python", "-c", code], env=env, capture_output=True, text=True, check=True, cwd=REPO)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "torch"
     # No compiler on PATH and an empty cache: falls back, still encodes.
     env = {**os.environ, "PATH": str(tmp_path), "CXX": "", "KVLAYER_EXT_CACHE": str(tmp_path / "c")}
@@ -162,8 +163,6 @@ def test_backend_info_reports_cpp_and_env_forces_torch(lib: object, tmp_path: Pa
         "x = torch.randn(2, 2, 8, 1, 16).half(); assert decode(encode(x, 'int8')).shape == x.shape\n"
         "print(backend_info())"
     )
-    import sys
-
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=REPO)
     assert "'backend': 'torch'" in out.stdout and "compiler" in out.stdout
 

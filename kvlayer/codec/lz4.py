@@ -27,7 +27,7 @@ def _kernel(data: Buffer, typesize: int, inverse: bool) -> Buffer | None:
         warnings.simplefilter("ignore")  # read-only buffers are only read
         src = torch.frombuffer(mv, dtype=torch.uint8)
     out = _ext.shuffle(src, typesize, inverse=inverse)
-    return None if out is None else memoryview(out.numpy())
+    return None if out is None else out.numpy().data
 
 
 def shuffle(data: Buffer, typesize: int) -> Buffer:
