@@ -2,13 +2,14 @@
 
 Memory: ``--cpu-bytes`` is the budget for every blob byte the server holds in RAM. It is split
 between the CPU tier, the write-through queue to lower tiers and the in-flight upload buffers,
-so the resident size stays near (baseline interpreter) + budget however clients behave; glibc is
-told to return large buffers to the OS at once (no arena growth from many threads).
+so the resident size stays near (baseline interpreter) + budget however clients behave; a
+``MemoryGuard`` hands heap holes back to the OS when fragmentation would push RSS past that.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -52,7 +53,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("storage")
     g.add_argument("--config", help="kvlayer config file (YAML/TOML/JSON); flags below override it")
     g.add_argument("--cpu-bytes", type=_size, default=None,
-                   help="RAM budget for blob data: CPU tier + write queue + in-flight uploads (default 4GiB)")
+                   help="RAM budget for blob data: CPU tier + write queue + in-flight uploads + frame buffers (default 4GiB)")
     g.add_argument("--disk-path", help=f"disk tier directory (default {default_cache_dir() / 'server'})")
     g.add_argument("--disk-bytes", type=_size, default=None, help="disk tier budget (default 16GiB)")
     g.add_argument("--no-disk", action="store_true", help="no disk tier")
@@ -84,12 +85,22 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 @dataclass
 class Budget:
+    """How ``--cpu-bytes`` is spent. ``frames`` is not allocated up front: it is the room left
+    for what handler threads and gRPC hold transiently (a frame being built or received per
+    thread, transport buffers), which the other parts cannot count."""
+
     memory_tier: int
     write_queue: int
     inflight: int
+    frames: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.memory_tier + self.write_queue + self.inflight + self.frames
 
 
-def split_budget(cpu_bytes: int, inflight: int | None, queue: int | None, lower_tiers: bool) -> Budget:
+def split_budget(cpu_bytes: int, inflight: int | None, queue: int | None, lower_tiers: bool,
+                 workers: int = 16, frame_bytes: int = 1 << 20) -> Budget:
     def part(v: int | None) -> int:
         return v if v is not None else max(8 << 20, min(512 << 20, cpu_bytes // 8))
 
@@ -97,25 +108,57 @@ def split_budget(cpu_bytes: int, inflight: int | None, queue: int | None, lower_
         return Budget(0, (queue or 64 << 20) if lower_tiers else 0, inflight or 64 << 20)
     inf = part(inflight)
     q = part(queue) if lower_tiers else 0
-    mem = cpu_bytes - inf - q
-    if mem < 0:
-        raise SystemExit(f"--cpu-bytes {cpu_bytes} is smaller than in-flight ({inf}) + write queue ({q}) buffers")
-    return Budget(mem, q, inf)
+    frames = min(workers * 2 * frame_bytes, cpu_bytes // 4)
+    mem = cpu_bytes - inf - q - frames
+    if mem <= 0:
+        raise SystemExit(f"--cpu-bytes {cpu_bytes} leaves no room for the CPU tier after in-flight ({inf}), "
+                         f"write queue ({q}) and frame ({frames}) buffers; raise it or lower --inflight-bytes, "
+                         "--write-queue-bytes, --workers")
+    return Budget(mem, q, inf, frames)
 
 
-def _tune_malloc() -> None:
-    """Large buffers straight from/to the OS, few arenas: RSS follows the live bytes."""
-    if not sys.platform.startswith("linux"):
-        return
+class MemoryGuard(threading.Thread):
+    """Keeps the resident size near baseline + budget: glibc recycles freed blob memory inside
+    its heap (fast: no page faults on reuse) but holes between live blobs are not returned to the
+    OS; when RSS passes baseline + 90% of the budget, ``malloc_trim(0)`` gives free pages back."""
+
+    def __init__(self, budget: int, interval_s: float = 0.1) -> None:
+        super().__init__(name="kvlayer-memguard", daemon=True)
+        self.budget = budget
+        self.interval_s = interval_s
+        self.trims = 0
+        self.baseline = _rss()
+        self._stop = threading.Event()
+        self._trim: Any = None
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                libc = ctypes.CDLL("libc.so.6")
+                libc.mallopt(-8, 4)  # M_ARENA_MAX: 16 handler threads share 4 arenas
+                self._trim = libc.malloc_trim
+            except (OSError, AttributeError):
+                pass
+
+    def run(self) -> None:
+        if self._trim is None or self.baseline <= 0:
+            return
+        limit = self.baseline + int(0.9 * self.budget)
+        while not self._stop.wait(self.interval_s):
+            if _rss() > limit:
+                self._trim(0)
+                self.trims += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _rss() -> int:
     try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD (fixed: disables the dynamic threshold)
-        libc.mallopt(-8, 4)  # M_ARENA_MAX
-        libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class ServerApp:
@@ -124,9 +167,8 @@ class ServerApp:
     def __init__(self, args: argparse.Namespace) -> None:
         import grpc
 
-        from kvlayer.server._gen import kvlayer_pb2_grpc as pb_grpc
         from kvlayer.server.metrics import ServerMetrics
-        from kvlayer.server.service import Auth, KVLayerServicer, Limits
+        from kvlayer.server.service import Auth, KVLayerServicer, Limits, add_to_server
         from kvlayer.server.store import BlobStore
         from kvlayer.storage import build_tier
 
@@ -139,7 +181,7 @@ class ServerApp:
         if not tcs:
             raise SystemExit("no storage tier: give --cpu-bytes > 0, a disk tier or --redis-url")
         budget = split_budget(cfg.cpu_bytes, args.inflight_bytes, args.write_queue_bytes,
-                              lower_tiers=len(tcs) > len(mem_tcs))
+                              lower_tiers=len(tcs) > len(mem_tcs), workers=args.workers, frame_bytes=args.frame_bytes)
         tiers = []
         for tc in tcs:
             if tc.kind == "memory":
@@ -179,7 +221,7 @@ class ServerApp:
         ]
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="kvlayer-rpc"),
                                   options=options, maximum_concurrent_rpcs=args.max_concurrent_rpcs)
-        pb_grpc.add_KVLayerServicer_to_server(self.servicer, self.server)
+        add_to_server(self.servicer, self.server)
         addr = f"{args.host}:{args.port}"
         if args.tls_cert or args.tls_key:
             if not (args.tls_cert and args.tls_key):
@@ -201,11 +243,13 @@ class ServerApp:
         if a.metrics_port:
             self.metrics_port = self.metrics.serve(a.host, 0 if a.metrics_port < 0 else a.metrics_port)
         tiers = ", ".join(f"{lv.tier.kind}:{lv.name}({lv.tier.capacity_bytes >> 20}MiB)" for lv in self.store.levels)
-        log.info("kvlayer serve on %s:%d (tls=%s, auth=%s, durable=%s) tiers [%s]; in-flight %dMiB, queue %dMiB; "
-                 "metrics on port %s", a.host, self.port, bool(a.tls_cert), self.servicer.auth.enabled, a.durable, tiers,
-                 self.budget.inflight >> 20, self.budget.write_queue >> 20, self.metrics_port or "off")
+        log.info("kvlayer serve on %s:%d (tls=%s, auth=%s, durable=%s) tiers [%s]; in-flight %dMiB, queue %dMiB, "
+                 "frames %dMiB; metrics on port %s", a.host, self.port, bool(a.tls_cert), self.servicer.auth.enabled,
+                 a.durable, tiers, self.budget.inflight >> 20, self.budget.write_queue >> 20, self.budget.frames >> 20,
+                 self.metrics_port or "off")
         if a.ready_file:
             tmp = Path(a.ready_file + ".tmp")
+            tmp.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid(),
                                        "host": a.host}))
             os.replace(tmp, a.ready_file)
@@ -232,11 +276,16 @@ def run_serve(args: argparse.Namespace) -> int:
     """Entry point of ``kvlayer serve``: runs until SIGTERM/SIGINT, then shuts down gracefully."""
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _tune_malloc()
     app = ServerApp(args)
     signal.signal(signal.SIGTERM, app.request_stop)
     signal.signal(signal.SIGINT, app.request_stop)
+    gc.collect()
+    gc.freeze()  # start-up objects (torch, grpc, ...) are never garbage: keep them out of GC scans
+    guard = MemoryGuard(app.budget.total)
+    guard.start()
+    app.servicer.memory_guard = guard
     app.start()
     app.wait()
     app.stop()
+    guard.stop()
     return 0

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from kvlayer.codec.base import Buffer
+from kvlayer.server import wire
 from kvlayer.server._gen import kvlayer_pb2 as pb
 from kvlayer.server._gen import kvlayer_pb2_grpc as pb_grpc
 
@@ -76,6 +77,11 @@ class KVLayerClient:
         self._channels = [grpc.secure_channel(target, creds, options) if creds else grpc.insecure_channel(target, options)
                           for _ in range(max(1, channels))]
         self._stubs = [pb_grpc.KVLayerStub(ch) for ch in self._channels]
+        # Data RPCs move raw frames (kvlayer.server.wire): one copy per side instead of two.
+        self._gets = [ch.unary_stream("/kvlayer.v1.KVLayer/Get", request_serializer=pb.GetRequest.SerializeToString,
+                                      response_deserializer=wire.identity) for ch in self._channels]
+        self._puts = [ch.stream_unary("/kvlayer.v1.KVLayer/Put", request_serializer=wire.identity,
+                                      response_deserializer=pb.PutResponse.FromString) for ch in self._channels]
         self._rr = itertools.cycle(range(len(self._stubs)))
         self._rr_lock = threading.Lock()
         md: list[tuple[str, str]] = []
@@ -85,10 +91,13 @@ class KVLayerClient:
             md.append((TENANT_HEADER, tenant))
         self.metadata = tuple(md)
 
+    def _next(self) -> int:
+        with self._rr_lock:
+            return next(self._rr)
+
     @property
     def stub(self) -> pb_grpc.KVLayerStub:
-        with self._rr_lock:
-            return self._stubs[next(self._rr)]
+        return self._stubs[self._next()]
 
     def _t(self, timeout: float | None) -> float:
         return self.timeout_s if timeout is None else timeout
@@ -154,15 +163,14 @@ class KVLayerClient:
         return list(self.stub.Keys(pb.KeysRequest(limit=limit), timeout=self._t(timeout), metadata=self.metadata).keys)
 
     # ------------------------------------------------------------------ data
-    def _frames(self, items: Sequence[tuple[str, Buffer]], durable: bool) -> Iterator[pb.PutFrame]:
+    def _frames(self, items: Sequence[tuple[str, Buffer]], durable: bool) -> Iterator[bytes]:
         fb = self.frame_bytes
         first = True
         for key, blob in items:
             mv = memoryview(blob).cast("B")
             n = mv.nbytes
             for o in range(0, max(n, 1), fb):
-                yield pb.PutFrame(key=key if o == 0 else "", total_len=n if o == 0 else 0, data=bytes(mv[o : o + fb]),
-                                  durable=durable and first)
+                yield wire.encode_put_frame(key if o == 0 else "", n if o == 0 else 0, mv[o : o + fb], durable and first)
                 first = False
 
     def put(self, items: Sequence[tuple[str, Buffer]], *, durable: bool = False, timeout: float | None = None) -> list[bool]:
@@ -172,7 +180,7 @@ class KVLayerClient:
         if timeout is None:
             nbytes = sum(memoryview(b).nbytes for _, b in items)
             timeout = self.timeout_s + nbytes / 50e6  # a floor of 50 MB/s before we call it stuck
-        r = self.stub.Put(self._frames(items, durable), timeout=timeout, metadata=self.metadata)
+        r = self._puts[self._next()](self._frames(items, durable), timeout=timeout, metadata=self.metadata)
         return list(r.stored)
 
     def get(self, keys: Sequence[str], *, promote: bool = False, timeout: float | None = None) -> list[bytearray | None]:
@@ -185,7 +193,9 @@ class KVLayerClient:
         fill = [0] * len(keys)
         buf: bytearray | None = None
         idx = -1
-        for fr in self.stub.Get(pb.GetRequest(keys=list(keys), promote=promote), timeout=timeout, metadata=self.metadata):
+        call = self._gets[self._next()]
+        for raw in call(pb.GetRequest(keys=list(keys), promote=promote), timeout=timeout, metadata=self.metadata):
+            fr = wire.decode_get_frame(raw)
             if not fr.found:
                 continue
             if fr.total_len:

@@ -28,6 +28,7 @@ import grpc
 from kvlayer.codec.header import verify
 from kvlayer.errors import CorruptBlobError
 from kvlayer.keys import chunk_bounds, document_keys, prefix_keys
+from kvlayer.server import wire
 from kvlayer.server._gen import kvlayer_pb2 as pb
 from kvlayer.server._gen import kvlayer_pb2_grpc as pb_grpc
 from kvlayer.server.metrics import ServerMetrics
@@ -171,6 +172,7 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
         self.budget = ByteBudget(self.limits.inflight_bytes)
         self.started = time.time()
         self.draining = False
+        self.memory_guard: Any = None  # set by the app: RSS figures in Stats
         self._docs: dict[tuple[str, str], list[str]] = {}
         self._docs_lock = threading.Lock()
         self._ctr_lock = threading.Lock()
@@ -275,6 +277,11 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
         with self._ctr_lock:
             s["server"] = dict(self.counters)
         s["server"]["inflight_bytes"] = self.budget.used
+        guard = self.memory_guard
+        if guard is not None:
+            s["server"]["rss_bytes"] = _rss_now()
+            s["server"]["rss_baseline_bytes"] = guard.baseline
+            s["server"]["malloc_trims"] = guard.trims
         s["server"]["inflight_limit"] = self.budget.limit
         return s
 
@@ -283,9 +290,9 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
         s = self.stats_dict()
         resp = pb.StatsResponse(tenant=caller.tenant)
         for t in s["tiers"]:
-            resp.tiers.append(pb.TierStats(**{f: t.get(f, 0) for f in (
+            resp.tiers.append(pb.TierStats(**{f: t[f] for f in (
                 "name", "kind", "capacity_bytes", "used_bytes", "num_keys", "hits", "misses", "puts", "bytes_read",
-                "bytes_written", "evictions", "errors", "corrupt", "dropped_writes", "available")}))
+                "bytes_written", "evictions", "errors", "corrupt", "dropped_writes", "available") if t.get(f) is not None}))
         for k, v in {**s["store"], **s["server"]}.items():
             if isinstance(v, int | bool):
                 resp.counters[k] = int(v)
@@ -319,7 +326,8 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
         off = 0
         reserved = 0
         try:
-            for frame in request_iterator:
+            for raw in request_iterator:
+                frame = self._put_frame(raw)
                 if durable is None:
                     durable = self.durable or frame.durable
                 if frame.key:
@@ -375,8 +383,18 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
         self.metrics.bytes.labels("in").inc(total)
         return pb.PutResponse(stored=stored, bytes=total)
 
+    @staticmethod
+    def _put_frame(raw: Any) -> wire.PutFrameView:
+        if isinstance(raw, pb.PutFrame):
+            return wire.PutFrameView(raw.key, raw.total_len, memoryview(raw.data), raw.durable)
+        try:
+            return wire.decode_put_frame(raw)
+        except ValueError as e:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed PutFrame: {e}") from None
+
     @_rpc("Get", streaming_response=True)
-    def Get(self, request: pb.GetRequest, context: grpc.ServicerContext, caller: Caller) -> Iterator[pb.GetFrame]:
+    def Get(self, request: pb.GetRequest, context: grpc.ServicerContext, caller: Caller) -> Iterator[bytes]:
+        """Frames in protobuf wire format built by ``wire`` (one copy of the payload)."""
         keys = self._check_keys(request.keys)
         fb = self.limits.frame_bytes
         total = 0
@@ -384,7 +402,7 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
         for i, k in enumerate(keys):
             got = self.store.get_blob(caller.prefix + k, promote=True if request.promote else None)
             if got is None:
-                yield pb.GetFrame(index=i, found=False)
+                yield wire.encode_get_frame(i, False, 0, b"")
                 continue
             blob = memoryview(got[0]).cast("B")
             n = blob.nbytes
@@ -395,7 +413,7 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
                             "ask for fewer keys at a time")
             hits += 1
             for o in range(0, n, fb):
-                yield pb.GetFrame(index=i, found=True, total_len=n if o == 0 else 0, data=bytes(blob[o : o + fb]))
+                yield wire.encode_get_frame(i, True, n if o == 0 else 0, blob[o : o + fb])
         self.metrics.hits.inc(hits)
         self.metrics.misses.inc(len(keys) - hits)
         self.metrics.bytes.labels("out").inc(total)
@@ -467,3 +485,35 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
         keys = sorted(self.store.keys_with_prefix(caller.prefix))
         plen = len(caller.prefix)
         return pb.KeysResponse(keys=[k[plen:] for k in keys[:limit]], truncated=len(keys) > limit)
+
+
+def _serialize_frame(x: Any) -> bytes:
+    return x if isinstance(x, bytes) else x.SerializeToString()
+
+
+def add_to_server(servicer: KVLayerServicer, server: grpc.Server) -> None:
+    """Register every RPC of the proto; Put and Get move raw frames (see ``wire``), the rest use
+    the generated message classes."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    svc = pb.DESCRIPTOR.services_by_name["KVLayer"]
+    for m in svc.methods:
+        req, resp = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
+        fn = getattr(servicer, m.name)
+        if m.name == "Put":
+            handlers[m.name] = grpc.stream_unary_rpc_method_handler(
+                fn, request_deserializer=wire.identity, response_serializer=resp.SerializeToString)
+        elif m.name == "Get":
+            handlers[m.name] = grpc.unary_stream_rpc_method_handler(
+                fn, request_deserializer=req.FromString, response_serializer=_serialize_frame)
+        elif not m.client_streaming and not m.server_streaming:
+            handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+                fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString)
+        else:  # pragma: no cover - a new streaming RPC needs its own handler here
+            raise NotImplementedError(m.name)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(svc.full_name, handlers),))
+
+
+def _rss_now() -> int:
+    from kvlayer.server.app import _rss
+
+    return _rss()
