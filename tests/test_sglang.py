@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from kvlayer import KVCache, KVSpec
 from kvlayer.errors import ConfigError
 from tests.fixtures.redis_server import redis_server, skip_without_redis  # noqa: F401
 from tests.fixtures.sglang_env import (
+    import_sglang,
     make_mha_host_pool,
     make_mla_host_pool,
     prepare_sglang_env,
@@ -27,16 +29,33 @@ from tests.fixtures.sglang_env import (
 
 pytestmark = [pytest.mark.sglang, pytest.mark.skipif(not sglang_available(), reason="sglang not installed")]
 
-if sglang_available():
-    prepare_sglang_env()
-    from kvlayer.connectors.sglang import KVLayerStore
-    from kvlayer.connectors.sglang.keys import derived_key, sglang_page_hashes
-    from sglang.srt.mem_cache.hicache_storage import (
-        HiCacheStorageConfig,
-        HiCacheStorageExtraInfo,
-        HiCacheStorageFailureInjector,
-    )
-    from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
+prepare_sglang_env()  # cache dirs + package path only; SGLang itself is imported by the fixture below
+
+
+# Bound by the fixture below (SGLang is imported when the first test here runs, not at collection).
+HiCacheStorageConfig: Any = None
+HiCacheStorageExtraInfo: Any = None
+HiCacheStorageFailureInjector: Any = None
+StorageBackendFactory: Any = None
+KVLayerStore: Any = None
+derived_key: Any = None
+sglang_page_hashes: Any = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _sglang_symbols():
+    global HiCacheStorageConfig, HiCacheStorageExtraInfo, HiCacheStorageFailureInjector, StorageBackendFactory
+    global KVLayerStore, derived_key, sglang_page_hashes
+    import_sglang()  # about 10 s, once
+    from kvlayer.connectors.sglang import KVLayerStore as store
+    from kvlayer.connectors.sglang import keys
+    from sglang.srt.mem_cache import hicache_storage as hs
+    from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory as factory
+
+    HiCacheStorageConfig, HiCacheStorageExtraInfo = hs.HiCacheStorageConfig, hs.HiCacheStorageExtraInfo
+    HiCacheStorageFailureInjector, StorageBackendFactory, KVLayerStore = hs.HiCacheStorageFailureInjector, factory, store
+    derived_key, sglang_page_hashes = keys.derived_key, keys.sglang_page_hashes
+
 
 P = 4  # page size == kvlayer chunk size in these tests
 MHA_LAYOUTS = ["layer_first", "page_first", "page_first_direct", "page_head", "page_unified"]
