@@ -133,6 +133,8 @@ class KVCache:
         return self.store_.put(list(keys), list(chunks), block=block)
 
     def retrieve_chunks(self, keys: Sequence[str]) -> list[torch.Tensor | None]:
+        """Chunks by key (None = miss). Raw CPU hits are zero-copy views of the stored blob: copy
+        before modifying one in place, or the stored chunk fails its checksum and is dropped."""
         out = self.store_.get(list(keys))
         for i, c in enumerate(out):
             if c is not None and (c.dim() != 5 or c.shape[:2] != self.spec.chunk_shape(0)[:2]
@@ -143,7 +145,8 @@ class KVCache:
         return out
 
     def retrieve(self, tokens: TokenIds, *, max_tokens: int | None = None) -> tuple[int, torch.Tensor | None]:
-        """KV of the longest retrievable prefix: (n_tokens, tensor [layers, 2, n, heads, dim])."""
+        """KV of the longest retrievable prefix: (n_tokens, tensor [layers, 2, n, heads, dim]).
+        A one-chunk result may view the stored blob (see ``retrieve_chunks``): treat it as read-only."""
         limit = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
         keys = self.keys(tokens)
         bounds = chunk_bounds(len(tokens), self.chunk_size)

@@ -376,3 +376,16 @@ def test_kvcache_budgets_and_rss_hold_under_10x_overload(make_cache, tmp_path):
     assert disk.used_bytes() <= budget and cpu.used_bytes() <= budget
     assert c.stats()["store"]["dropped_writes"] == 0  # back-pressure, not loss
     assert peak - base <= budget + queue + 24 * MiB, f"RSS grew {(peak - base) / MiB:.1f} MiB"
+
+
+def test_modifying_a_retrieved_view_never_serves_wrong_data(spec, make_cache):
+    """Raw CPU hits are zero-copy views; writing into one must not turn into wrong data later."""
+    c = make_cache(spec)
+    t = toks(CS)
+    kv = kv_for(spec, CS)
+    c.store(t, kv)
+    n, got = c.retrieve(t)
+    assert n == CS
+    got.add_(1)  # a careless caller
+    n2, again = c.retrieve(t)
+    assert n2 == 0 or torch.equal(again, kv)

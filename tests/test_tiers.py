@@ -340,3 +340,19 @@ def test_disk_index_matches_files_under_concurrent_put_get_delete(tmp_path):
     assert set(on_disk) == set(t.keys())
     assert sum(on_disk.values()) == t.used_bytes() <= cap
     assert list((t.root / "tmp").iterdir()) == []
+
+
+def test_restart_keeps_a_valid_blob_with_a_long_header(tmp_path):
+    """Codec parameters may make a header longer than the 4 KiB start-up probe."""
+    from kvlayer.codec.header import assemble, pack_header
+
+    x = tensor(4, 8 << 10)
+    payload = x.view(torch.uint8).reshape(-1).numpy().tobytes()
+    params = {"t": {"note": "p" * 6000}}
+    b = bytes(assemble(pack_header("raw", tuple(x.shape), x.dtype, params, len(payload)), payload))
+    assert len(b) - len(payload) > 6000 and torch.equal(decode(b), x)
+    t = DiskTier(tmp_path / "d", MiB)
+    assert t.put(key(1), b)
+    t2 = DiskTier(tmp_path / "d", MiB)
+    assert t2.keys() == [key(1)] and torch.equal(decode(t2.get(key(1))), x)
+    assert t2.stats().corrupt == 0

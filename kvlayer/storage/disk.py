@@ -25,6 +25,7 @@ from kvlayer.storage.lru import LRUIndex
 log = logging.getLogger(__name__)
 _KEY_RE = re.compile(r"^[0-9a-f]{16,128}$")
 _SUFFIX = ".kvb"
+_MAX_HEADER = 8 + 4 * 8 + 255 + 2 + 0xFFFF + 16  # fixed part, shape, name, params, lengths
 
 
 class DiskTier(Tier):
@@ -65,7 +66,14 @@ class DiskTier(Tier):
                     st = f.stat()
                     with open(f, "rb") as fh:
                         head = fh.read(4096)
-                    hdr = _header_of(head, st.st_size)
+                        try:
+                            hdr = _header_of(head, st.st_size)
+                        except CorruptBlobError:
+                            if len(head) < 4096:
+                                raise
+                            # Headers may hold up to 64 KiB of codec parameters: a valid blob with a
+                            # long header was deleted here. Only such rare files pay a longer read.
+                            hdr = _header_of(head + fh.read(_MAX_HEADER), st.st_size)
                     if not _KEY_RE.match(key) or hdr != st.st_size:
                         raise CorruptBlobError("length mismatch")
                 except (OSError, CorruptBlobError):
