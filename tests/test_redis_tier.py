@@ -100,6 +100,9 @@ def test_round_trip_cluster_bit_exact(redis_cluster):
         assert tier.used_bytes() > 0
         assert tier.delete_many(keys) == len(keys)
         assert sum(redis.Redis(port=p).dbsize() for p in redis_cluster.ports) == 0  # parts went too
+        assert all(tier.put_many(list(zip(keys, vals, strict=True))))
+        tier.clear()  # SCAN + UNLINK on every primary
+        assert sum(redis.Redis(port=p).dbsize() for p in redis_cluster.ports) == 0
     finally:
         tier.close()
 
@@ -115,9 +118,9 @@ def test_cluster_reads_follow_moved(redis_cluster, monkeypatch):
         calls = {"pipelined": 0}
         real_pipelined = tier._fetch_pipelined
 
-        def counting(rkeys):
+        def counting(rkeys, cmd="GET"):
             calls["pipelined"] += 1
-            return real_pipelined(rkeys)
+            return real_pipelined(rkeys, cmd)
 
         monkeypatch.setattr(tier, "_fetch_pipelined", counting)
         assert [bytes(v) for v in tier.get_many(keys)] == vals  # type: ignore[arg-type]
@@ -132,6 +135,28 @@ def test_cluster_reads_follow_moved(redis_cluster, monkeypatch):
         assert calls["pipelined"] == 1
     finally:
         tier.close()
+
+
+def test_cluster_node_killed_other_nodes_still_serve():
+    """One master of three dies: its keys are misses, the rest are hits, nothing raises."""
+    cl = _fx.RedisCluster(3, node_timeout_ms=60_000)  # the survivors keep serving meanwhile
+    with cl:
+        tier = RedisTier(cl.url, connect_timeout=0.3, socket_timeout=0.5)
+        try:
+            vals = blobs([2000] * 30, seed=5)
+            keys = [hexkey(i) for i in range(30)]
+            assert all(tier.put_many(list(zip(keys, vals, strict=True))))
+            dead = cl.nodes[1]
+            alive = [tier.client.get_node_from_key(tier.rkey(k)).port != dead.port for k in keys]
+            assert 0 < sum(alive) < 30
+            dead.kill()
+            got = tier.get_many(keys)
+            assert [g is not None for g in got] == alive
+            assert all(bytes(g) == v for g, v in zip(got, vals, strict=True) if g is not None)
+            assert tier.exists_many(keys) == alive
+            assert tier.stats().errors >= 2 and tier.healthy()
+        finally:
+            tier.close()
 
 
 def test_cluster_through_kvcache(redis_cluster, spec):
