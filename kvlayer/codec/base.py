@@ -52,7 +52,7 @@ def tensor_bytes(x: torch.Tensor) -> memoryview:
     if x.device.type != "cpu":
         x = x.cpu()
     x = x.contiguous()
-    return memoryview(x.view(torch.uint8).reshape(-1).numpy())
+    return x.view(torch.uint8).reshape(-1).numpy().data  # typed as a memoryview, unlike memoryview(ndarray)
 
 
 def tensor_from_bytes(payload: Buffer, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

@@ -42,7 +42,7 @@ def shuffle(data: Buffer, typesize: int) -> Buffer:
     out = np.empty(a.size, dtype=np.uint8)
     out[: n * typesize].reshape(typesize, n)[...] = head
     out[n * typesize :] = a[n * typesize :]
-    return memoryview(out)
+    return out.data  # a memoryview, typed as one
 
 
 def unshuffle(data: Buffer, typesize: int) -> Buffer:
@@ -56,7 +56,7 @@ def unshuffle(data: Buffer, typesize: int) -> Buffer:
     out = np.empty(a.size, dtype=np.uint8)
     out[: n * typesize].reshape(n, typesize)[...] = a[: n * typesize].reshape(typesize, n).T
     out[n * typesize :] = a[n * typesize :]
-    return memoryview(out)
+    return out.data  # a memoryview, typed as one
 
 
 PROBE_SLICES = 4
