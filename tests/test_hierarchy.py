@@ -467,3 +467,38 @@ def test_write_through_does_not_read_evicted_disk_blobs(tmp_path, closing):
     s2 = closing(_store([(MemoryTier("c2", 1 << 20), RAW), (DiskTier(tmp_path / "e", 1 << 20), RAW)],
                         write_policy="on_demotion"))
     assert s2.wants_evicted(s2.levels[0].tier) and not s2.wants_evicted(s2.levels[1].tier)
+
+
+def test_on_demotion_applies_back_pressure_instead_of_losing_evicted_chunks(closing):
+    """Under on_demotion an evicted chunk may live nowhere else: a full queue must make put wait
+    (block=True), not drop it (it dropped 30 of 37 demotions in a burst)."""
+    cpu, slow = MemoryTier("cpu", 2 * BLOB), GatedTier()
+    s = closing(_store([(cpu, RAW), (slow, RAW)], write_policy="on_demotion", write_queue_bytes=BLOB))
+    n = 8
+    done = threading.Event()
+
+    def producer():
+        for i in range(n):
+            s.put([key(i)], [chunk(i)])
+        done.set()
+
+    th = threading.Thread(target=producer, daemon=True)
+    th.start()
+    time.sleep(0.3)
+    assert not done.is_set()  # stalled on the full queue while the lower tier is slow
+    slow.gate.set()
+    assert done.wait(timeout=30)
+    assert s.flush(timeout=30)
+    st = s.stats()["store"]
+    assert st["dropped_writes"] == 0 and st["demotions"] == n - 2
+    assert set(slow.keys()) == {key(i) for i in range(n - 2)}
+    assert all(torch.equal(g, chunk(i)) for i, g in enumerate(s.get([key(i) for i in range(n)])))
+
+
+def test_on_demotion_without_blocking_drops_and_counts(closing):
+    cpu, slow = MemoryTier("cpu", 2 * BLOB), GatedTier()
+    s = closing(_store([(cpu, RAW), (slow, RAW)], write_policy="on_demotion", write_queue_bytes=BLOB))
+    for i in range(8):
+        s.put([key(i)], [chunk(i)], block=False)  # returns at once even though nothing drains
+    st = s.stats()["store"]
+    assert st["dropped_writes"] >= 4 and st["demotions"] + st["dropped_writes"] == 6

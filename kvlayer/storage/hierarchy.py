@@ -98,6 +98,8 @@ class TieredStore(EvictionGuard):
         self._q_cv = threading.Condition()
         self._inflight = 0
         self._inflight_keys: set[str] = set()
+        # put()'s ``block`` flag, seen by on_evict() which runs inside the hot tier's put.
+        self._tls = threading.local()
         self._closed = False
         self._worker: threading.Thread | None = None
         if len(self.levels) > 1:
@@ -149,8 +151,11 @@ class TieredStore(EvictionGuard):
         idx = self._demotes_from(tier)
         if idx is None:
             return
+        # An evicted chunk may exist nowhere else: wait for queue room like any write (the put's
+        # own block flag), never on the writer thread itself (it would wait for itself).
+        block = threading.current_thread() is not self._worker and getattr(self._tls, "block", False)
         if self._enqueue(_Job((idx + 1,), key, None, blob, self.levels[idx].codec.name, memoryview(blob).nbytes),
-                         block=False):
+                         block=block):
             self._count(demotions=1)
 
     # ------------------------------------------------------------------ read path
@@ -232,6 +237,13 @@ class TieredStore(EvictionGuard):
         if len(keys) != len(tensors):
             raise ValueError("keys and tensors differ in length")
         top = self.levels[0]
+        self._tls.block = block
+        try:
+            return self._put(top, keys, tensors, block)
+        finally:
+            self._tls.block = False
+
+    def _put(self, top: Level, keys: Sequence[str], tensors: Sequence[torch.Tensor], block: bool) -> int:
         stored = 0
         for key, t in zip(keys, tensors, strict=True):
             blob = top.codec.encode(t)
