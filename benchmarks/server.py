@@ -138,10 +138,11 @@ def main() -> int:
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--clients", default="1,4", help="client counts (default 1,4)")
-    ap.add_argument("--channels", type=int, default=1, help="gRPC connections per remote client (default 1)")
+    ap.add_argument("--channels", type=int, default=0,
+                    help="gRPC connections per remote client (default: the tier's default, 4, like the Redis tier's 4)")
     args = ap.parse_args()
     n_chunks = args.chunks or (12 if args.quick else 32)
-    repeat = args.repeat or (3 if args.quick else 5)
+    repeat = args.repeat or (3 if args.quick else 7)
     clients = [int(c) for c in args.clients.split(",")]
     shape = (args.layers, 2, TOKENS, args.kv_heads, args.head_dim)
     gen = torch.Generator().manual_seed(0)
@@ -171,7 +172,7 @@ def main() -> int:
             if kind == "remote":
                 from kvlayer.storage.remote import RemoteTier
 
-                return RemoteTier(url, timeout_s=30, channels=args.channels)
+                return RemoteTier(url, timeout_s=30, **({"channels": args.channels} if args.channels else {}))
             from kvlayer.storage.redis import RedisTier
 
             return RedisTier(str(rurl), name="bench", prefix="kvlayer:bench:")

@@ -35,7 +35,7 @@ def key(i: int, tag: str = "") -> str:
     return hashlib.sha256(f"{tag}/{i}".encode()).hexdigest()
 
 
-def blob(i: int, n_tokens: int = 32, tag: str = "") -> bytearray:
+def blob(i: int, n_tokens: int = 32, tag: str = "") -> memoryview:
     g = torch.Generator().manual_seed(int(key(i, tag)[:8], 16))
     return encode(torch.randn(2, 2, n_tokens, 2, 8, generator=g).half(), "raw")
 

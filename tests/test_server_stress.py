@@ -185,7 +185,7 @@ def test_kill_9_mid_load_then_restart_keeps_durable_puts(kvlayer_server_factory)
         srv.start()  # same port, same disk directory
         with srv.client() as c:
             ks = list(snapshot)
-            got: list[bytearray | None] = []
+            got: list[memoryview | None] = []
             for s in range(0, len(ks), 32):
                 got += c.get(ks[s:s + 32])
         missing = [k for k, b in zip(ks, got, strict=True) if b is None]

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
+import numpy as np
 
 from kvlayer.codec.base import Buffer
 from kvlayer.server import wire
@@ -183,15 +184,15 @@ class KVLayerClient:
         r = self._puts[self._next()](self._frames(items, durable), timeout=timeout, metadata=self.metadata)
         return list(r.stored)
 
-    def get(self, keys: Sequence[str], *, promote: bool = False, timeout: float | None = None) -> list[bytearray | None]:
-        """Blobs for ``keys`` (None = miss), assembled from the stream's frames."""
+    def get(self, keys: Sequence[str], *, promote: bool = False, timeout: float | None = None) -> list[memoryview | None]:
+        """Blobs for ``keys`` (None = miss) as writable buffers, assembled from the stream's frames."""
         if not keys:
             return []
         if timeout is None:
             timeout = self.timeout_s + 0.25 * len(keys)
-        out: list[bytearray | None] = [None] * len(keys)
+        out: list[memoryview | None] = [None] * len(keys)
         fill = [0] * len(keys)
-        buf: bytearray | None = None
+        buf: memoryview | None = None
         idx = -1
         call = self._gets[self._next()]
         for raw in call(pb.GetRequest(keys=list(keys), promote=promote), timeout=timeout, metadata=self.metadata):
@@ -202,7 +203,8 @@ class KVLayerClient:
                 idx = fr.index
                 if idx >= len(keys) or out[idx] is not None:
                     raise ValueError(f"server sent a bad frame index {idx}")
-                buf = out[idx] = bytearray(fr.total_len)
+                # np.empty: no zero-fill pass (every byte is written), plain malloc
+                buf = out[idx] = np.empty(fr.total_len, dtype=np.uint8).data
             elif buf is None or fr.index != idx:
                 raise ValueError("server sent a data frame without a blob header")
             d = fr.data

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import numpy as np
 
 from kvlayer.codec.header import verify
 from kvlayer.errors import CorruptBlobError
@@ -322,7 +323,7 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
         total = 0
         durable: bool | None = None
         key = ""
-        buf: bytearray | None = None
+        buf: memoryview | None = None
         off = 0
         reserved = 0
         try:
@@ -351,7 +352,7 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
                     reserved = n
                     self.metrics.inflight.inc(n)
                     key = caller.prefix + frame.key
-                    buf = bytearray(n)
+                    buf = np.empty(n, dtype=np.uint8).data  # no zero-fill: every byte is written below
                     off = 0
                     total += n
                 elif buf is None:

@@ -7,7 +7,8 @@ a backoff that doubles up to ``max_backoff_s`` until a call succeeds again; gRPC
 channel underneath. Refusals by the server (too big, busy) are dropped writes, not failures.
 
 Options (``TierConfig.options`` / ``KVLayerConfig`` fields): ``auth_token``, ``tenant``,
-``timeout_s`` (control calls, default 1 s), ``channels`` (TCP connections, default 1),
+``timeout_s`` (control calls, default 1 s), ``channels`` (TCP connections a big batch is split
+across, in parallel, like the Redis tier's connections; default 4),
 ``frame_bytes``, ``durable`` (acknowledge puts only once on the server's disk), ``tls_ca``,
 ``max_backoff_s`` (default 2 s).
 """
@@ -19,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
@@ -41,7 +43,7 @@ class RemoteTier(Tier):
     kind = "remote"
 
     def __init__(self, url: str, name: str = "remote", *, auth_token: str | None = None, tenant: str | None = None,
-                 timeout_s: float = 1.0, channels: int = 1, frame_bytes: int = DEFAULT_FRAME_BYTES,
+                 timeout_s: float = 1.0, channels: int = 4, frame_bytes: int = DEFAULT_FRAME_BYTES,
                  durable: bool = False, tls_ca: str | None = None, max_backoff_s: float = 2.0,
                  batch_keys: int = 64) -> None:
         super().__init__(name, 0)
@@ -55,6 +57,8 @@ class RemoteTier(Tier):
         self._down_until = 0.0
         self._lock = threading.Lock()
         self._server_stats: tuple[float, Any] = (0.0, None)
+        self.channels = max(1, int(channels))
+        self._pool: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ failure handling
     def _call(self, op: str, fn: Callable[[], T]) -> T:
@@ -79,47 +83,68 @@ class RemoteTier(Tier):
                 self._down_until = 0.0
         return out
 
-    def _batches(self, keys: Sequence[str]) -> Iterable[Sequence[str]]:
-        for i in range(0, len(keys), self.batch_keys):
-            yield keys[i : i + self.batch_keys]
+    def _spans(self, n: int) -> list[tuple[int, int]]:
+        """Slices of a batch: one per channel (big batches move in parallel), none over batch_keys."""
+        if n == 0:
+            return []
+        k = max(min(self.channels, n), -(-n // self.batch_keys))
+        size = -(-n // k)
+        return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+    def _run(self, op: str, jobs: list[Callable[[], T]]) -> list[T]:
+        if len(jobs) <= 1:
+            return [self._call(op, j) for j in jobs]
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.channels, thread_name_prefix="kvlayer-remote")
+        futs = [self._pool.submit(self._call, op, j) for j in jobs]
+        return [f.result() for f in futs]
 
     # ------------------------------------------------------------------ Tier API
     def get(self, key: str) -> Buffer | None:
         return self.get_many([key])[0]
 
     def get_many(self, keys: Sequence[str]) -> list[Buffer | None]:
-        out: list[Buffer | None] = []
-        for part in self._batches(list(keys)):
-            out.extend(self._call("get", functools.partial(self.client.get, part)))
+        ks = list(keys)
+        parts = self._run("get", [functools.partial(self.client.get, ks[a:b]) for a, b in self._spans(len(ks))])
+        out: list[Buffer | None] = [b for part in parts for b in part]
         hits = [b for b in out if b is not None]
-        self.count(hits=len(hits), misses=len(out) - len(hits), bytes_read=sum(len(b) for b in hits))
+        self.count(hits=len(hits), misses=len(out) - len(hits), bytes_read=sum(memoryview(b).nbytes for b in hits))
         return out
 
     def put(self, key: str, blob: Buffer) -> bool:
         return self.put_many([(key, blob)])[0]
 
+    def _put_part(self, part: list[tuple[str, Buffer]]) -> list[bool]:
+        try:
+            return self._call("put", functools.partial(self.client.put, part, durable=self.durable))
+        except TierError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            log.info("%s", e)  # the server refused (too big / busy): a dropped write, not an outage
+            return [False] * len(part)
+
     def put_many(self, items: Sequence[tuple[str, Buffer]]) -> list[bool]:
-        out: list[bool] = []
         items = list(items)
-        for i in range(0, len(items), self.batch_keys):
-            part = items[i : i + self.batch_keys]
-            try:
-                out.extend(self._call("put", functools.partial(self.client.put, part, durable=self.durable)))
-            except TierError as e:
-                if "RESOURCE_EXHAUSTED" not in str(e):
-                    raise
-                log.info("%s", e)  # the server refused (too big / busy): a dropped write, not an outage
-                out.extend([False] * len(part))
+        jobs = [functools.partial(self._put_part, items[a:b]) for a, b in self._spans(len(items))]
+        if len(jobs) <= 1:
+            parts = [j() for j in jobs]
+        else:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=self.channels, thread_name_prefix="kvlayer-remote")
+            parts = [f.result() for f in [self._pool.submit(j) for j in jobs]]
+        out = [s for part in parts for s in part]
         ok = [b for (_, b), s in zip(items, out, strict=True) if s]
         self.count(puts=len(ok), bytes_written=sum(memoryview(b).nbytes for b in ok),
                    dropped_writes=len(items) - len(ok))
         return out
 
     def exists_many(self, keys: Sequence[str]) -> list[bool]:
-        out: list[bool] = []
-        for part in self._batches(list(keys)):
-            out.extend(self._call("exists", functools.partial(self.client.exists, part)))
-        return out
+        ks = list(keys)
+        parts = self._run("exists", [functools.partial(self.client.exists, ks[a:b])
+                                     for a, b in self._spans(len(ks))])
+        return [x for part in parts for x in part]
 
     def contains(self, key: str) -> bool:
         return self.exists_many([key])[0]
@@ -129,7 +154,7 @@ class RemoteTier(Tier):
 
     def delete_many(self, keys: Iterable[str]) -> int:
         ks = list(keys)
-        return sum(self._call("evict", functools.partial(self.client.evict, keys=list(part))) for part in self._batches(ks))
+        return sum(self._call("evict", functools.partial(self.client.evict, keys=ks[a:b])) for a, b in self._spans(len(ks)))
 
     def keys(self) -> list[str]:
         return self._call("keys", lambda: self.client.keys())
@@ -167,6 +192,8 @@ class RemoteTier(Tier):
             return False
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self.client.close()
 
     def __repr__(self) -> str:
