@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -171,8 +171,18 @@ def config_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
             continue
         name = k[len(ENV_PREFIX):].lower()
         if name in fields:
-            out[name] = _coerce_env(v)
+            out[name] = _coerce_env_for(KVLayerConfig.model_fields[name].annotation, v)
     return out
+
+
+def _coerce_env_for(annotation: Any, value: str) -> Any:
+    """Text settings stay text (KVLAYER_SALT=yes is the salt "yes", not True); optional text
+    settings also accept none/null/empty for None. Everything else: see ``_coerce_env``."""
+    if annotation is str:
+        return value
+    if str in get_args(annotation):
+        return None if value.strip().lower() in ("none", "null", "") else value
+    return _coerce_env(value)
 
 
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:

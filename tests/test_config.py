@@ -179,3 +179,11 @@ def test_unknown_tier_field_lists_tier_settings():
     msg = _err(tiers=[{"kind": "memory", "capasity": "1MiB"}])
     assert "tiers.0.capasity" in msg and "capacity" in msg and "codec_params" in msg
     assert "chunk_size" not in msg  # the top-level settings are not what a tier accepts
+
+
+def test_env_text_settings_are_not_coerced():
+    env = {"KVLAYER_SALT": "yes", "KVLAYER_TENANT": "none", "KVLAYER_AUTH_TOKEN": "[abc]",
+           "KVLAYER_DISK_PATH": "null", "KVLAYER_PROMOTE_ON_HIT": "0", "KVLAYER_LOG_LEVEL": "on"}
+    c = load_config(env=env)
+    assert (c.salt, c.tenant, c.auth_token, c.log_level) == ("yes", "none", "[abc]", "on")
+    assert c.disk_path is None and c.promote_on_hit is False
