@@ -186,6 +186,37 @@ def test_exists_counts_leading_run_and_failed_pages_stay_untouched(kind, layout,
     assert b.batch_get_v1(keys[:2], idx[:P]) == [False, False]  # wrong index count: failure, no exception
 
 
+@pytest.mark.parametrize("kind,layout", [("mha", "layer_first"), ("mha", "page_first"), ("mla", "layer_first"),
+                                         ("mla", "page_first")])
+def test_scattered_token_slots_use_the_gather_path(kind, layout, cleanup):
+    """Token-addressed layouts also accept pages whose slots are not consecutive; the gather path
+    must agree with the one-view-per-page path token for token."""
+    pool = make_pool(kind, layout)
+    b = attach(pool, storage_config(mla=kind == "mla"))
+    cleanup.append(b)
+    fill_random(pool, 14)
+    idx = pool.alloc(2 * P)
+    rev = idx.reshape(2, P).flip(1).reshape(-1)  # each page's slots in reverse order
+    straight, scattered = b.layout.read(idx), b.layout.read(rev)
+    assert all(torch.equal(a.flip(2), c) for a, c in zip(straight, scattered, strict=True))
+    keys = page_keys(2, "scatter")
+    before = pages(pool, idx)
+    assert b.batch_set_v1(keys, rev) == [True, True]
+    pool.kv_buffer.zero_()
+    assert b.batch_get_v1(keys, rev) == [True, True]
+    assert all(torch.equal(x, y) for x, y in zip(pages(pool, idx), before, strict=True))
+
+
+def test_misaligned_pages_are_failures_not_exceptions(cleanup):
+    pool = make_mha_host_pool("page_first_direct", page_size=P)
+    b = attach(pool, storage_config())
+    cleanup.append(b)
+    idx = pool.alloc(2 * P) + 1  # page starts off the page grid
+    assert b.batch_set_v1(page_keys(2, "misaligned"), idx) == [False, False]
+    assert b.batch_get_v1(page_keys(2, "misaligned"), idx) == [False, False]
+    assert b.kvlayer_stats()["backend"]["errors"] >= 1
+
+
 def test_pages_written_from_one_layout_load_into_another(tmp_path, cleanup):
     """Canonical chunks: page_head (MHA) pages written to a disk tier load into a layer_first pool of
     another backend instance, token for token."""

@@ -19,11 +19,12 @@ SGLang's host pool ``kv_buffer`` shapes (0.5.x), with ``size`` token slots and `
 
 (``page_unified`` groups kv heads in ``head_group_num`` contiguous runs: head ``g * per_group + i``.)
 
-``host_indices`` are token slots, ``page_size`` per page. Token-addressed layouts gather the exact
-slots (no assumption that a page's slots are contiguous); page-addressed layouts require each
-page's first slot to be page aligned, as SGLang's page allocator guarantees, and refuse otherwise.
-Every read returns contiguous chunks (one gather, one permute copy); every write scatters only the
-pages it is given, so a failed page never touches the pool.
+``host_indices`` are token slots, ``page_size`` per page. When each page is a run of consecutive
+slots (SGLang's page allocator guarantees it) a page is one strided view of the pool, and reads and
+writes are one copy per page; token-addressed layouts also accept scattered slots (gather, then
+permute). Page-addressed layouts require each page's first slot to be page aligned and refuse
+otherwise. Every write touches only the pages it is given, so a failed page never touches the
+pool.
 """
 
 from __future__ import annotations
@@ -131,8 +132,65 @@ class PageLayout:
         n = self.page_count(host_indices)
         if n == 0:
             return []
-        batched = self._read_batched(host_indices, n).contiguous()  # [n, layers, planes, page, heads, dim]
-        return list(batched.unbind(0))
+        starts = self._page_starts(host_indices)
+        if starts is None:  # scattered token slots: gather, then permute (two copies)
+            batched = self._read_batched(host_indices, n).contiguous()  # [n, layers, planes, page, heads, dim]
+            return list(batched.unbind(0))
+        out = torch.empty((n, *self.chunk_shape), dtype=self.kv.dtype, device=self.kv.device)
+        for i, s in enumerate(starts):  # one strided copy per page, straight from the pool
+            v = self._page_view(s)
+            out[i].view(v.shape).copy_(v)
+        return list(out.unbind(0))
+
+    def _page_starts(self, host_indices: torch.Tensor) -> list[int] | None:
+        """First slot of each page when every page is a run of consecutive, in-range slots (what
+        SGLang's page allocator hands out); None otherwise."""
+        slots = self._slots(host_indices).reshape(-1, self.page_size)
+        first = slots[:, :1]
+        if not bool((slots - first == torch.arange(self.page_size, device=slots.device)).all()):
+            return None
+        starts = first.reshape(-1)
+        limit = self.kv.shape[self._slot_dim()] * (self.page_size if self._page_addressed() else 1)
+        if bool((starts < 0).any()) or bool((starts + self.page_size > limit).any()):
+            return None
+        if self._page_addressed() and bool((starts % self.page_size).any()):
+            raise ValueError(f"{self.layout} pages must start on a multiple of page_size={self.page_size}")
+        return [int(x) for x in starts.tolist()]
+
+    def _page_addressed(self) -> bool:
+        return self.layout in ("page_first_direct", "page_head", "page_unified")
+
+    def _slot_dim(self) -> int:
+        """The kv_buffer axis that token slots (or pages) index."""
+        if self.is_mla:
+            return 1 if self.layout == "layer_first" else 0
+        if self.layout == "page_unified":
+            return 0
+        return 2 if self.layout == "layer_first" else 1
+
+    def _page_view(self, start: int) -> torch.Tensor:
+        """A view of one page in canonical axis order: (layers, planes, page, heads, dim), or for
+        page_unified (layers, 2, page, groups, heads/group, dim), which a contiguous canonical chunk
+        can be viewed as."""
+        kv, P, lay = self.kv, self.page_size, self.layout
+        p = start // P
+        if self.is_mla:
+            if lay == "layer_first":
+                return kv[:, start : start + P].unsqueeze(1)  # (L, 1, P, 1, Dl)
+            if lay == "page_first":
+                return kv[start : start + P].permute(1, 0, 2, 3).unsqueeze(1)
+            if lay == "page_unified":
+                return kv[p].unsqueeze(1).unsqueeze(3)  # (L, P, Dl) -> (L, 1, P, 1, Dl)
+            return kv[p].unsqueeze(1)  # page_first_direct (L, P, 1, Dl)
+        if lay == "layer_first":
+            return kv[:, :, start : start + P].permute(1, 0, 2, 3, 4)
+        if lay == "page_first":
+            return kv[:, start : start + P].permute(2, 0, 1, 3, 4)
+        if lay == "page_first_direct":
+            return kv[:, p].permute(1, 0, 2, 3, 4)
+        if lay == "page_head":
+            return kv[:, p].permute(3, 0, 2, 1, 4)
+        return kv[p].permute(1, 2, 3, 0, 4, 5)  # page_unified (G, L, 2, P, Hg, D)
 
     def _read_batched(self, host_indices: torch.Tensor, n: int) -> torch.Tensor:
         kv, P, lay = self.kv, self.page_size, self.layout
@@ -177,6 +235,12 @@ class PageLayout:
         ok = [c is not None and tuple(c.shape) == want for c in chunks]
         sel = [i for i, good in enumerate(ok) if good]
         if not sel:
+            return ok
+        starts = self._page_starts(host_indices)
+        if starts is not None:  # one strided copy per page, straight into the pool
+            for i in sel:
+                v = self._page_view(starts[i])
+                v.copy_(chunks[i].reshape(v.shape))  # type: ignore[union-attr]
             return ok
         data = torch.stack([chunks[i].to(dtype=self.kv.dtype) for i in sel])  # type: ignore[union-attr]
         slots = self._slots(host_indices).reshape(n, self.page_size)[sel]
