@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -27,6 +28,7 @@ from tests.fixtures.kvlayer_server import (  # noqa: E402,F401
     kvlayer_server_factory_fixture,
     kvlayer_server_fixture,
 )
+from tests.fixtures.redis_server import redis_server  # noqa: E402,F401
 
 SPEC = KVSpec(model="server-test", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16")
 
@@ -313,3 +315,37 @@ def test_server_refuses_to_start_without_tiers(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "kvlayer.server", "serve", "--cpu-bytes", "0", "--no-disk", "--port", "0",
                         "--metrics-port", "0"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode != 0 and "no storage tier" in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("redis-server") is None,
+                    reason="needs openssl and redis-server")
+def test_tls_durable_server_with_redis_lower_tier(kvlayer_server_factory, redis_server, tmp_path: Path) -> None:  # noqa: F811
+    cert, keyf = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(keyf), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True, timeout=60)
+    srv = kvlayer_server_factory("--tls-cert", str(cert), "--tls-key", str(keyf), "--durable", "--redis-url",
+                                 redis_server.url, cpu_bytes="48MiB", tls_ca=str(cert))
+    items = [(key(i, "tls"), blob(i, tag="tls")) for i in range(6)]
+    with srv.client() as c:
+        assert c.put(items) == [True] * 6  # --durable: acknowledged once on disk, the client did not ask
+        assert [bytes(b) for b in c.get([k for k, _ in items])] == [bytes(b) for _, b in items]
+        assert [t.name for t in c.stats().tiers] == ["cpu", "disk", "redis"]
+    with KVLayerClient(srv.url.replace("grpcs://", "grpc://"), timeout_s=2) as plain:
+        assert code_of(lambda: plain.exists([items[0][0]])) == grpc.StatusCode.UNAVAILABLE  # plaintext to a TLS port
+    srv.kill()
+    srv.start()
+    with srv.client() as c:
+        r = c.lookup(keys=[k for k, _ in items])
+        assert list(r.tiers) == ["disk"] * 6  # the CPU tier died with the process; disk kept every acked blob
+        assert [bytes(b) for b in c.get([k for k, _ in items])] == [bytes(b) for _, b in items]
+        c.put([(key(9, "tls"), blob(9, tag="tls"))])
+    assert srv.stop() == 0  # graceful stop flushes the write-through queue to Redis
+    import redis
+
+    r = redis.Redis.from_url(redis_server.url)
+    try:
+        stored = [k.decode() for k in r.scan_iter(match="*", count=1000)]
+    finally:
+        r.close()
+    assert any(key(9, "tls") in k for k in stored), stored[:5]
