@@ -96,6 +96,7 @@ def main() -> int:
     u = urlsplit(url)
     host, port = u.hostname or "127.0.0.1", u.port or 6379
     t_start = time.perf_counter()
+    load_start = os.getloadavg()[0]
     rows: list[dict[str, Any]] = []
     try:
         tier = RedisTier(url, name="bench", connections=args.connections)
@@ -195,7 +196,10 @@ def main() -> int:
     md = (
         "# Redis tier benchmark (`benchmarks/redis_tier.py`)\n\n"
         f"Values of {args.sizes} MiB on one local `redis-server` (no persistence), batches of "
-        f"{batch // MiB} MiB, median of {repeat} interleaved rounds{' (--quick)' if args.quick else ''}. "
+        f"{batch // MiB} MiB, median of {repeat} interleaved rounds{' (--quick)' if args.quick else ''}, on "
+        f"{os.cpu_count()} CPUs with a 1-minute load average of {load_start:.1f} at the start and "
+        f"{os.getloadavg()[0]:.1f} at the end (other jobs share the machine: absolute GB/s vary run to run, "
+        "ratios less so). "
         "GB/s = 1e9 bytes/s. "
         f"Tier: `put_many`/`get_many` over {args.connections} connections. Baselines in the same run: "
         f"`redis-benchmark -t set,get -d <size> -c {args.connections} -P 1` (requests/s x size) and naive "
@@ -209,7 +213,7 @@ def main() -> int:
         + table + "\n" + "\n".join(f"- {k}: {v:.3g}" for k, v in summary.items()) + "\n"
     )
     per_size = {r["_name"]: {k: v for k, v in r.items() if k != "_name"} for r in rows}
-    data = {**summary, "sizes": per_size, "connections": args.connections, "batch_mib": batch // MiB,
+    data = {**summary, "sizes": per_size, "cpus": os.cpu_count(), "loadavg_1min": [load_start, os.getloadavg()[0]], "connections": args.connections, "batch_mib": batch // MiB,
             "repeat": repeat, "quick": args.quick, "seconds": time.perf_counter() - t_start}
     write_results("redis_tier", data, md)
     emit_json(data)
