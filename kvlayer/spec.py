@@ -55,6 +55,12 @@ class KVSpec:
     extra: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        # Normalise types: the namespace is the JSON of these fields, so num_layers=np.int64(4),
+        # "4" and 4 must serialise alike (numpy ints even made json.dumps raise).
+        for name in ("num_layers", "num_kv_heads", "head_dim", "tp_rank", "tp_size"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        object.__setattr__(self, "is_mla", bool(self.is_mla))
+        object.__setattr__(self, "extra", tuple((str(k), str(v)) for k, v in self.extra))
         if not self.model:
             raise SpecMismatchError("KVSpec.model must be a non-empty model fingerprint")
         for name in ("num_layers", "num_kv_heads", "head_dim", "tp_size"):

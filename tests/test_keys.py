@@ -195,3 +195,11 @@ def test_spec_validation_names_the_field():
         KVSpec(model="m", num_layers=1, num_kv_heads=1, head_dim=1, tp_rank=2, tp_size=2)
     with pytest.raises(SpecMismatchError, match="float16"):
         KVSpec(model="m", num_layers=1, num_kv_heads=1, head_dim=1, dtype="int3")
+
+
+def test_spec_field_types_do_not_change_the_namespace():
+    ref = KVSpec(model="m", num_layers=4, num_kv_heads=2, head_dim=16, extra=(("a", "1"),))
+    same = KVSpec(model="m", num_layers=np.int64(4), num_kv_heads="2", head_dim=np.int32(16),  # type: ignore[arg-type]
+                  is_mla=0, extra=[["a", "1"]])  # type: ignore[arg-type]
+    assert same.namespace_digest() == ref.namespace_digest()
+    assert same == ref and hash(same) == hash(ref)
