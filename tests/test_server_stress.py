@@ -4,7 +4,9 @@ byte-exact checking and the server's RSS watched; kill -9 mid-load with durable 
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+import signal
 import threading
 import time
 
@@ -170,6 +172,12 @@ def test_kill_9_mid_load_then_restart_keeps_durable_puts(kvlayer_server_factory)
         while len(acked) < 60 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(acked) >= 60, "writers made no progress"
+        # a hung server (SIGSTOP) costs a deadline, then misses: never an exception or a hang
+        os.kill(srv.pid, signal.SIGSTOP)
+        try:
+            assert cache.retrieve(tokens) == (0, None)
+        finally:
+            os.kill(srv.pid, signal.SIGCONT)
         srv.kill()  # SIGKILL while the writers are mid-stream
         time.sleep(0.5)
         # an engine using the remote tier sees misses, not exceptions

@@ -54,11 +54,12 @@ def _target_msg(keys: Sequence[str] | None = None, tokens: Sequence[int] | None 
 class KVLayerClient:
     def __init__(self, url: str, *, token: str | None = None, tenant: str | None = None, timeout_s: float = 5.0,
                  channels: int = 1, frame_bytes: int = DEFAULT_FRAME_BYTES, tls_ca: str | None = None,
-                 max_backoff_s: float = 2.0) -> None:
+                 max_backoff_s: float = 2.0, per_key_timeout_s: float = 0.05) -> None:
         target, tls = parse_url(url)
         self.url = url
         self.target = target
         self.timeout_s = timeout_s
+        self.per_key_timeout_s = per_key_timeout_s  # Get deadline: timeout_s + this per key asked for
         self.frame_bytes = int(frame_bytes)
         max_msg = max(4 << 20, self.frame_bytes + (64 << 10))
         backoff_ms = int(max_backoff_s * 1000)
@@ -189,7 +190,7 @@ class KVLayerClient:
         if not keys:
             return []
         if timeout is None:
-            timeout = self.timeout_s + 0.25 * len(keys)
+            timeout = self.timeout_s + self.per_key_timeout_s * len(keys)
         out: list[memoryview | None] = [None] * len(keys)
         fill = [0] * len(keys)
         buf: memoryview | None = None
