@@ -502,3 +502,17 @@ def test_on_demotion_without_blocking_drops_and_counts(closing):
         s.put([key(i)], [chunk(i)], block=False)  # returns at once even though nothing drains
     st = s.stats()["store"]
     assert st["dropped_writes"] >= 4 and st["demotions"] + st["dropped_writes"] == 6
+
+
+def test_pin_registry_counts_and_iterators():
+    from kvlayer.storage.pins import PinRegistry
+
+    r = PinRegistry()
+    a = r.pin(iter(["x", "y", "x"]))  # an iterator, with a duplicate
+    b = r.pin(["x"], label="doc:d")
+    assert r.pinned_keys() == {"x", "y"}
+    assert r.unpin(a) and not r.unpin(a)
+    assert r.pinned_keys() == {"x"} and r.is_pinned("x") and not r.is_pinned("y")
+    assert r.unpin_label("doc:d") == 1 and r.unpin_label("doc:d") == 0
+    assert r.pinned_keys() == set() and r.leases() == []
+    assert not r.unpin(b)

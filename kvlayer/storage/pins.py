@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -26,12 +27,13 @@ class PinRegistry:
         self._lock = threading.Lock()
         self._next_expiry: float | None = None
 
-    def pin(self, keys: list[str], ttl_s: float | None = None, label: str = "") -> str:
+    def pin(self, keys: Iterable[str], ttl_s: float | None = None, label: str = "") -> str:
         lease_id = uuid.uuid4().hex
         exp = time.monotonic() + ttl_s if ttl_s else None
+        ks = tuple(keys)  # once: an iterator read twice pinned nothing
         with self._lock:
-            self._leases[lease_id] = Lease(lease_id, tuple(keys), exp, label)
-            self._counts.update(set(keys))
+            self._leases[lease_id] = Lease(lease_id, ks, exp, label)
+            self._counts.update(set(ks))
             if exp is not None and (self._next_expiry is None or exp < self._next_expiry):
                 self._next_expiry = exp
         return lease_id
