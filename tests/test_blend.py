@@ -441,3 +441,19 @@ def test_calibrate_cli_on_the_tiny_model(tmp_path):
     shown = subprocess.run([sys.executable, "-m", "kvlayer.blend", "show", "--calibration", str(calib)],
                            capture_output=True, text=True, timeout=120, env=env)
     assert rec["fingerprint"] in json.loads(shown.stdout)
+
+
+def test_cli_hooks_plug_into_a_parent_parser(tmp_path, capsys):
+    import argparse
+
+    from kvlayer.blend.cli import add_blend_arguments, run_blend
+
+    store = CalibrationStore(tmp_path / "c.json")
+    store.put("llama-abc", {"status": "ok", "ratio": 0.15, "threshold": 0.02})
+    parser = argparse.ArgumentParser(prog="kvlayer")
+    add_blend_arguments(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["blend", "show", "--calibration", str(tmp_path / "c.json")])
+    assert args.command == "blend" and run_blend(args) == 0
+    assert json.loads(capsys.readouterr().out)["llama-abc"]["ratio"] == 0.15
+    assert store.verdict("llama-abc") == (0.15, "calibrated")
+    assert store.verdict("other")[0] is None
