@@ -277,10 +277,13 @@ def test_restart_with_smaller_budget_trims_oldest(tmp_path):
     assert set(files_on_disk(root)) == set(t2.keys())
 
 
-def test_disk_rejects_non_hex_keys(tmp_path):
+def test_disk_rejects_non_hex_keys_without_failing(tmp_path):
+    """A bad key is the caller's error, not a disk failure (raising would take the tier down)."""
     t = DiskTier(tmp_path / "d", MiB)
-    with pytest.raises(Exception, match="invalid key"):
-        t.put("../../etc/passwd", b"x")
+    assert not t.put("../../etc/passwd", blob(1))
+    assert not t.delete("../x") and t.get("../x") is None and not t.contains("../x")
+    assert t.stats().dropped_writes == 1 and t.keys() == []
+    assert not (tmp_path / "etc").exists()
 
 
 def test_disk_index_matches_files_under_concurrent_put_get_delete(tmp_path):

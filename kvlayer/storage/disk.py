@@ -143,6 +143,11 @@ class DiskTier(Tier):
 
     def put(self, key: str, blob: Buffer) -> bool:
         size = memoryview(blob).nbytes
+        if not _KEY_RE.match(key):
+            # A caller's bad key, not a disk failure: raising would mark the whole tier down.
+            log.warning("disk tier: invalid key %r (expected lowercase hex); not stored", key[:80])
+            self.count(dropped_writes=1)
+            return False
         final = self._path(key)
         with self._seq_lock:
             self._seq += 1
@@ -200,6 +205,8 @@ class DiskTier(Tier):
             return None
 
     def delete(self, key: str) -> bool:
+        if not _KEY_RE.match(key):
+            return False
         with self._lru.lock:
             had = self._lru.remove(key) is not None
         try:
