@@ -1,7 +1,7 @@
 """The standalone kvlayer cache server (``kvlayer serve``) and its client.
 
     python -m kvlayer.server serve --cpu-bytes 8GiB --disk-path /var/cache/kvlayer
-    kvlayer stats --server 127.0.0.1:50061
+    kvlayer stats --server 127.0.0.1:50051
 
 Engines reach a server through the ``remote`` tier (``server_url=...`` in the config).
 """

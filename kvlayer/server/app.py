@@ -26,7 +26,7 @@ from kvlayer.config import default_cache_dir, load_config, parse_size
 
 log = logging.getLogger("kvlayer.server")
 
-DEFAULT_PORT = 50061
+DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9464
 
 
