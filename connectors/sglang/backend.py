@@ -21,7 +21,10 @@ Why it is built this way:
 - MLA KV is replicated on every TP rank: the spec uses tp_rank 0 of 1 so all ranks share one
   copy, and only SGLang's storage-writer rank writes (others answer "done", as SGLang's own
   backup skip does).
-- Keys: see ``keys.py`` (SGLang's page hashes carry no namespace; kvlayer adds one).
+- Keys: see ``keys.py``. SGLang's page hashes carry no namespace; kvlayer adds one. Pages are a
+  cross-engine hit with vLLM (``KVCache.keys(tokens)``) when the caller passes the token ids in
+  ``HiCacheStorageExtraInfo.extra_info["token_ids"]``; stock SGLang 0.5.x passes only hashes, so
+  there pages are shared between SGLang instances, not with vLLM.
 - Nothing raises into SGLang once attached: a failing tier, a corrupt blob, a wrong-shaped chunk
   or a bug here turns into ``False`` entries / 0 hits / None and a counted, logged error. Bad
   configuration (unknown setting, unsupported pool dtype or layout) fails the attach instead,
@@ -302,7 +305,8 @@ class KVLayerStore(HiCacheStorage):
             out["backend"]["token_mapped_pages"] = self.mapper.token_mapped
             out["backend"]["token_rejected_pages"] = self.mapper.token_rejected
         if self.cache is not None:
-            out.update(self._guard("stats", self.cache.stats, {}))
+            empty: dict[str, Any] = {}
+            out.update(self._guard("stats", self.cache.stats, empty))
         return out
 
     def flush(self, timeout: float | None = None) -> bool:
