@@ -7,8 +7,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -298,9 +300,22 @@ def test_metrics_endpoint(kvlayer_server) -> None:
 def test_sigterm_finishes_writes_and_restart_finds_them_on_disk(kvlayer_server_factory) -> None:
     srv = kvlayer_server_factory(cpu_bytes="32MiB")
     items = [(key(i, "term"), blob(i, n_tokens=256, tag="term")) for i in range(40)]
+    late = (key(0, "late"), blob(0, n_tokens=256, tag="late"))
     with srv.client() as c:
         assert all(c.put(items))  # not durable: disk writes are queued behind the ack
-    assert srv.stop() == 0  # graceful: exit code 0 after flushing the queue
+
+        def frames():  # SIGTERM arrives while this upload is half sent: it must still complete
+            from kvlayer.server import wire
+
+            mv = memoryview(late[1])
+            yield wire.encode_put_frame(late[0], len(mv), mv[:100], False)
+            srv.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            yield wire.encode_put_frame("", 0, mv[100:], False)
+
+        assert c._puts[0](frames(), timeout=30).stored == [True]
+    assert srv.proc.wait(30) == 0  # graceful: exit code 0 after flushing the queue
+    items.append(late)
     assert "stopped in" in srv.log_text()
     srv.start()
     with srv.client() as c:

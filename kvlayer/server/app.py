@@ -274,8 +274,11 @@ class ServerApp:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Entry point of ``kvlayer serve``: runs until SIGTERM/SIGINT, then shuts down gracefully."""
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = getattr(logging, str(args.log_level).upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kvlayer").setLevel(level)  # also when the CLI configured logging before us
+    for h in logging.getLogger().handlers:
+        h.setLevel(min(h.level or level, level))
     app = ServerApp(args)
     signal.signal(signal.SIGTERM, app.request_stop)
     signal.signal(signal.SIGINT, app.request_stop)
