@@ -67,12 +67,17 @@ class KVLayerConnector(KVConnectorBase_V1):
                 log.warning("kvlayer: set kv_load_failure_policy='recompute' so failed loads are recomputed")
         tp_rank = _tp_rank() if role == KVConnectorRole.WORKER else 0
         self.spec = build_spec(vllm_config, kv_cache_config, self.options, tp_rank=tp_rank)
-        self.cache: KVCache = store.acquire(self.spec, self.config)
+        self._is_worker = role == KVConnectorRole.WORKER
+        self.cache: KVCache = store.acquire(self.spec, self.config, worker=self._is_worker)
         self.counters = COUNTERS
         self.scheduler: SchedulerSide | None = None
         self.worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self.scheduler = SchedulerSide(self.cache, self.options, self.counters, block_size=self.block_size)
+            remote = not store.has_local_worker(self.cache)
+            self.scheduler = SchedulerSide(self.cache, self.options, self.counters, block_size=self.block_size,
+                                           remote_worker=remote)
+            if remote:
+                log.info("kvlayer: vLLM's worker runs in another process; hits are tracked from its reports")
         else:
             layer_names = list(kv_cache_config.kv_cache_groups[0].layer_names)
             self.worker = WorkerSide(self.cache, self.counters, block_size=self.block_size,
@@ -121,6 +126,9 @@ class KVLayerConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.take_load_errors() if self.worker is not None else set()
 
+    def build_connector_worker_meta(self) -> Any:
+        return self.worker.take_worker_meta() if self.worker is not None else None
+
     def shutdown(self) -> None:
         self.close()
 
@@ -156,6 +164,13 @@ class KVLayerConnector(KVConnectorBase_V1):
             return ConnectorMeta()
         return self.scheduler.build_connector_meta(scheduler_output)
 
+    def update_connector_output(self, connector_output: Any) -> None:
+        if self.scheduler is not None:
+            try:
+                self.scheduler.on_worker_meta(getattr(connector_output, "kv_connector_worker_meta", None))
+            except Exception as e:
+                log.warning("kvlayer: ignoring worker report (%s: %s)", type(e).__name__, e)
+
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         if self.scheduler is not None:
             self.scheduler.request_finished(request)
@@ -177,6 +192,6 @@ class KVLayerConnector(KVConnectorBase_V1):
         self._closed = True
         if self.scheduler is not None:
             self.scheduler.reset()
-        store.release(self.cache)
+        store.release(self.cache, worker=self._is_worker)
         if self in LIVE:
             LIVE.remove(self)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +55,7 @@ class ReqState:
 
 class SchedulerSide:
     def __init__(self, cache: KVCache, options: ConnectorOptions, counters: ConnectorCounters, *,
-                 block_size: int) -> None:
+                 block_size: int, remote_worker: bool = False) -> None:
         self.cache = cache
         self.options = options
         self.counters = counters
@@ -63,6 +64,40 @@ class SchedulerSide:
         self.blocks_per_chunk = self.chunk_size // block_size
         self._reqs: dict[str, ReqState] = {}
         self._lock = threading.Lock()
+        # Worker in another process: its CPU tier is invisible from here, so keep an index of
+        # the keys it reports as stored (bounded; a stale entry costs one recompute).
+        self.remote: OrderedDict[str, None] | None = None
+        if remote_worker:
+            self.remote = OrderedDict()
+            chunk_bytes = max(1, cache.spec.bytes_per_token() * self.chunk_size)
+            budget = sum(t.capacity for t in cache.config.tier_configs() if t.kind in ("memory", "disk"))
+            self._remote_cap = max(4096, budget // chunk_bytes)
+
+    def on_worker_meta(self, meta: Any) -> None:
+        if self.remote is None or meta is None:
+            return
+        with self._lock:
+            for k in getattr(meta, "missing", ()):
+                self.remote.pop(k, None)
+            for k in getattr(meta, "stored", ()):
+                self.remote[k] = None
+                self.remote.move_to_end(k)
+            while len(self.remote) > self._remote_cap:
+                self.remote.popitem(last=False)
+
+    def _lookup(self, keys: list[str]) -> list[str]:
+        """Tier names of the leading run of keys the worker can load."""
+        if not keys:
+            return []
+        where = self.cache.store_.locate(keys)
+        out: list[str] = []
+        for k, w in zip(keys, where, strict=True):
+            if w is None and self.remote is not None and k in self.remote:
+                w = "worker"
+            if w is None:
+                break
+            out.append(w)
+        return out
 
     # ------------------------------------------------------------------ keys
     def _seed(self, request: Any) -> bytes:
@@ -100,7 +135,7 @@ class SchedulerSide:
             self._extend_keys(st, prompt)
             # Never claim the last prompt token: vLLM must compute at least one token.
             claimable = (len(prompt) - 1) // self.chunk_size
-            tiers = self.cache.store_.lookup(st.keys[:claimable]) if claimable > 0 else []
+            tiers = self._lookup(st.keys[:claimable]) if claimable > 0 else []
             self.counters.add(lookups=1)
             st.hit_tiers = tiers
             st.hit_tokens = len(tiers) * self.chunk_size

@@ -18,7 +18,7 @@ import torch
 from kvlayer.engine import KVCache
 
 from .layout import Adapter, Layout, LayoutError, make_adapter, probe_layout, table_layout
-from .metadata import ConnectorMeta
+from .metadata import ConnectorMeta, KVLayerWorkerMeta
 from .stats import ConnectorCounters
 
 log = logging.getLogger("kvlayer.vllm")
@@ -34,6 +34,8 @@ class WorkerSide:
         self.layer_names = layer_names
         self.adapter: Adapter | None = None
         self._errors: set[int] = set()
+        self._stored: list[str] = []
+        self._missing: list[str] = []
         self.load_seconds = 0.0
         self.save_seconds = 0.0
 
@@ -84,6 +86,7 @@ class WorkerSide:
         c = self.cache.chunk_size
         for i, chunk in enumerate(chunks):
             if chunk is None or chunk.shape[2] != c:
+                self._missing.extend(op.keys[i:])
                 self._fail(op, i)
                 return
             skip = op.skips[i]
@@ -96,6 +99,13 @@ class WorkerSide:
         bad = [b for i in range(first, len(op.blocks)) for b in op.blocks[i][op.skips[i]:]]
         self._errors.update(bad)
         self.counters.add(load_errors=len(op.blocks) - first, error_blocks=len(bad))
+
+    def take_worker_meta(self) -> KVLayerWorkerMeta | None:
+        if not self._stored and not self._missing:
+            return None
+        meta = KVLayerWorkerMeta(self._stored, self._missing)
+        self._stored, self._missing = [], []
+        return meta
 
     def take_load_errors(self) -> set[int]:
         out, self._errors = self._errors, set()
@@ -120,6 +130,7 @@ class WorkerSide:
             if keys:
                 self.cache.store_chunks(keys, chunks, block=False)
                 self.counters.add(saved_chunks=len(keys))
+            self._stored.extend(keys + [op.key for op, w in zip(ops, where, strict=True) if w is not None])
         except Exception as e:  # a failed save is a future miss, nothing more
             self.counters.add(save_errors=1)
             log.warning("kvlayer: save failed (%s: %s)", type(e).__name__, e)
