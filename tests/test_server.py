@@ -197,10 +197,14 @@ def test_malformed_requests_get_invalid_argument_and_server_keeps_serving(kvlaye
         assert c.stats().counters["inflight_bytes"] == 0  # refused uploads released their reservations
 
 
-def test_oversized_unauthenticated_and_wrong_tenant(kvlayer_server_factory) -> None:
+def test_oversized_unauthenticated_and_wrong_tenant(kvlayer_server_factory, tmp_path: Path) -> None:
+    sock = tmp_path / "kvl.sock"
     srv = kvlayer_server_factory("--auth-token", "s3cret", "--tenant-token", "team-a=tok-a", "--max-blob-bytes", "1MiB",
-                                 "--max-request-bytes", "3MiB", disk=False)
+                                 "--max-request-bytes", "3MiB", "--unix-socket", str(sock), disk=False)
     ok = blob(5, tag="limits")
+    with KVLayerClient(f"unix://{sock}", token="s3cret") as uds:  # same server over a Unix socket
+        assert uds.put([(key(4), ok)]) == [True] and bytes(uds.get([key(4)])[0]) == bytes(ok)
+        assert uds.evict(keys=[key(4)]) == 1
     with srv.client() as anon, srv.client(token="wrong") as wrong, srv.client(token="s3cret") as admin, \
             srv.client(token="tok-a", tenant="team-b") as liar, srv.client(token="tok-a") as team_a:
         assert anon.health().status == pb.HealthResponse.SERVING  # probes need no token

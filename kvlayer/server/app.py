@@ -43,6 +43,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: loopback only; use 0.0.0.0 with --auth-token and TLS)")
     g.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"gRPC port (default {DEFAULT_PORT}; 0 = any free port)")
+    g.add_argument("--unix-socket", metavar="PATH",
+                   help="also listen on this Unix domain socket (clients: unix:///PATH; same host, no TCP; "
+                        "access controlled by the file's permissions, no TLS)")
     g.add_argument("--ready-file", help="write {port, metrics_port, pid} as JSON here once serving (for scripts/tests)")
     g.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (clients use grpcs://host:port)")
     g.add_argument("--tls-key", help="PEM private key for --tls-cert")
@@ -234,6 +237,13 @@ class ServerApp:
             self.port = self.server.add_insecure_port(addr)
         if self.port == 0:
             raise SystemExit(f"cannot bind {addr}")
+        if args.unix_socket:
+            sock = Path(args.unix_socket)
+            if sock.is_socket():
+                sock.unlink()  # left by a killed server
+            sock.parent.mkdir(parents=True, exist_ok=True)
+            if not self.server.add_insecure_port(f"unix:{sock.resolve()}"):
+                raise SystemExit(f"cannot bind unix socket {sock}")
         self.metrics_port = 0
         self._stop = threading.Event()
 
@@ -251,7 +261,7 @@ class ServerApp:
             tmp = Path(a.ready_file + ".tmp")
             tmp.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid(),
-                                       "host": a.host}))
+                                       "host": a.host, "unix_socket": a.unix_socket}))
             os.replace(tmp, a.ready_file)
 
     def request_stop(self, *_: Any) -> None:

@@ -25,14 +25,19 @@ TENANT_HEADER = "x-kvlayer-tenant"
 
 
 def parse_url(url: str) -> tuple[str, bool]:
-    """``grpc://h:p`` / ``h:p`` -> (target, tls=False); ``grpcs://h:p`` -> (target, True)."""
+    """``grpc://h:p`` / ``h:p`` -> (target, tls=False); ``grpcs://h:p`` -> (target, True);
+    ``unix:///path/to.sock`` -> a Unix domain socket (same host, no TCP stack)."""
     u = url.strip()
+    if u.startswith("unix://"):
+        return "unix:/" + u[len("unix://"):].lstrip("/"), False
+    if u.startswith("unix:"):
+        return u, False
     for scheme, tls in (("grpcs://", True), ("grpc://", False), ("kvlayer://", False), ("http://", False),
                         ("https://", True)):
         if u.startswith(scheme):
             return u[len(scheme):].rstrip("/"), tls
     if "://" in u:
-        raise ValueError(f"server url {url!r}: use grpc://host:port, grpcs://host:port or host:port")
+        raise ValueError(f"server url {url!r}: use grpc://host:port, grpcs://host:port, host:port or unix:///path")
     return u.rstrip("/"), False
 
 
