@@ -323,9 +323,12 @@ def test_sglang_failure_injector_returns_failures_and_never_corrupts(monkeypatch
     assert outcomes == {True, False}, "with p=0.5 over 30 rounds both outcomes must occur"
 
 
-def test_dead_redis_tier_means_failures_not_exceptions(cleanup):
+@pytest.mark.parametrize("tier", ["redis", "server"])
+def test_dead_redis_or_server_tier_means_failures_not_exceptions(tier, cleanup):
+    """Nothing listens on the port: the real Redis / remote (gRPC) tier fails every call."""
+    url = {"redis": f"redis://127.0.0.1:{closed_port()}/0", "server": f"grpc://127.0.0.1:{closed_port()}"}[tier]
     pool = make_mha_host_pool("page_first_direct", page_size=P)
-    b = attach(pool, storage_config(cpu_bytes=0, redis_url=f"redis://127.0.0.1:{closed_port()}/0", retry_after_s=0))
+    b = attach(pool, storage_config(cpu_bytes=0, retry_after_s=0, **{f"{tier}_url": url}))
     cleanup.append(b)
     fill_random(pool, 6)
     idx = pool.alloc(2 * P)
@@ -489,6 +492,18 @@ def test_cross_engine_vllm_store_is_sglang_hit_and_back(redis_server, cleanup): 
     assert vllm_side.lookup(tokens2).hit_tokens == 4 * P
     n, kv = vllm_side.retrieve(tokens2)
     assert n == 4 * P and torch.equal(kv, torch.cat(sg.layout.read(idx2), dim=2))
+
+    # stock SGLang (bare page hashes, no tokens): the token-holding side stores under the bridge keys
+    from kvlayer.connectors.sglang.keys import sglang_bridge_keys
+
+    tokens3 = rng.integers(0, 1000, 2 * P).tolist()
+    chunks3 = [torch.randn(spec.chunk_shape(P)).half() for _ in range(2)]
+    assert vllm_side.store_chunks(sglang_bridge_keys(vllm_side.namespace, tokens3, P), chunks3) == 2
+    bare = sglang_page_hashes(tokens3, P)
+    assert sg.batch_exists(bare) == 2
+    idx3 = pool.alloc(2 * P)
+    assert sg.batch_get_v1(bare, idx3) == [True, True]
+    assert all(torch.equal(a, c) for a, c in zip(sg.layout.read(idx3), chunks3, strict=True))
 
 
 # ------------------------------------------------------------------ SGLang's own controller I/O code

@@ -65,6 +65,14 @@ def derived_key(namespace: bytes, sglang_key: str) -> str:
     return hashlib.sha256(namespace + raw).hexdigest()
 
 
+def sglang_bridge_keys(namespace: bytes, tokens: Sequence[int] | np.ndarray, page_size: int) -> list[str]:
+    """Case-2 keys of ``tokens``' full pages: what ``KVLayerStore`` looks up for stock SGLang's bare
+    page hashes. An engine that has the tokens (the vLLM connector, ``KVCache`` users) can store or
+    look up chunks under these to share with an SGLang that passes no tokens, until kvlayer's own
+    chain is made computable from SGLang's hashes (see the module docstring)."""
+    return [derived_key(namespace, d) for d in sglang_page_hashes(tokens, page_size)]
+
+
 def _token_ids(extra_info: Any) -> Any:
     inner = getattr(extra_info, "extra_info", None)
     if isinstance(inner, Mapping):
