@@ -133,6 +133,12 @@ def test_cluster_reads_follow_moved(redis_cluster, monkeypatch):
         monkeypatch.setattr(client, "get_node_from_key", lambda rk, replica=False: wrong[rk])
         assert [bytes(v) for v in tier.get_many(keys)] == vals  # type: ignore[arg-type]
         assert calls["pipelined"] == 1
+        # writes sent to the wrong node get MOVED too, and are redone through redis-py
+        new = blobs([1500] * 12, seed=8)
+        assert tier.put_many(list(zip(keys, new, strict=True))) == [True] * 12
+        monkeypatch.undo()
+        assert [bytes(v) for v in tier.get_many(keys)] == new  # type: ignore[arg-type]
+        assert tier.stats().dropped_writes == 0
     finally:
         tier.close()
 
@@ -154,7 +160,12 @@ def test_cluster_node_killed_other_nodes_still_serve():
             assert [g is not None for g in got] == alive
             assert all(bytes(g) == v for g, v in zip(got, vals, strict=True) if g is not None)
             assert tier.exists_many(keys) == alive
-            assert tier.stats().errors >= 2 and tier.healthy()
+            # writes too: the live nodes take theirs, the dead node's are dropped and counted
+            new = blobs([3000] * 30, seed=6)
+            assert tier.put_many(list(zip(keys, new, strict=True))) == alive
+            got = tier.get_many(keys)
+            assert all(bytes(g) == v for g, v in zip(got, new, strict=True) if g is not None)
+            assert tier.stats().errors >= 3 and tier.healthy()
         finally:
             tier.close()
 

@@ -85,6 +85,7 @@ MANIFEST_MAGIC = b"\x00kvlPRT1"
 _MANIFEST = struct.Struct("<8sQIQ8s")  # magic, total_len, n_parts, part_size, nonce
 MANIFEST_LEN = _MANIFEST.size  # 36
 _DEL_IF_EQUAL = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+_REDIRECTS = (redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError)
 _NET_ERRORS: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
 _CLUSTER_DOWN: tuple[type[BaseException], ...] = (redis.exceptions.ClusterDownError, redis.exceptions.ClusterError,
                                                   redis.exceptions.RedisClusterException)
@@ -609,8 +610,9 @@ class RedisTier(Tier):
 
         Victim = tuple[str, int, bytes, bytes | None]
 
-        def write(idx: list[int]) -> list[tuple[bool, bytes | None, Victim | None]]:
-            pipe = self._pipe()
+        def write(job: tuple[Any, list[int]]) -> list[tuple[bool, bytes | None, Victim | None, bool]]:
+            target, idx = job
+            pipe = target.pipeline(transaction=False)
             layout = []
             for j in idx:
                 i = todo[j]
@@ -635,7 +637,7 @@ class RedisTier(Tier):
                     pipe.set(rk, v, px=px)
                 layout.append((key, n, nonce, manifest))
             res = pipe.execute(raise_on_error=False)
-            out: list[tuple[bool, bytes | None, Victim | None]] = []
+            out: list[tuple[bool, bytes | None, Victim | None, bool]] = []
             pos = 0
             for key, n, nonce, manifest in layout:
                 old, old_len = res[pos], res[pos + 1]
@@ -644,23 +646,47 @@ class RedisTier(Tier):
                 # a SET can fail alone (e.g. OOM under maxmemory noeviction): then the old value
                 # stays as it was, and whatever this write left of a split value must go
                 stored = all(s is True for s in sets)
+                moved = not stored and any(isinstance(s, _REDIRECTS) for s in sets)
                 stale = old if stored and old_len == MANIFEST_LEN and old != manifest else None
-                failed = (key, n, nonce, manifest) if n and not stored else None
-                out.append((stored, stale, failed))
+                failed = (key, n, nonce, manifest) if n and not stored and not moved else None
+                out.append((stored, stale, failed, moved))
             return out
 
-        groups = self._groups_by_size([sizes[i] for i in todo])
-        results = self._call("put", lambda: self._fanout(groups, write))
         stale: list[Victim] = []
-        for idx, res in zip(groups, results, strict=True):
-            for j, (stored, old, failed) in zip(idx, res, strict=True):
-                i = todo[j]
-                ok[i] = stored
-                m = self._parse_manifest(old) if old is not None else None
-                if m is not None:
-                    stale.append((items[i][0], m[1], m[3], None))
-                if failed is not None:
-                    stale.append(failed)
+        moved: list[int] = []
+
+        def run(jobs: list[tuple[Any, list[int]]]) -> None:
+            results = self._fanout(jobs, write, tolerant=True)
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed and len(failed) == len(results):
+                raise failed[0]
+            if failed:  # a dead Cluster node: its writes are dropped, the others stand
+                self.count(errors=len(failed))
+                log.warning("redis tier %s: %d of %d connections failed (%s); their writes dropped",
+                            self.name, len(failed), len(results), failed[0])
+            for (_, idx), res in zip(jobs, results, strict=True):
+                for j, r in zip(idx, res if not isinstance(res, BaseException) else [None] * len(idx), strict=True):
+                    i = todo[j]
+                    if r is None:
+                        ok[i] = False
+                        continue
+                    stored, old, failed_split, was_moved = r
+                    ok[i] = stored
+                    if was_moved:
+                        moved.append(j)
+                    m = self._parse_manifest(old) if old is not None else None
+                    if m is not None:
+                        stale.append((items[i][0], m[1], m[3], None))
+                    if failed_split is not None:
+                        stale.append(failed_split)
+
+        self._call("put", lambda: run(self._write_jobs(todo, [self.rkey(items[i][0]) for i in todo],
+                                                       [sizes[i] for i in todo])))
+        if moved:
+            # Slots moved under us: redis-py's Cluster pipeline follows MOVED/ASK.
+            again = list(moved)
+            moved.clear()
+            self._call("put", lambda: run([(self.client, again)]))
         if stale:
             try:
                 self._call("delete stale parts", lambda: self._delete_split(stale))
@@ -670,6 +696,31 @@ class RedisTier(Tier):
         self.count(puts=n_ok, bytes_written=sum(s for s, o in zip(sizes, ok, strict=True) if o),
                    dropped_writes=len(items) - n_ok)
         return ok
+
+    def _write_jobs(self, todo: list[int], rkeys: list[str], sizes: list[int]) -> list[tuple[Any, list[int]]]:
+        """(pipeline source, positions in ``todo``) per connection: balanced by bytes; in a
+        Cluster one node's client per job (a dead node then costs only its own keys)."""
+        client = self.client
+        if not isinstance(client, RedisCluster):
+            return [(client, g) for g in self._groups_by_size(sizes)]
+        by_node: dict[str, tuple[Any, list[int]]] = {}
+        for j, rk in enumerate(rkeys):
+            node = client.get_node_from_key(rk)
+            conn = node.redis_connection if node is not None else None
+            if conn is None:
+                return [(client, list(range(len(todo))))]
+            by_node.setdefault(node.name, (conn, []))[1].append(j)
+        per = max(1, self.connections // max(1, len(by_node)))
+        jobs: list[tuple[Any, list[int]]] = []
+        for conn, idx in by_node.values():
+            groups = self._groups_by_size([sizes[j] for j in idx])
+            if len(groups) > per:  # merge down to ``per`` groups a node
+                merged: list[list[int]] = [[] for _ in range(per)]
+                for g_i, g in enumerate(groups):
+                    merged[g_i % per].extend(g)
+                groups = [sorted(g) for g in merged if g]
+            jobs += [(conn, [idx[k] for k in g]) for g in groups]
+        return jobs
 
     # ------------------------------------------------------------------ deletes
     def _delete_split(self, victims: list[tuple[str, int, bytes, bytes | None]]) -> None:
