@@ -526,6 +526,36 @@ def test_config_url_options_and_errors(spec):
         build_tier(TierConfig(kind="redis", url="unix:///tmp/x.sock", options={"cluster": True}))
 
 
+@pytest.mark.skipif(__import__("shutil").which("openssl") is None, reason="needs openssl")
+def test_tls_rediss_round_trip(tmp_path):
+    """rediss:// with a CA file (ssl_* options): the raw reader and memoryview sends over TLS."""
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    tls_port = free_port()
+    srv = RedisServer(extra_args=("--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+                                  "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"))
+    with srv:
+        tier = build_tier(TierConfig(kind="redis", url=f"rediss://127.0.0.1:{tls_port}/0",
+                                     options={"ssl_ca_certs": str(cert), "max_value_bytes": 1 << 20}))
+        untrusted = RedisTier(f"rediss://127.0.0.1:{tls_port}/0", connect_timeout=1.0)
+        try:
+            vals = blobs([100, 3 << 20, 500_000], seed=9)
+            keys = [hexkey(i) for i in range(3)]
+            assert all(tier.put_many(list(zip(keys, vals, strict=True))))
+            assert [bytes(v) for v in tier.get_many(keys)] == vals  # type: ignore[arg-type]
+            assert tier.exists_many(keys) == [True] * 3
+            assert redis.Redis(port=srv.port).dbsize() == 3 + 3  # plain port, same data: 3 parts
+            with pytest.raises(TierError):  # server certificate not trusted
+                untrusted.get(keys[0])
+        finally:
+            tier.close()
+            untrusted.close()
+
+
 def test_unix_socket_and_clear_keeps_foreign_keys(tmp_path):
     sock = tmp_path / "r.sock"
     srv = RedisServer(extra_args=("--unixsocket", str(sock), "--unixsocketperm", "700"))
