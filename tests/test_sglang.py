@@ -106,6 +106,35 @@ def page_keys(n: int, tag: str = "") -> list[str]:
     return sglang_page_hashes(tokens, P)
 
 
+def vllm_fingerprint(model: str, revision: str | None, dtype: str) -> str:
+    """``kvlayer.connectors.vllm.config.model_fingerprint``, loaded from its file (the package's
+    ``__init__`` imports vLLM, which this module does not need)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "_kvlayer_vllm_config_probe"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "connectors" / "vllm" / "config.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # dataclasses look their module up there
+        spec.loader.exec_module(mod)
+    return sys.modules[name].model_fingerprint(model, revision, dtype)
+
+
+def test_default_fingerprint_is_the_vllm_connectors(tmp_path):
+    from kvlayer.connectors.sglang.backend import model_fingerprint
+
+    folder = tmp_path / "SmolLM2"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"hidden_size": 576}')
+    for model, rev, dtype in [("meta-llama/Llama-3.1-8B", None, "bfloat16"), ("x", "abc", "float16"),
+                              (str(folder), None, "float16")]:
+        assert model_fingerprint(model, rev, dtype) == vllm_fingerprint(model, rev, dtype)
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -131,7 +160,8 @@ def test_factory_builds_kvlayer_backend_with_layout_independent_namespace(cleanu
         specs.add(b.spec)
     assert len(specs) == 1, "the namespace must not depend on the host layout"
     (spec,) = specs
-    assert spec == KVSpec(model="tiny-llama", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16")
+    assert spec == KVSpec(model=vllm_fingerprint("tiny-llama", None, "float16"), num_layers=2, num_kv_heads=2,
+                          head_dim=8, dtype="float16")
     assert b.cache.chunk_size == P
 
 
@@ -458,7 +488,9 @@ def test_cross_engine_vllm_store_is_sglang_hit_and_back(redis_server, cleanup): 
     pool = make_mha_host_pool("page_head", page_size=P)
     sg = attach(pool, storage_config(model="tiny-llama", **shared))
     cleanup.append(sg)
-    spec = KVSpec(model="tiny-llama", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16")
+    # the vLLM connector's default fingerprint of the same model name: no shared setting needed
+    spec = KVSpec(model=vllm_fingerprint("tiny-llama", None, "float16"), num_layers=2, num_kv_heads=2, head_dim=8,
+                  dtype="float16")
     vllm_side = KVCache(spec, chunk_size=P, **shared)
     cleanup.append(vllm_side)
     rng = np.random.default_rng(1)

@@ -5,12 +5,14 @@ Loaded by SGLang's own factory::
     --enable-hierarchical-cache --hicache-storage-backend dynamic
     --hicache-storage-backend-extra-config '{"backend_name":"kvlayer",
         "module_path":"kvlayer.connectors.sglang","class_name":"KVLayerStore","interface_v1":1,
-        "model":"meta-llama/Llama-3.1-8B@<revision>", "cpu_bytes":"8GiB", "redis_url":"redis://..."}'
+        "cpu_bytes":"8GiB", "redis_url":"redis://..."}'
 
 Everything in the extra config that is not SGLang's own (``backend_name``, ``module_path``,
 ``class_name``, ``interface_v1``, ...) is kvlayer configuration: any ``KVLayerConfig`` field, plus
-``model`` (the model fingerprint; default SGLang's model name) and ``config_file`` (a kvlayer
-YAML/TOML/JSON file; ``KVLAYER_*`` env vars apply as usual, the extra config wins).
+``model`` / ``model_fingerprint`` (overrides the fingerprint, which by default is derived from
+SGLang's model name/path, ``revision`` and the KV dtype exactly as the vLLM connector derives it)
+and ``config_file`` (a kvlayer YAML/TOML/JSON file; ``KVLAYER_*`` env vars apply as usual, the
+extra config wins).
 
 Why it is built this way:
 - The store is created when SGLang registers the host pool, because only the pool knows layers,
@@ -33,11 +35,15 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -60,8 +66,21 @@ SGLANG_KEYS = frozenset({
     "prefetch_threshold", "prefetch_timeout_base", "prefetch_timeout_per_ki_token",
     "hicache_storage_pass_prefix_keys", "tp_lcm_size",
 })
-#: Extra-config keys this backend reads itself.
-OWN_KEYS = frozenset({"model", "config_file"})
+#: Extra-config keys this backend reads itself (``model_fingerprint`` as in the vLLM connector).
+OWN_KEYS = frozenset({"model", "model_fingerprint", "revision", "config_file"})
+
+
+def model_fingerprint(model: str, revision: str | None, dtype: str) -> str:
+    """The vLLM connector's default fingerprint, so the same model served by both engines gets the
+    same namespace without configuration: name or path + revision + KV dtype, plus, for a local
+    folder, a digest of its config.json. Kept equal to ``kvlayer.connectors.vllm.config`` by a test
+    (importing that package would import vLLM)."""
+    parts = {"model": model, "revision": revision or "", "dtype": dtype}
+    cfg = Path(model) / "config.json"
+    if cfg.is_file():
+        parts["config_sha256"] = hashlib.sha256(cfg.read_bytes()).hexdigest()
+        parts["model"] = os.path.basename(os.path.normpath(model))
+    return parts["model"] + "@" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 _METRICS_KEEP = 4096
 
@@ -73,11 +92,13 @@ class KVLayerStore(HiCacheStorage):
         self.storage_config = storage_config
         extra = dict(storage_config.extra_config or {})
         self.interface_v1 = bool(extra.get("interface_v1", 0))
-        model = extra.get("model") or storage_config.model_name
-        if not model:
+        self.model_override: str | None = extra.get("model") or extra.get("model_fingerprint") or None
+        self.model_name: str | None = storage_config.model_name
+        self.revision: str | None = extra.get("revision")
+        if not (self.model_override or self.model_name):
             raise ConfigError("kvlayer SGLang backend: no model fingerprint; set \"model\" in "
                               "--hicache-storage-backend-extra-config (or serve a named model)")
-        self.model = str(model)
+        self.model = str(self.model_override or self.model_name)
         cli = {k: v for k, v in extra.items() if k not in SGLANG_KEYS and k not in OWN_KEYS}
         self.config: KVLayerConfig = load_config(extra.get("config_file"), cli=cli)
         self.is_writer = bool(getattr(storage_config, "is_storage_writer", True))
@@ -107,6 +128,8 @@ class KVLayerStore(HiCacheStorage):
         if getattr(sc, "attn_cp_size", 1) > 1:
             extra.append(("attn_cp", f"{sc.attn_cp_rank}/{sc.attn_cp_size}"))
         tp_rank, tp_size = (0, 1) if g.is_mla else (sc.tp_rank, sc.tp_size)
+        if not self.model_override:
+            self.model = model_fingerprint(str(self.model_name), self.revision, dtype_name(g.dtype))
         spec = KVSpec(model=self.model, num_layers=g.num_layers, num_kv_heads=g.num_kv_heads, head_dim=g.head_dim,
                       dtype=dtype_name(g.dtype), tp_rank=tp_rank, tp_size=tp_size, is_mla=g.is_mla,
                       extra=tuple(extra))
