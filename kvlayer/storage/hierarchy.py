@@ -364,7 +364,8 @@ class TieredStore(EvictionGuard):
                     kept.append(job)
             self._q = kept
             self._q_cv.notify_all()
-            while self._inflight_keys & keys:
+            deadline = time.monotonic() + 30.0  # a hung tier must not hang delete() forever
+            while self._inflight_keys & keys and time.monotonic() < deadline:
                 self._q_cv.wait(timeout=1.0)
 
     def clear(self) -> None:
