@@ -587,3 +587,18 @@ def test_unsupported_pool_fails_the_attach_with_the_reason():
     pool = make_mha_host_pool("page_first", page_size=P, dtype=torch.float8_e4m3fn)
     with pytest.raises(Exception, match="float8"):
         attach(pool, storage_config())
+
+
+def test_hybrid_v2_calls_answer_nothing_instead_of_raising(cleanup):
+    from sglang.srt.mem_cache.hicache_storage import PoolName, PoolTransfer
+
+    pool = make_mha_host_pool("page_first", page_size=P)
+    b = attach(pool, storage_config())
+    cleanup.append(b)
+    idx = pool.alloc(2 * P)
+    keys = page_keys(2, "v2")
+    transfers = [PoolTransfer(name=PoolName.KV, host_indices=idx, keys=keys),
+                 PoolTransfer(name=PoolName.MAMBA, host_indices=idx, keys=keys)]
+    assert b.batch_exists_v2(keys, transfers).kv_hit_pages == 0
+    assert b.batch_set_v2(transfers) == {PoolName.KV: [False, False], PoolName.MAMBA: [False, False]}
+    assert b.batch_get_v2(transfers) == {PoolName.KV: [False, False], PoolName.MAMBA: [False, False]}

@@ -231,6 +231,21 @@ class KVLayerStore(HiCacheStorage):
 
         return self._guard("batch_set_v1", run, [False] * len(keys))
 
+    # ------------------------------------------------------------------ v2 (hybrid models): not supported
+    # Hybrid models (Mamba/SWA state, DSA indexer sidecars) use SGLang's multi-pool v2 calls. Their
+    # extra pools have no canonical chunk form here yet, so these answer "nothing stored / not
+    # written" instead of SGLang's NotImplementedError: L3 is then simply idle for such models.
+    def batch_exists_v2(self, keys: list[str], pool_transfers: Any = None, extra_info: Any = None) -> Any:
+        from sglang.srt.mem_cache.hicache_storage import PoolTransferResult
+
+        return PoolTransferResult.empty()
+
+    def batch_get_v2(self, transfers: Any, extra_info: Any = None) -> dict[str, list[bool]]:
+        return {t.name: [False] * len(t.keys or []) for t in transfers or []}
+
+    def batch_set_v2(self, transfers: Any, extra_info: Any = None) -> dict[str, list[bool]]:
+        return {t.name: [False] * len(t.keys or []) for t in transfers or []}
+
     # ------------------------------------------------------------------ legacy (flat pages in pool order)
     def get(self, key: str, target_location: Any = None, target_sizes: Any = None) -> torch.Tensor | None:
         """One page as SGLang's ``get_data_page(flat=True)`` would give it, into ``target_location``."""
