@@ -602,3 +602,43 @@ def test_hybrid_v2_calls_answer_nothing_instead_of_raising(cleanup):
     assert b.batch_exists_v2(keys, transfers).kv_hit_pages == 0
     assert b.batch_set_v2(transfers) == {PoolName.KV: [False, False], PoolName.MAMBA: [False, False]}
     assert b.batch_get_v2(transfers) == {PoolName.KV: [False, False], PoolName.MAMBA: [False, False]}
+
+
+def test_concurrent_backup_and_prefetch_threads(cleanup):
+    """SGLang calls the backend from its backup and prefetch threads at once: pages written and read
+    concurrently (disjoint host pages, overlapping keys) always load the bytes stored for their key."""
+    import threading
+
+    pool = make_mha_host_pool("page_first", page_size=P, device_tokens=256)
+    b = attach(pool, storage_config())
+    cleanup.append(b)
+    fill_random(pool, 15)
+    n_threads, per = 4, 4
+    slots = [pool.alloc(per * P) for _ in range(n_threads)]
+    ref = {t: pages(pool, slots[t]) for t in range(n_threads)}
+    keys = {t: page_keys(per, f"thread{t}") for t in range(n_threads)}
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        try:
+            for _ in range(15):
+                mine = slots[t]
+                for i in range(per):
+                    pool.set_from_flat_data_page(int(mine[i * P]), ref[t][i])
+                assert all(b.batch_set_v1(keys[t], mine))
+                other = (t + 1) % n_threads  # read a neighbour's keys into my pages
+                got = b.batch_get_v1(keys[other], mine)
+                now = pages(pool, mine)
+                for i, ok in enumerate(got):
+                    if ok:
+                        assert torch.equal(now[i], ref[other][i])
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors[0]
+    assert b.kvlayer_stats()["backend"]["errors"] == 0
