@@ -72,7 +72,7 @@ def model_fingerprint(model: str, revision: str | None, dtype: str) -> str:
     if cfg.is_file():
         parts["config_sha256"] = hashlib.sha256(cfg.read_bytes()).hexdigest()
         parts["model"] = os.path.basename(os.path.normpath(model))
-    return "vllm:" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32] + ":" + parts["model"]
+    return parts["model"] + "@" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def build_spec(vllm_config: Any, kv_cache_config: Any, options: ConnectorOptions, *, tp_rank: int = 0) -> KVSpec:
@@ -95,5 +95,4 @@ def build_spec(vllm_config: Any, kv_cache_config: Any, options: ConnectorOptions
     fp = options.model_fingerprint or model_fingerprint(str(mc.model), getattr(mc, "revision", None), dtype)
     tp_size = int(vllm_config.parallel_config.tensor_parallel_size)
     return KVSpec(model=fp, num_layers=len(groups[0].layer_names), num_kv_heads=int(spec.num_kv_heads),
-                  head_dim=int(spec.head_size), dtype=dtype, tp_rank=tp_rank, tp_size=tp_size,
-                  extra=(("engine", "vllm"),))
+                  head_dim=int(spec.head_size), dtype=dtype, tp_rank=tp_rank, tp_size=tp_size)

@@ -161,7 +161,7 @@ def probe_layout(layer: Any, kv: torch.Tensor, *, num_blocks: int, block_size: i
         probe.zero_()
         val = (idx + 1).to(kv.dtype).contiguous()
         update(layer, val, (-val).contiguous(), probe, slots)
-        readings.append(probe.reshape(-1).float().cpu())
+        readings.append(probe.reshape(-1).to(device="cpu", dtype=torch.float32, copy=True))
     pstrides = torch.tensor(probe.stride())
     pshape = torch.tensor(probe.shape)
     kstrides = torch.tensor(kv.stride())
