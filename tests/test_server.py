@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -23,6 +24,7 @@ grpc = pytest.importorskip("grpc")
 from kvlayer import KVSpec  # noqa: E402
 from kvlayer.codec import decode, encode  # noqa: E402
 from kvlayer.engine import KVCache  # noqa: E402
+from kvlayer.server import wire  # noqa: E402
 from kvlayer.server._gen import kvlayer_pb2 as pb  # noqa: E402
 from kvlayer.server.client import KVLayerClient  # noqa: E402
 from tests.fixtures.kvlayer_server import (  # noqa: E402,F401
@@ -200,7 +202,8 @@ def test_malformed_requests_get_invalid_argument_and_server_keeps_serving(kvlaye
 def test_oversized_unauthenticated_and_wrong_tenant(kvlayer_server_factory, tmp_path: Path) -> None:
     sock = tmp_path / "kvl.sock"
     srv = kvlayer_server_factory("--auth-token", "s3cret", "--tenant-token", "team-a=tok-a", "--max-blob-bytes", "1MiB",
-                                 "--max-request-bytes", "3MiB", "--unix-socket", str(sock), disk=False)
+                                 "--max-request-bytes", "3MiB", "--unix-socket", str(sock), "--max-concurrent-rpcs", "2",
+                                 disk=False)
     ok = blob(5, tag="limits")
     with KVLayerClient(f"unix://{sock}", token="s3cret") as uds:  # same server over a Unix socket
         assert uds.put([(key(4), ok)]) == [True] and bytes(uds.get([key(4)])[0]) == bytes(ok)
@@ -223,10 +226,34 @@ def test_oversized_unauthenticated_and_wrong_tenant(kvlayer_server_factory, tmp_
         with KVLayerClient(srv.url, token="s3cret", frame_bytes=6 << 20) as fat:
             huge = encode(torch.zeros(12, 2, 256, 8, 64, dtype=torch.float16), "raw")
             assert code_of(lambda: fat.put([(key(2), huge)])) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # more concurrent RPCs than --max-concurrent-rpcs: refused, not queued without bound
+        release = threading.Event()
+
+        def held() -> None:
+            def gen():  # an upload that stays open until released
+                yield wire.encode_put_frame(key(7), len(ok), memoryview(ok)[:10], False)
+                release.wait(60)
+                yield wire.encode_put_frame("", 0, memoryview(ok)[10:], False)
+
+            admin._puts[0](gen(), timeout=90, metadata=admin.metadata)
+
+        holders = [threading.Thread(target=held) for _ in range(2)]
+        for t in holders:
+            t.start()
+        try:
+            deadline = time.monotonic() + 60
+            while _metric(srv.metrics_url, "kvlayer_server_active_rpcs") < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with srv.client(token="s3cret") as other:  # another connection (this one's HTTP/2 streams are used up)
+                assert code_of(lambda: other.exists([key(0)])) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            release.set()
+            for t in holders:
+                t.join(60)
         # and the server still serves the next good request
         assert admin.put([(key(3), ok)]) == [True]
         assert bytes(admin.get([key(3)])[0]) == bytes(ok)
-        assert admin.clear(all_tenants=True) == 1
+        assert admin.clear(all_tenants=True) == 2  # key(3) and the two held uploads of key(7)
     # the remote tier with a wrong token degrades to misses, never raises
     with KVCache(SPEC, cpu_bytes=0, server_url=srv.url, auth_token="wrong") as cache:
         toks = list(range(64))
@@ -239,6 +266,11 @@ def test_oversized_unauthenticated_and_wrong_tenant(kvlayer_server_factory, tmp_
         cache.store(toks, kv)
         n, got = cache.retrieve(toks)
         assert n == 64 and torch.equal(got, kv)
+
+
+def _metric(url: str, name: str) -> float:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(name + " ") or ln.startswith(name + "{"))
 
 
 # ---------------------------------------------------------------------- CLI and metrics
@@ -309,8 +341,6 @@ def test_sigterm_finishes_writes_and_restart_finds_them_on_disk(kvlayer_server_f
         assert all(c.put(items))  # not durable: disk writes are queued behind the ack
 
         def frames():  # SIGTERM arrives while this upload is half sent: it must still complete
-            from kvlayer.server import wire
-
             mv = memoryview(late[1])
             yield wire.encode_put_frame(late[0], len(mv), mv[:100], False)
             srv.proc.send_signal(signal.SIGTERM)
