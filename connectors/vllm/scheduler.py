@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvlayer.engine import KVCache
-from kvlayer.keys import chain_hash
+from kvlayer.keys import bind, chain_hash
 
 from .config import ConnectorOptions
 from .metadata import ConnectorMeta, LoadOp, SaveOp
@@ -42,7 +42,8 @@ class ReqState:
     req_id: str
     request: Any
     keys: list[str] = field(default_factory=list)  # full chunks of the tokens seen so far
-    parent: bytes = b""
+    parent: bytes = b""  # d_i of the last full chunk (the token chain, kvlayer.keys.token_chain)
+    namespace: bytes = b""  # what keys are bound to: the cache's namespace, salted per request
     stored_chunks: int = 0  # leading chunks that are in the store or queued for saving
     block_ids: list[int] = field(default_factory=list)
     hit_tokens: int = 0
@@ -112,12 +113,12 @@ class SchedulerSide:
         while (len(st.keys) + 1) * c <= len(tokens):
             i = len(st.keys)
             st.parent = chain_hash(st.parent, tokens[i * c:(i + 1) * c])
-            st.keys.append(st.parent.hex())
+            st.keys.append(bind(st.namespace, st.parent))
 
     def _state(self, request: Any) -> ReqState:
         st = self._reqs.get(request.request_id)
         if st is None or st.request is not request:
-            st = ReqState(request.request_id, request, parent=self._seed(request))
+            st = ReqState(request.request_id, request, namespace=self._seed(request))
             params = getattr(request, "kv_transfer_params", None) or {}
             st.skip = bool(getattr(request, "mm_features", None) or getattr(request, "lora_request", None)
                            or getattr(request, "prompt_embeds", None) is not None
@@ -133,12 +134,13 @@ class SchedulerSide:
                 return 0, False
             prompt = list(request.prompt_token_ids or [])
             self._extend_keys(st, prompt)
-            # Never claim the last prompt token: vLLM must compute at least one token.
-            claimable = (len(prompt) - 1) // self.chunk_size
-            tiers = self._lookup(st.keys[:claimable]) if claimable > 0 else []
+            full = len(prompt) // self.chunk_size
+            tiers = self._lookup(st.keys[:full]) if full > 0 else []
             self.counters.add(lookups=1)
             st.hit_tiers = tiers
-            st.hit_tokens = len(tiers) * self.chunk_size
+            # Never claim the last prompt token (vLLM must compute at least one): the claim ends
+            # at the last whole block before it, possibly inside the last hit chunk.
+            st.hit_tokens = min(len(tiers) * self.chunk_size, (len(prompt) - 1) // self.block_size * self.block_size)
             st.stored_chunks = max(st.stored_chunks, len(tiers))
             new = st.hit_tokens - num_computed_tokens
             if new <= 0 or new < self.options.min_hit_tokens:
@@ -156,10 +158,10 @@ class SchedulerSide:
                 return
             end = st.hit_tokens
             start = end - num_external_tokens
-            if start < 0 or start % self.block_size or end % self.chunk_size:
+            if start < 0 or start % self.block_size or end % self.block_size:
                 log.warning("request %s: unexpected external range [%d, %d); not loading", st.req_id, start, end)
                 return
-            first, last = start // self.chunk_size, end // self.chunk_size
+            first, last = start // self.chunk_size, -(-end // self.chunk_size)
             keys = st.keys[first:last]
             self._release_load(st)
             lease = self.cache.pin(keys=keys, ttl_s=self.options.pin_ttl_s)
@@ -172,10 +174,11 @@ class SchedulerSide:
         if st is None or st.load is None or num_external_tokens <= 0:
             return {}
         out: dict[str, int] = {}
-        first_chunk_tokens = (st.load.first_chunk + 1) * self.chunk_size - st.load.start_token
-        for i, tier in enumerate(st.load.tiers):
-            n = first_chunk_tokens if i == 0 else self.chunk_size
-            out[tier] = out.get(tier, 0) + n
+        c, plan = self.chunk_size, st.load
+        for i, tier in enumerate(plan.tiers):
+            ci = plan.first_chunk + i
+            n = min(plan.end_token, (ci + 1) * c) - max(plan.start_token, ci * c)
+            out[tier] = out.get(tier, 0) + max(0, n)
         return out
 
     def build_connector_meta(self, so: Any) -> ConnectorMeta:
@@ -217,11 +220,14 @@ class SchedulerSide:
             plan.emitted = True
             blocks: list[list[int]] = []
             skips: list[int] = []
+            want = []
             for j in range(len(plan.keys)):
                 ci = plan.first_chunk + j
-                blocks.append(st.block_ids[ci * bpc:(ci + 1) * bpc])
+                stop = min((ci + 1) * bpc, plan.end_token // bs)  # the last chunk may load only in part
+                want.append(stop - ci * bpc)
+                blocks.append(st.block_ids[ci * bpc:stop])
                 skips.append(max(0, (plan.start_token - ci * c) // bs))
-            if all(len(b) == bpc for b in blocks):
+            if [len(b) for b in blocks] == want:
                 meta.loads.append(LoadOp(st.req_id, plan.keys, blocks, skips, plan.lease))
             else:  # cannot happen with vLLM's allocation; never load into the wrong blocks
                 log.warning("request %s: missing blocks for its load; skipped", st.req_id)

@@ -92,7 +92,8 @@ class WorkerSide:
             skip = op.skips[i]
             blocks = op.blocks[i][skip:]
             if blocks:
-                self.adapter.scatter(blocks, chunk[:, :, skip * self.block_size:])
+                bs = self.block_size
+                self.adapter.scatter(blocks, chunk[:, :, skip * bs:(skip + len(blocks)) * bs])
             self.counters.add(loaded_chunks=1, loaded_tokens=len(blocks) * self.block_size)
 
     def _fail(self, op: Any, first: int) -> None:
