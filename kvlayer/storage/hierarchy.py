@@ -382,10 +382,8 @@ class TieredStore(EvictionGuard):
         for lv in self.levels:
             s = self._safe(lv, "stats", lv.tier.stats, None)
             # A tier that is down or failing still shows its counters (its errors matter most
-            # now); its sizes are unknown.
+            # now); its sizes read 0 (unknown) and "available" is False.
             d: dict[str, Any] = dict((s if s is not None else lv.tier.counters()).as_dict())
-            if s is None:
-                d["used_bytes"] = d["num_keys"] = None
             d["codec"] = lv.codec.name
             d["available"] = self._available(lv)
             tiers.append(d)
