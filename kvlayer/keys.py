@@ -1,9 +1,12 @@
 """Content keys for chunks of tokens.
 
-Prefix keys chain SHA-256 over chunks (``k_i = sha256(k_{i-1} || uint32-LE tokens)``), the same
-scheme SGLang uses for page hashes, seeded by the KVSpec namespace digest: the key of chunk ``i``
-names the whole prefix up to it. Document keys hash one chunk's tokens from the namespace alone,
-so a document's chunks have the same keys wherever the document appears in a prompt.
+Prefix keys: the token chain is exactly SGLang's page hash, ``d_i = sha256(d_{i-1} || uint32-LE
+tokens of chunk i)`` with an empty ``d_{-1}``, and the key binds it to the KVSpec namespace:
+``k_i = sha256(namespace || d_i)``. The key of chunk ``i`` names the whole prefix up to it and the
+model/shard it belongs to. Binding the namespace per key (rather than seeding the chain with it)
+means a key can be computed from SGLang's own page hash alone, so a chunk stored through vLLM is a
+hit for a stock SGLang backend and the other way round, with no token ids crossing the interface.
+Document keys are the same chain over a document's own tokens (no parent from the prompt).
 """
 
 from __future__ import annotations
@@ -36,8 +39,24 @@ def chunk_bounds(num_tokens: int, chunk_size: int, *, full_only: bool = False) -
 
 
 def chain_hash(parent: bytes, tokens: TokenIds) -> bytes:
-    """One link of the chain: 32 raw bytes."""
+    """One link of the token chain (SGLang's page hash): 32 raw bytes."""
     return hashlib.sha256(parent + _token_bytes(tokens)).digest()
+
+
+def bind(namespace: bytes, chain_digest: bytes) -> str:
+    """The storage key of a chain link: ``sha256(namespace || d_i)`` as hex."""
+    return hashlib.sha256(namespace + chain_digest).hexdigest()
+
+
+def token_chain(tokens: TokenIds, chunk_size: int = DEFAULT_CHUNK_SIZE, *, full_only: bool = False) -> list[bytes]:
+    """``d_i`` for every chunk: SGLang's unseeded page-hash chain (raw digests)."""
+    data = _token_bytes(tokens)
+    out: list[bytes] = []
+    parent = b""
+    for s, e in chunk_bounds(len(data) // 4, chunk_size, full_only=full_only):
+        parent = hashlib.sha256(parent + data[4 * s : 4 * e]).digest()
+        out.append(parent)
+    return out
 
 
 def prefix_keys(
@@ -46,13 +65,12 @@ def prefix_keys(
     """Hex keys of every chunk of ``tokens``, each naming the prefix that ends with it."""
     if len(namespace) != 32:
         raise ValueError("namespace must be a 32-byte digest (KVSpec.namespace_digest())")
-    data = _token_bytes(tokens)
-    keys: list[str] = []
-    parent = namespace
-    for s, e in chunk_bounds(len(data) // 4, chunk_size, full_only=full_only):
-        parent = hashlib.sha256(parent + data[4 * s : 4 * e]).digest()
-        keys.append(parent.hex())
-    return keys
+    return [bind(namespace, d) for d in token_chain(tokens, chunk_size, full_only=full_only)]
+
+
+def key_from_page_hash(namespace: bytes, page_hash_hex: str) -> str:
+    """The kvlayer key of a chunk given SGLang's 64-hex page hash for it (same chunk boundaries)."""
+    return bind(namespace, bytes.fromhex(page_hash_hex))
 
 
 def document_keys(namespace: bytes, tokens: TokenIds, chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[str]:

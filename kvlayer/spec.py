@@ -100,7 +100,7 @@ class KVSpec:
         """Stable serialisation: sorted keys, no whitespace; the input of the namespace digest."""
         d = asdict(self)
         d["extra"] = [list(p) for p in sorted(self.extra)]
-        d["kvlayer_key_scheme"] = 1
+        d["kvlayer_key_scheme"] = 2
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     def namespace_digest(self) -> bytes:

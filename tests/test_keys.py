@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from kvlayer.errors import SpecMismatchError
-from kvlayer.keys import chain_hash, chunk_bounds, document_keys, prefix_keys
+from kvlayer.keys import chain_hash, chunk_bounds, document_keys, key_from_page_hash, prefix_keys
 from kvlayer.spec import KVSpec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,11 +81,14 @@ def test_known_answer_two_chunks_matches_sglang_recipe():
     assert json.loads(SPEC.canonical_json())["model"] == "org/model@rev1"
     tokens = list(range(1000, 1008)) + [0xFFFFFFFF, 0, 65536, 7]  # 12 tokens: 2 chunks of 8 and 4
     keys = prefix_keys(ns, tokens, 8)
-    k0 = hashlib.sha256(ns + b"".join(t.to_bytes(4, "little") for t in tokens[:8])).digest()
-    k1 = hashlib.sha256(k0 + b"".join(t.to_bytes(4, "little") for t in tokens[8:])).digest()
-    assert keys == [k0.hex(), k1.hex()]
-    assert keys == _sglang_style_chain(ns.hex(), tokens, 8)
-    assert chain_hash(ns, tokens[:8]) == k0
+    # The token chain is SGLang's unseeded page hash; the key binds it to the namespace.
+    d0 = hashlib.sha256(b"".join(t.to_bytes(4, "little") for t in tokens[:8])).digest()
+    d1 = hashlib.sha256(d0 + b"".join(t.to_bytes(4, "little") for t in tokens[8:])).digest()
+    assert keys == [hashlib.sha256(ns + d0).hexdigest(), hashlib.sha256(ns + d1).hexdigest()]
+    sglang = _sglang_style_chain("", tokens, 8)
+    assert sglang == [d0.hex(), d1.hex()]
+    assert keys == [key_from_page_hash(ns, h) for h in sglang]
+    assert chain_hash(b"", tokens[:8]) == d0
     # numpy input of any int dtype gives the same keys as a list
     assert prefix_keys(ns, np.asarray(tokens, dtype=np.int64), 8) == keys
     assert prefix_keys(ns, np.asarray(tokens, dtype=np.uint32), 8) == keys
@@ -95,7 +98,7 @@ def test_namespace_golden_value():
     """Stored data outlives releases: if this changes, bump ``kvlayer_key_scheme`` on purpose."""
     spec = KVSpec(model="golden", num_layers=1, num_kv_heads=1, head_dim=1)
     assert spec.canonical_json() == (
-        '{"dtype":"float16","extra":[],"head_dim":1,"is_mla":false,"kvlayer_key_scheme":1,"model":"golden",'
+        '{"dtype":"float16","extra":[],"head_dim":1,"is_mla":false,"kvlayer_key_scheme":2,"model":"golden",'
         '"num_kv_heads":1,"num_layers":1,"salt":"","tp_rank":0,"tp_size":1}'
     )
 

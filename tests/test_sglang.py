@@ -505,12 +505,13 @@ def test_cross_engine_vllm_store_is_sglang_hit_and_back(redis_server, cleanup): 
     idx = pool.alloc(3 * P)
     assert sg.batch_get_v1(sg_keys, idx, info) == [True] * 3
     assert all(torch.equal(a, c) for a, c in zip(sg.layout.read(idx), chunks, strict=True))
-    # without the tokens SGLang's bare page hashes get the derived keys: no borrowing across schemes
-    assert sg.batch_exists(sg_keys) == 0
-    assert sg.kv_keys(sg_keys) == [derived_key(sg.cache.namespace, k) for k in sg_keys]
-    # a wrong token list (or a salted chain) is never mapped onto another sequence's keys
-    bad = HiCacheStorageExtraInfo(prefix_keys=[], extra_info={"token_ids": [t + 1 for t in tokens]})
-    assert sg.batch_exists(sg_keys, bad) == 0
+    # stock SGLang passes only its bare page hashes: kvlayer keys bind the same chain, so still a hit
+    assert sg.batch_exists(sg_keys) == 3
+    assert sg.kv_keys(sg_keys) == [derived_key(sg.cache.namespace, k) for k in sg_keys] == vllm_side.keys(tokens)
+    # a wrong token list is never mapped onto another sequence's keys: the page hashes decide
+    other = sglang_page_hashes([t + 1 for t in tokens], P)
+    liar = HiCacheStorageExtraInfo(prefix_keys=[], extra_info={"token_ids": tokens})
+    assert sg.batch_exists(other, liar) == 0
 
     # SGLang -> vLLM, second batch of a sequence (prefix_keys = the pages before it)
     tokens2 = rng.integers(0, 1000, 4 * P).tolist()
@@ -525,12 +526,13 @@ def test_cross_engine_vllm_store_is_sglang_hit_and_back(redis_server, cleanup): 
     n, kv = vllm_side.retrieve(tokens2)
     assert n == 4 * P and torch.equal(kv, torch.cat(sg.layout.read(idx2), dim=2))
 
-    # stock SGLang (bare page hashes, no tokens): the token-holding side stores under the bridge keys
+    # stock SGLang (bare page hashes, no tokens) reads what vLLM stored under its ordinary keys
     from kvlayer.connectors.sglang.keys import sglang_bridge_keys
 
     tokens3 = rng.integers(0, 1000, 2 * P).tolist()
     chunks3 = [torch.randn(spec.chunk_shape(P)).half() for _ in range(2)]
-    assert vllm_side.store_chunks(sglang_bridge_keys(vllm_side.namespace, tokens3, P), chunks3) == 2
+    assert sglang_bridge_keys(vllm_side.namespace, tokens3, P) == vllm_side.keys(tokens3)
+    assert vllm_side.store_chunks(vllm_side.keys(tokens3), chunks3) == 2
     bare = sglang_page_hashes(tokens3, P)
     assert sg.batch_exists(bare) == 2
     idx3 = pool.alloc(2 * P)

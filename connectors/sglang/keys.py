@@ -2,27 +2,16 @@
 
 SGLang names page ``i`` of a sequence ``d_i = sha256(d_{i-1} || uint32-LE page tokens)`` with no
 seed for ``d_0`` (or a seed derived from the request's ``cache_salt``/``extra_key``). The hash
-carries no model, dtype, layer count or TP shard: two models serving the same text produce the
-same ``d_i``. kvlayer's own chunk keys chain the same way but start from the namespace digest of
-the KVSpec, ``k_i = sha256(k_{i-1} || tokens)``, ``k_{-1} = KVSpec.namespace_digest()``.
+carries no model, dtype, layer count or TP shard. kvlayer's keys use the very same token chain and
+bind each link to the KVSpec namespace: ``k_i = sha256(namespace || d_i)`` (``kvlayer.keys``). So
+the backend computes kvlayer's key from SGLang's page hash alone (``derived_key``), and with page
+size == chunk size and the same model, a page stored by stock SGLang is a hit for the vLLM
+connector and the other way round, with no token ids crossing SGLang's interface.
 
-A chain cannot be re-seeded without its tokens, and SGLang (0.5.x) hands a storage backend only
-the page hashes, never the tokens (``HiCacheStorageExtraInfo.prefix_keys`` are hashes too). So:
-
-1. **Tokens known** (``extra_info.extra_info["token_ids"]``: the sequence's token ids from its
-   start through the call's last page): the backend recomputes SGLang's unseeded chain from those
-   tokens and, only if it equals the keys it was handed (so a salted request or a wrong token list
-   can never borrow unsalted data), uses kvlayer's own keys ``prefix_keys(namespace, tokens,
-   page_size)``. These are exactly the keys the vLLM connector and ``KVCache.store`` use, so with
-   page size == chunk size and the same model a page is a cross-engine hit both ways.
-2. **Tokens unknown** (what stock SGLang does): ``k = sha256(namespace || d)`` (64 bytes in; a
-   non-hex key is hashed as its UTF-8 bytes). Deterministic in every process, adds the model/TP
-   namespace SGLang's hash lacks, and lets SGLang instances share pages through any kvlayer tier
-   (Redis, ``kvlayer serve``, a shared disk). It is not the vLLM key: vLLM-stored chunks are not
-   visible this way. Making them visible needs kvlayer's own chain to be computable from
-   ``d_i`` alone, i.e. ``k_i = sha256(namespace || d_i)`` with ``d_i`` SGLang's unseeded chain;
-   if ``kvlayer.keys.prefix_keys`` ever adopts that scheme, case 2 becomes equal to case 1 with
-   no change here.
+When token ids do reach the backend (``extra_info.extra_info["token_ids"]``), the backend checks
+that they reproduce the page hashes it was handed before using them (so a salted request or a wrong
+token list can never borrow another sequence's data); the keys are the same either way. A salted
+SGLang request has a seeded chain whose ``d_i`` differ, so it never shares with unsalted data.
 
 A process-local "page hash -> kvlayer key" memo is deliberately not used: it would make a page's
 key depend on the process's history, and keys must be the same in every process.
@@ -57,7 +46,8 @@ def sglang_page_hashes(tokens: Sequence[int] | np.ndarray, page_size: int, seed_
 
 
 def derived_key(namespace: bytes, sglang_key: str) -> str:
-    """Case 2: ``sha256(namespace || d)``, d as its 32 raw bytes when it is 64 hex characters."""
+    """``sha256(namespace || d)`` = ``kvlayer.keys.bind``; d as its 32 raw bytes when it is 64 hex
+    characters (any other key string is hashed as its UTF-8 bytes)."""
     try:
         raw = bytes.fromhex(sglang_key) if len(sglang_key) == 64 else sglang_key.encode("utf-8")
     except ValueError:
@@ -66,10 +56,8 @@ def derived_key(namespace: bytes, sglang_key: str) -> str:
 
 
 def sglang_bridge_keys(namespace: bytes, tokens: Sequence[int] | np.ndarray, page_size: int) -> list[str]:
-    """Case-2 keys of ``tokens``' full pages: what ``KVLayerStore`` looks up for stock SGLang's bare
-    page hashes. An engine that has the tokens (the vLLM connector, ``KVCache`` users) can store or
-    look up chunks under these to share with an SGLang that passes no tokens, until kvlayer's own
-    chain is made computable from SGLang's hashes (see the module docstring)."""
+    """Keys of ``tokens``' full pages as the backend derives them from stock SGLang's page hashes;
+    equal to ``kvlayer.keys.prefix_keys(namespace, tokens, page_size, full_only=True)``."""
     return [derived_key(namespace, d) for d in sglang_page_hashes(tokens, page_size)]
 
 
