@@ -180,7 +180,7 @@ def _coerce_env_for(annotation: Any, value: str) -> Any:
     settings also accept none/null/empty for None. Everything else: see ``_coerce_env``."""
     if annotation is str:
         return value
-    if str in get_args(annotation):
+    if str in get_args(annotation) and type(None) in get_args(annotation):
         return None if value.strip().lower() in ("none", "null", "") else value
     return _coerce_env(value)
 
