@@ -295,6 +295,33 @@ def test_concurrent_callers_many_parts(redis_server):
         tier.close()
 
 
+def test_unreachable_part_is_a_miss_not_a_deletion(redis_server, raw, monkeypatch):
+    """A connection failing while parts are read (fault injected into one of the parallel
+    connections) is a miss for that value only; unlike a missing part it deletes nothing."""
+    tier = RedisTier(redis_server.url, max_value_bytes=1024, connections=2)
+    try:
+        big, other = blobs([5000, 500], seed=11)
+        assert all(tier.put_many([(hexkey(1), big), (hexkey(2), other)]))
+        before = raw.dbsize()
+        real = tier._raw_cmds
+
+        def flaky(pool, cmd, rkeys, dests=None):
+            # the job holding part 0 of hexkey(1) fails; the other job (parts 1, 3) answers
+            if any(rk.startswith(tier.rkey(hexkey(1)) + ":") and rk.endswith(":0") for rk in rkeys):
+                raise redis.ConnectionError("injected: connection reset")
+            return real(pool, cmd, rkeys, dests)
+
+        monkeypatch.setattr(tier, "_raw_cmds", flaky)
+        got = tier.get_many([hexkey(1), hexkey(2)])
+        assert got[0] is None and got[1] is not None and bytes(got[1]) == other
+        assert tier.stats().corrupt == 0 and tier.stats().errors >= 1
+        monkeypatch.undo()
+        assert raw.dbsize() == before  # nothing was deleted
+        assert bytes(tier.get(hexkey(1))) == big  # type: ignore[arg-type]
+    finally:
+        tier.close()
+
+
 # ---------------------------------------------------------------------- TTL
 def test_ttl_honoured(redis_server, raw):
     tier = build_tier(TierConfig(kind="redis", url=redis_server.url,

@@ -131,6 +131,9 @@ def _alloc(n: int) -> bytearray | memoryview:
     return memoryview(np.empty(n, dtype=np.uint8))  # type: ignore[arg-type]
 
 
+_FAILED: Any = object()  # a key whose connection failed (as opposed to a key Redis does not have)
+
+
 class _Redirect(str):
     """An error reply to a GET (MOVED/ASK/TRYAGAIN... in a Cluster): refetch through redis-py."""
 
@@ -422,7 +425,7 @@ class RedisTier(Tier):
         vals = self._call("get", lambda: self._fetch([self.rkey(k) for k in keys]))
         split: list[tuple[int, tuple[int, int, int, bytes]]] = []
         for i, v in enumerate(vals):
-            if v is not None:
+            if v is not None and v is not _FAILED:
                 m = self._parse_manifest(v) if len(v) == MANIFEST_LEN else None
                 if m is None:
                     out[i] = v
@@ -440,7 +443,7 @@ class RedisTier(Tier):
         its dest is read into it and returned as that same object (other paths return a copy).
 
         If some connections fail and others answer (a dead Cluster node), the failed keys read as
-        None and the tier counts an error; only when all fail does it raise (and back off)."""
+        ``_FAILED`` and the tier counts an error; only when all fail does it raise (and back off)."""
         if not self.raw_reads:
             return self._fetch_pipelined(rkeys, cmd)
         jobs: list[tuple[Any, list[int]]] = []
@@ -475,6 +478,8 @@ class RedisTier(Tier):
         redirected: list[int] = []
         for (_, idx), res in zip(jobs, results, strict=True):
             if isinstance(res, BaseException):
+                for i in idx:
+                    out[i] = _FAILED
                 continue
             for i, r in zip(idx, res, strict=True):
                 if isinstance(r, _Redirect):
@@ -568,15 +573,18 @@ class RedisTier(Tier):
         broken: list[tuple[str, int, bytes, bytes | None]] = []
         pos = 0
         for (i, (total, n, size, nonce)), buf in zip(split, bufs, strict=True):
+            got = res[pos:pos + n]
+            pos += n
+            if any(v is _FAILED for v in got):
+                continue  # unreachable, not gone: a miss, and the value stays
             ok = True
-            for v, d in zip(res[pos:pos + n], dests[pos:pos + n], strict=True):
+            for v, d in zip(got, dests[pos - n:pos], strict=True):
                 if v is d:
                     continue
                 if v is None or len(v) != d.nbytes:
                     ok = False
                     break
                 d[:] = v  # read by a path that could not place it (redis-py pipelines)
-            pos += n
             if ok:
                 out[i] = buf
             else:
