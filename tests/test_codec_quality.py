@@ -203,3 +203,37 @@ def test_bounds_hold_on_smollm2_essay_kv() -> None:
     # Quality ordering on real KV: each halving of the bits costs error.
     assert errs["int8{}"] < errs["fp8"] < errs["int4{}"] < errs["int2{}"], errs
     assert errs["mixed8/4"] < errs["int4{}"], errs
+
+
+# ----------------------------------------------------------------------------- docs/codecs.md
+
+
+def test_codec_doc_config_examples_load(tmp_path: Path) -> None:
+    """The per-tier examples in docs/codecs.md are valid configs and mean what the text says."""
+    import re
+    import shlex
+
+    from kvlayer.codec import get_codec
+    from kvlayer.config import config_from_env, load_config
+
+    text = (REPO / "docs" / "codecs.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    assert len(blocks) == 2, "docs/codecs.md lost a YAML example"
+    got = []
+    for i, block in enumerate(blocks):
+        f = tmp_path / f"ex{i}.yaml"
+        f.write_text(block.replace("/var/cache/kvlayer", str(tmp_path / "disk")))
+        cfg = load_config(f, env={})
+        tiers = cfg.tier_configs()
+        for t in tiers:
+            get_codec(t.codec, **t.codec_params)  # a bad parameter for a tier's codec raises here
+        got.append({t.name: (t.codec, t.codec_params) for t in tiers})
+    gp = {"group_size": 64}
+    assert got[0] == {"cpu": ("raw", gp), "disk": ("int4+lz4", gp), "redis": ("int4+lz4", gp)}
+    assert got[1]["cpu"] == ("raw", {}) and got[1]["disk"] == ("int8+lz4", {})
+    assert got[1]["redis"][0] == "mixed+lz4" and got[1]["redis"][1]["low_bits"] == 4
+    words = shlex.split(re.search(r"```bash\n(.*?)```", text, re.S)[1])
+    env = dict(w.split("=", 1) for w in words if w.startswith("KVLAYER_"))
+    cfg = load_config(env=env, disk_path=str(tmp_path / "disk"), redis_url="redis://127.0.0.1:1/0")
+    assert config_from_env(env)["codec_params"] == gp
+    assert {t.name: t.codec for t in cfg.tier_configs()} == {"cpu": "raw", "disk": "int4+lz4", "redis": "int4+lz4"}
