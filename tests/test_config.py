@@ -187,3 +187,10 @@ def test_env_text_settings_are_not_coerced():
     c = load_config(env=env)
     assert (c.salt, c.tenant, c.auth_token, c.log_level) == ("yes", "none", "[abc]", "on")
     assert c.disk_path is None and c.promote_on_hit is False
+
+
+def test_env_json_settings_are_parsed():
+    """Only text settings stay text: a dict[str, Any] setting still takes JSON from the env."""
+    c = load_config(env={"KVLAYER_CODEC_PARAMS": '{"group_size": 64}', "KVLAYER_CPU_CODEC": "int4"})
+    assert c.codec_params == {"group_size": 64}
+    assert c.tier_configs()[0].codec_params == {"group_size": 64}
