@@ -22,14 +22,15 @@ the URL or from ``options`` (``username``, ``password``). Other options (all opt
 
 Nothing connects at construction: a server (or Cluster) that is down when the engine starts only
 makes the first operations fail. Batches are pipelined and split across ``connections`` pooled
-connections (per Cluster node) run by a small thread pool. The raw read path hands back
-writable buffers, so the blob decoder builds tensors over them without another copy; it measured
-~30-40% less client CPU per GB than redis-py's path, and twice the end-to-end retrieve speed
-(benchmarks/redis_tier.py). Cluster replies of MOVED/ASK fall back to redis-py, which follows them.
-Most of the remaining client cost is first-touch page faults on the fresh buffers values arrive in
-(glibc returns freed multi-MB blocks to the OS); ``MALLOC_MMAP_THRESHOLD_=1073741824
-MALLOC_TRIM_THRESHOLD_=4294967296`` in the engine's environment cut the measured client CPU per
-GB read from ~0.8 to ~0.3 s on the 2-core test box.
+connections (per Cluster node) run by a small thread pool; a dead Cluster node costs only its
+own keys. The raw read path lands each value in one writable, uninitialised numpy buffer (parts of
+a split value directly in place), so the blob decoder builds tensors over it without another copy.
+Measured client CPU per GB read on the 2-core test box (median of 6): 1 MiB values 0.70 s vs 0.99
+s through redis-py/hiredis, 8 MiB 0.35 vs 1.05; writes send memoryviews (0.25 vs ~1.1 s/GB with
+redis-py's hiredis packer). Cluster replies of MOVED/ASK fall back to redis-py, which follows them.
+What remains is mostly first-touch page faults on fresh buffers (glibc hands freed multi-MB blocks
+back to the OS): ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296`` in the
+engine's environment took the same reads to 0.27 s (1 MiB) and 0.25 s (8 MiB) per GB.
 
 Layout: a value lives at ``<prefix>{<key>}``. A value above ``max_value_bytes`` is stored as parts
 ``<prefix>{<key>}:<nonce>:<i>`` plus a 36-byte manifest under the main key (magic, total length,
