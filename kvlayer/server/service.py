@@ -16,6 +16,7 @@ import functools
 import hashlib
 import hmac
 import logging
+import os
 import re
 import threading
 import time
@@ -133,7 +134,8 @@ def _rpc(name: str, *, streaming_response: bool = False,
                     code = e.code
                     context.abort(e.code, e.message)
                 except Exception as e:
-                    code = self._unexpected(name, e, context)
+                    code = grpc.StatusCode.INTERNAL
+                    self._unexpected(name, e, context)
                 finally:
                     self.metrics.active.dec()
                     self._observe(name, code, t0)
@@ -152,7 +154,8 @@ def _rpc(name: str, *, streaming_response: bool = False,
                 code = e.code
                 context.abort(e.code, e.message)
             except Exception as e:
-                code = self._unexpected(name, e, context)
+                code = grpc.StatusCode.INTERNAL
+                self._unexpected(name, e, context)
             finally:
                 self.metrics.active.dec()
                 self._observe(name, code, t0)
@@ -193,10 +196,9 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
         if code != grpc.StatusCode.OK:
             self._bump(rejected=1)
 
-    def _unexpected(self, name: str, e: Exception, context: grpc.ServicerContext) -> grpc.StatusCode:
+    def _unexpected(self, name: str, e: Exception, context: grpc.ServicerContext) -> None:
         log.exception("%s failed", name)
         context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error ({type(e).__name__}: {e})")
-        return grpc.StatusCode.INTERNAL  # unreachable: abort raises
 
     def _caller(self, context: grpc.ServicerContext) -> Caller:
         md: dict[str, str | bytes] = {}
@@ -267,8 +269,6 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
     # ------------------------------------------------------------------ health / stats
     @_rpc("Health", needs_auth=False)
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext, caller: Caller | None) -> pb.HealthResponse:
-        import os
-
         status = pb.HealthResponse.NOT_SERVING if self.draining else pb.HealthResponse.SERVING
         return pb.HealthResponse(status=status, version=SERVER_VERSION, uptime_s=time.time() - self.started,
                                  pid=os.getpid())
