@@ -367,3 +367,25 @@ def test_restart_keeps_a_valid_blob_with_a_long_header(tmp_path):
     t2 = DiskTier(tmp_path / "d", MiB)
     assert t2.keys() == [key(1)] and torch.equal(decode(t2.get(key(1))), x)
     assert t2.stats().corrupt == 0
+
+
+def test_startup_keeps_temp_files_of_a_live_writer(tmp_path):
+    """A second process opening the same directory must not delete a write in progress."""
+    root = tmp_path / "disk"
+    DiskTier(root, MiB)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = root / "tmp" / f"{key(1)}.{sleeper.pid}.1.1.tmp"
+        live.write_bytes(b"in progress")
+        dead = root / "tmp" / f"{key(2)}.999999999.1.1.tmp"
+        dead.write_bytes(b"abandoned")
+        old = root / "tmp" / f"{key(3)}.{sleeper.pid}.1.2.tmp"
+        old.write_bytes(b"stale")
+        os.utime(old, (time.time() - 7200, time.time() - 7200))
+        DiskTier(root, MiB)
+        assert live.exists() and not dead.exists() and not old.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait(timeout=30)
+    DiskTier(root, MiB)
+    assert not live.exists()

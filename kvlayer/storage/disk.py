@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -54,7 +55,8 @@ class DiskTier(Tier):
 
     def _rebuild(self) -> None:
         for f in self._tmp.iterdir():
-            f.unlink(missing_ok=True)
+            if not _writer_alive(f):
+                f.unlink(missing_ok=True)
         found: list[tuple[float, str, int]] = []
         removed = 0
         for sub in self.root.iterdir():
@@ -223,6 +225,22 @@ class DiskTier(Tier):
 
     def used_bytes(self) -> int:
         return self._lru.used
+
+
+def _writer_alive(tmp: Path) -> bool:
+    """Whether a temp file (``<key>.<pid>.<tid>.<seq>.tmp``) may still be written by a live process
+    sharing this directory: start-up must not delete it under that writer's feet. Files older
+    than an hour are stale whatever their pid says (pids get reused)."""
+    try:
+        pid = int(tmp.name.split(".")[1])
+        if pid == os.getpid() or time.time() - tmp.stat().st_mtime > 3600:
+            return False
+        os.kill(pid, 0)
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except (ValueError, IndexError, OSError):
+        return False
+    return True
 
 
 def _header_of(head: bytes, file_size: int) -> int:
