@@ -325,15 +325,18 @@ def test_unreachable_part_is_a_miss_not_a_deletion(redis_server, raw, monkeypatc
 # ---------------------------------------------------------------------- TTL
 def test_ttl_honoured(redis_server, raw):
     tier = build_tier(TierConfig(kind="redis", url=redis_server.url,
-                                 options={"ttl_s": 0.3, "max_value_bytes": "2KiB", "prefix": "t:"}))
+                                 options={"ttl_s": 1.0, "max_value_bytes": "2KiB", "prefix": "t:"}))
     try:
+        t0 = time.monotonic()
         assert tier.put_many([(hexkey(1), b"a" * 100), (hexkey(2), b"b" * 5000)]) == [True, True]
-        main_ttl = raw.pttl(tier.rkey(hexkey(1)))  # type: ignore[attr-defined]
-        assert 0 < main_ttl <= 300
-        parts = list(raw.scan_iter(match="t:{" + hexkey(2) + "}:*"))
-        assert len(parts) == 3 and all(raw.pttl(p) > raw.pttl("t:{" + hexkey(2) + "}") for p in parts)
-        assert tier.get(hexkey(1)) == b"a" * 100
-        deadline = time.monotonic() + 10
+        main = "t:{" + hexkey(2) + "}"
+        main_ttl = raw.pttl(main)
+        parts = list(raw.scan_iter(match=main + ":*"))
+        assert main_ttl <= 1000 and main_ttl != -1  # an expiry is set (-2: already expired, on a slow box)
+        assert len(parts) == 3 and all(raw.pttl(p) > max(main_ttl, 0) for p in parts)  # parts outlive it
+        if time.monotonic() - t0 < 0.5:  # (only meaningful while surely before the expiry)
+            assert tier.get(hexkey(1)) == b"a" * 100
+        deadline = time.monotonic() + 15
         while tier.get_many([hexkey(1), hexkey(2)]) != [None, None] and time.monotonic() < deadline:
             time.sleep(0.1)
         assert tier.get_many([hexkey(1), hexkey(2)]) == [None, None]
@@ -421,8 +424,8 @@ def test_absent_at_startup_then_appears(spec):
 
 def test_frozen_server_times_out_then_recovers(redis_server):
     """SIGSTOP = a server that accepts nothing and answers nothing: short timeouts, then back."""
-    tier = RedisTier(redis_server.url, socket_timeout=0.3, connect_timeout=0.3, retries=0, backoff_s=0.01,
-                     backoff_max_s=0.05)
+    tier = RedisTier(redis_server.url, socket_timeout=0.3, connect_timeout=0.3, retries=0, backoff_s=1.0,
+                     backoff_max_s=1.0)  # breaker stays open 1 s
     try:
         assert tier.put(hexkey(1), b"v" * 1000)
         os.kill(redis_server.pid, signal.SIGSTOP)
