@@ -1,0 +1,36 @@
+"""``python -m kvlayer.demo`` (what ``kvlayer demo`` runs) end to end on the tiny model: the warm
+run loads the prompt's KV from kvlayer and generates the same tokens as the cold run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.test_vllm import engine_env  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+
+def test_demo_tiny_model_identical_tokens_and_a_real_load(tmp_path):
+    pytest.importorskip("vllm")
+    from tests.fixtures.tiny_model import tiny_model_dir
+
+    model = tiny_model_dir()
+    env = engine_env()
+    cmd = [sys.executable, "-m", "kvlayer.demo", "--model", model, "--tokens", "1500", "--max-tokens", "8", "--json",
+           "--disk-path", str(tmp_path / "disk")]
+    proc = subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=600,
+                          start_new_session=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["identical"] is True
+    assert result["prompt_tokens"] == 1500
+    assert result["loaded_tokens"] == 1280  # 5 whole chunks of 256; the tail is computed
+    assert "tokens identical" in proc.stdout
