@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import REPO, emit_json, markdown_table, write_results  # noqa: E402
 
 NAME = "vllm_ttft"
-BLOCKS = 40  # vLLM KV space in blocks of 128 tokens: one 4k prompt, or ~2 QA contexts
+BLOCKS = 36  # vLLM KV space in blocks of 128 tokens: one 4.5k prompt, or ~3 QA contexts
 
 
 def _env() -> None:
@@ -182,7 +182,7 @@ def main() -> int:
     ttft = ttft_part(llm, cache, corpus[:-1000], lengths, reps, log)
     essays = [e for e in (all_essays() or []) if len(tok(e)["input_ids"]) > 2600]
     qa = qa_part(llm, tok, essays, users=4 if args.quick else 6, rounds=3 if args.quick else 4,
-                 ctx_tokens=2000 if args.quick else 2500, answer=8 if args.quick else 16, log=log)
+                 ctx_tokens=1500 if args.quick else 2500, answer=8 if args.quick else 16, log=log)
     stats = connector_stats()
     k4 = ttft["4096"]
     summary = {
