@@ -232,7 +232,13 @@ def main() -> int:
         "put_vs_inprocess": ratio(g("remote", "put", n1), g("inprocess", "put", n1)),
         "quick": args.quick,
         "notes": notes,
+        "load_avg_1m": os.getloadavg()[0],
+        "cpus": os.cpu_count(),
     }
+
+    def f3(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.3g}"
+
     rows = []
     for kind in ("inprocess", "remote", "redis"):
         row: dict[str, Any] = {"_name": kind}
@@ -245,8 +251,11 @@ def main() -> int:
           f"256-token chunks of shape {list(shape)} bf16 ({chunk_bytes / 2**20:.1f} MiB), {n_chunks} per client, "
           f"median of {repeat} rounds; clients are threads with their own connections; loopback, no disk tier.\n\n"
           + markdown_table(rows, cols, first="tier")
-          + f"\nget_vs_redis = {result['get_vs_redis']}, get_vs_inprocess = {result['get_vs_inprocess']} (1 client); "
-          f"x{n4}: {result[f'get_vs_redis_{n4}']}, {result[f'get_vs_inprocess_{n4}']}.\n"
+          + f"\nget_vs_redis = {f3(result['get_vs_redis'])}, get_vs_inprocess = {f3(result['get_vs_inprocess'])} "
+          f"(1 client); with {n4} clients: {f3(result[f'get_vs_redis_{n4}'])}, {f3(result[f'get_vs_inprocess_{n4}'])}; "
+          f"put_vs_redis = {f3(result['put_vs_redis'])}.\n"
+          f"\nMachine: {os.cpu_count()} CPUs shared with other jobs (1-min load average {result['load_avg_1m']:.1f} at "
+          "the end of the run): absolute figures are noisy, ratios come from interleaved rounds.\n"
           + "".join(f"\nNote: {n}\n" for n in notes)
           + "\nCommand: `python benchmarks/server.py" + (" --quick" if args.quick else "") + "`\n")
     print(md)

@@ -263,6 +263,9 @@ class ServerApp:
                  "frames %dMiB; metrics on port %s", a.host, self.port, bool(a.tls_cert), self.servicer.auth.enabled,
                  a.durable, tiers, self.budget.inflight >> 20, self.budget.write_queue >> 20, self.budget.frames >> 20,
                  self.metrics_port or "off")
+        if a.host not in ("127.0.0.1", "localhost", "::1") and not self.servicer.auth.enabled:
+            log.warning("serving on %s without --auth-token: anyone who can reach port %d can read, write and clear "
+                        "this cache", a.host, self.port)
         if a.ready_file:
             tmp = Path(a.ready_file + ".tmp")
             tmp.parent.mkdir(parents=True, exist_ok=True)
