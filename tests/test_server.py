@@ -339,6 +339,7 @@ def test_sigterm_finishes_writes_and_restart_finds_them_on_disk(kvlayer_server_f
     late = (key(0, "late"), blob(0, n_tokens=256, tag="late"))
     with srv.client() as c:
         assert all(c.put(items))  # not durable: disk writes are queued behind the ack
+        assert c.register_document("handbook", keys=[k for k, _ in items[:3]]) == 3
 
         def frames():  # SIGTERM arrives while this upload is half sent: it must still complete
             mv = memoryview(late[1])
@@ -355,6 +356,8 @@ def test_sigterm_finishes_writes_and_restart_finds_them_on_disk(kvlayer_server_f
     with srv.client() as c:
         got = c.get([k for k, _ in items])
         tiers = {t.name: t for t in c.stats().tiers}
+        assert c.pin(doc_id="handbook").num_keys == 3  # documents survive a restart (with a disk tier)
+        assert c.evict(doc_id="handbook") == 0 and c.unpin(doc_id="handbook") == 1
     assert tiers["cpu"].num_keys == 0 or tiers["disk"].num_keys >= len(items)
     assert [bytes(b) if b else None for b in got] == [bytes(b) for _, b in items]
 

@@ -180,6 +180,7 @@ class ServerApp:
         from kvlayer.server.service import Auth, KVLayerServicer, Limits, add_to_server
         from kvlayer.server.store import BlobStore
         from kvlayer.storage import build_tier
+        from kvlayer.storage.disk import DiskTier
 
         self.args = args
         cli: dict[str, Any] = {"cpu_bytes": args.cpu_bytes, "disk_bytes": args.disk_bytes, "redis_url": args.redis_url,
@@ -218,8 +219,10 @@ class ServerApp:
             tenant_tokens[t] = tok
         limits = Limits(max_blob_bytes=args.max_blob_bytes, max_request_bytes=args.max_request_bytes,
                         inflight_bytes=budget.inflight, frame_bytes=args.frame_bytes)
+        disk = next((lv.tier for lv in self.store.levels if isinstance(lv.tier, DiskTier)), None)
+        docs_path = str(disk.root / "documents.json") if disk is not None else None
         self.servicer = KVLayerServicer(self.store, limits=limits, auth=Auth(token or None, tenant_tokens),
-                                        durable=args.durable, metrics=self.metrics)
+                                        durable=args.durable, metrics=self.metrics, docs_path=docs_path)
         # One frame plus protobuf framing must fit a message; nothing larger is accepted.
         max_msg = max(4 << 20, args.frame_bytes + (64 << 10))
         options = [

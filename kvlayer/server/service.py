@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import json
 import logging
 import os
 import re
@@ -22,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -167,7 +169,7 @@ def _rpc(name: str, *, streaming_response: bool = False,
 
 class KVLayerServicer(pb_grpc.KVLayerServicer):
     def __init__(self, store: BlobStore, *, limits: Limits | None = None, auth: Auth | None = None,
-                 durable: bool = False, metrics: ServerMetrics | None = None) -> None:
+                 durable: bool = False, metrics: ServerMetrics | None = None, docs_path: str | None = None) -> None:
         self.store = store
         self.limits = limits or Limits()
         self.auth = auth or Auth()
@@ -179,6 +181,9 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
         self.memory_guard: Any = None  # set by the app: RSS figures in Stats
         self._docs: dict[tuple[str, str], list[str]] = {}
         self._docs_lock = threading.Lock()
+        # Documents survive a restart when the server has a disk tier (a small JSON file).
+        self._docs_path = Path(docs_path) if docs_path else None
+        self._load_docs()
         self._ctr_lock = threading.Lock()
         self.counters: dict[str, int] = {"bytes_in": 0, "bytes_out": 0, "blobs_in": 0, "blobs_out": 0,
                                          "get_misses": 0, "rejected": 0}
@@ -265,6 +270,27 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
             return keys, chunk_bounds(len(toks), cs)
         keys = prefix_keys(bytes(p.namespace), toks, cs, full_only=p.full_only)
         return keys, chunk_bounds(len(toks), cs, full_only=p.full_only)
+
+    def _load_docs(self) -> None:
+        if self._docs_path is None or not self._docs_path.exists():
+            return
+        try:
+            data = json.loads(self._docs_path.read_text())
+            self._docs = {(d["tenant"], d["doc_id"]): [str(k) for k in d["keys"]] for d in data["documents"]}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("documents file %s unreadable (%s); starting without documents", self._docs_path, e)
+
+    def _save_docs(self) -> None:
+        """Called with the docs lock held; atomic replace, so a crash leaves the old or new file."""
+        if self._docs_path is None:
+            return
+        docs = [{"tenant": t, "doc_id": d, "keys": ks} for (t, d), ks in self._docs.items()]
+        tmp = self._docs_path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps({"version": 1, "documents": docs}))
+            os.replace(tmp, self._docs_path)
+        except OSError as e:
+            log.warning("cannot save documents to %s: %s", self._docs_path, e)
 
     # ------------------------------------------------------------------ health / stats
     @_rpc("Health", needs_auth=False)
@@ -454,6 +480,7 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
             self.store.clear()
             with self._docs_lock:
                 self._docs.clear()
+                self._save_docs()
             return pb.ClearResponse(removed=n)
         n = self.store.delete_prefix(caller.prefix)
         for le in self.store.pins.leases():
@@ -462,6 +489,7 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
         with self._docs_lock:
             for dk in [d for d in self._docs if d[0] == caller.tenant]:
                 del self._docs[dk]
+            self._save_docs()
         return pb.ClearResponse(removed=n)
 
     @_rpc("RegisterDocument")
@@ -478,6 +506,7 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "give the document's keys or tokens")
         with self._docs_lock:
             self._docs[(caller.tenant, request.doc_id)] = [caller.prefix + k for k in keys]
+            self._save_docs()
         return pb.RegisterDocumentResponse(num_keys=len(keys))
 
     @_rpc("Keys")
