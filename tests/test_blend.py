@@ -457,3 +457,40 @@ def test_cli_hooks_plug_into_a_parent_parser(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["llama-abc"]["ratio"] == 0.15
     assert store.verdict("llama-abc") == (0.15, "calibrated")
     assert store.verdict("other")[0] is None
+
+
+@pytest.mark.parametrize("mode", ["kv_attn", "attn", "v"])
+def test_selection_variants_keep_the_ends_of_the_ratio_range_exact(llama, mode):
+    docs = _docs(seed=18)
+    b = _blender(llama, docs, deviation=mode, check_layer=2, lead_tokens=3)
+    ids = np.concatenate([np.arange(2), docs["d0"], docs["d2"], docs["d0"], np.arange(5)])
+    full = b.full_prefill(ids, logits_last=2)
+    res = b.blend(ids, logits_last=2, recompute_ratio=1.0)
+    torch.testing.assert_close(res.logits, full.logits, atol=ATOL, rtol=1e-5)
+    assert b.blend(ids, logits_last=2, recompute_ratio=0.0).recomputed_tokens == 0
+
+
+def test_lead_tokens_are_recomputed_first(llama):
+    docs = _docs(seed=19)
+    b = _blender(llama, docs, lead_tokens=4)
+    ids = np.concatenate([np.arange(3), docs["d1"], docs["d2"], np.arange(4)])
+    n_reused = len(docs["d1"]) + len(docs["d2"])
+    ratio = 8 / n_reused  # budget = exactly the 2 x 4 leading tokens
+    sel = Selector(SelectionPolicy(ratio, lead_tokens=4), n_reused)
+    assert sel.final == 8
+    res = b.blend(ids, recompute_ratio=ratio)
+    assert res.recomputed_tokens == 8
+    # which ones: run the runner directly to see the computed positions
+    from kvlayer.blend.runner import Runner as R
+
+    starts = [3, 3 + len(docs["d1"])]
+    forced = torch.zeros(len(ids), dtype=torch.bool)
+    for s in starts:
+        forced[s:s + 4] = True
+    full = b.full_prefill(ids)
+    reused = np.zeros(len(ids), dtype=bool)
+    reused[3:3 + n_reused] = True
+    out = R(llama).run(ids, layer_kv=lambda li: (full.kv[li, 0], full.kv[li, 1]), reused=reused,
+                       selector=Selector(SelectionPolicy(ratio, lead_tokens=4), n_reused, forced))
+    picked = sorted(set(out.computed.tolist()) & set(np.flatnonzero(reused).tolist()))
+    assert picked == [p for s in starts for p in range(s, s + 4)]

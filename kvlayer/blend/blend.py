@@ -47,6 +47,7 @@ class BlendConfig:
     narrow_layers: int = 0
     narrow_start: float = 2.0
     deviation: str = "kv"
+    lead_tokens: int = 0
     ngram: int = 8
     min_match: int = 16
     use_prefix_cache: bool = True
@@ -186,8 +187,12 @@ class Blender:
             self._fetch, placements_for(segs), num_tokens=n, num_layers=self.runner.num_layers,
             kv_heads=self.runner.num_kv_heads, head_dim=self.runner.head_dim, dtype=self.runner.dtype,
             cos_new=cos_new, sin_new=sin_new, cos_old=cos_old, sin_old=sin_old, sources=sources, reused=reused)
+        forced = torch.zeros(n, dtype=torch.bool)
+        for s in segs:
+            if s.kind == "doc" and s.doc_start == 0:
+                forced[s.start:s.start + cfg.lead_tokens] = True
         selector = Selector(SelectionPolicy(ratio, cfg.check_layer, cfg.narrow_layers, cfg.narrow_start,
-                                            cfg.deviation), int(reused.sum()))
+                                            cfg.deviation, cfg.lead_tokens), int(reused.sum()), forced)
         if cfg.pipeline:
             loader.start()
         else:

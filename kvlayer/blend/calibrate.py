@@ -29,9 +29,9 @@ from kvlayer.config import default_cache_dir
 log = logging.getLogger("kvlayer.blend")
 
 DEFAULT_RATIOS = (0.05, 0.1, 0.15, 0.25, 0.5)
-#: Mean KL(full || blend) in nats over the probe tails. Naive reuse of SmolLM2-135M on essay
-#: probes sits around 0.3-1; a blend this close to full prefill changes few greedy tokens.
-DEFAULT_THRESHOLD = 0.05
+#: Mean KL(full || blend) in nats over the probe tails. On essay probes, SmolLM2-135M measured
+#: ~0.065 for naive reuse, ~0.02 at 15% and ~0.012 at 25% recompute (one 2000-token probe).
+DEFAULT_THRESHOLD = 0.02
 
 
 def calibration_path() -> Path:

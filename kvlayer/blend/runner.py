@@ -187,8 +187,20 @@ class Runner:
             if selector is not None and selector.active(li):
                 is_r = torch.from_numpy(np.ascontiguousarray(reused, dtype=bool))[comp] & candidate[comp]
                 ridx = is_r.nonzero().squeeze(1)
-                dev = kv_deviation(k[ridx], v[ridx], keys[comp[ridx]], values[comp[ridx]], selector.policy.deviation)
-                keep_r = ridx[selector.select(li, dev)]
+                mode = selector.policy.deviation
+                dev = kv_deviation(k[ridx], v[ridx], keys[comp[ridx]], values[comp[ridx]],
+                                   "kv" if mode in ("kv_attn", "attn") else mode)
+                if mode in ("kv_attn", "attn") and ridx.numel():
+                    # weight by how much the final new text (the question) attends to each token
+                    tail = (~is_r).nonzero().squeeze(1)
+                    tail = tail[comp[tail] > comp[ridx[-1]]]
+                    if tail.numel():
+                        qt = q[tail].transpose(0, 1)  # [heads, T, D]
+                        kr = k[ridx].transpose(0, 1).repeat_interleave(self.num_heads // self.num_kv_heads, 0)
+                        w = torch.softmax(qt @ kr.transpose(1, 2) * float(layer.self_attn.scaling), -1)
+                        att = w.mean(dim=(0, 1))
+                        dev = att if mode == "attn" else dev * att
+                keep_r = ridx[selector.select(li, dev, comp[ridx])]
                 keep = ~is_r
                 keep[keep_r] = True
                 comp, h, q, k, v = comp[keep], h[keep], q[keep], k[keep], v[keep]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-DEVIATIONS = ("kv", "k", "v")
+DEVIATIONS = ("kv", "k", "v", "kv_attn", "attn")
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class SelectionPolicy:
     narrow_layers: int = 0
     narrow_start: float = 2.0
     deviation: str = "kv"
+    lead_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.recompute_ratio <= 1.0:
@@ -37,6 +38,8 @@ class SelectionPolicy:
             raise ValueError("check_layer and narrow_layers must be >= 0")
         if self.narrow_start < 1.0:
             raise ValueError(f"narrow_start must be >= 1 (a multiple of the final budget), got {self.narrow_start}")
+        if self.lead_tokens < 0:
+            raise ValueError(f"lead_tokens must be >= 0, got {self.lead_tokens}")
         if self.deviation not in DEVIATIONS:
             raise ValueError(f"deviation must be one of {DEVIATIONS}, got {self.deviation!r}")
 
@@ -60,9 +63,13 @@ def kv_deviation(k_fresh: torch.Tensor, v_fresh: torch.Tensor, k_cached: torch.T
 class Selector:
     """Budget per layer and top-k selection for one prompt with ``num_reused`` reused tokens."""
 
-    def __init__(self, policy: SelectionPolicy, num_reused: int) -> None:
+    def __init__(self, policy: SelectionPolicy, num_reused: int, forced: torch.Tensor | None = None) -> None:
         self.policy = policy
         self.num_reused = num_reused
+        # prompt positions ranked first whatever their deviation (e.g. each document's leading
+        # tokens, which were attention sinks when the document was computed alone); they count
+        # against the same budget, so ratio 0 still recomputes nothing
+        self.forced = forced
         self.final = min(num_reused, math.ceil(policy.recompute_ratio * num_reused - 1e-9))
         self.history: list[tuple[int, int]] = []  # (layer, tokens kept)
 
@@ -82,9 +89,11 @@ class Selector:
         step = min(max(layer - p.check_layer, 0), p.narrow_layers) / p.narrow_layers
         return max(self.final, round(start + (self.final - start) * step))
 
-    def select(self, layer: int, deviation: torch.Tensor) -> torch.Tensor:
+    def select(self, layer: int, deviation: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Indices (into ``deviation``) of the tokens to keep recomputing, ascending."""
         k = min(self.budget(layer), deviation.numel())
+        if self.forced is not None and positions is not None:
+            deviation = torch.where(self.forced[positions], torch.full_like(deviation, float("inf")), deviation)
         self.history.append((layer, k))
         if k <= 0:
             return torch.empty(0, dtype=torch.long)
