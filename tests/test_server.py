@@ -198,6 +198,16 @@ def test_malformed_requests_get_invalid_argument_and_server_keeps_serving(kvlaye
         assert bytes(c.get([key(4, "bad")])[0]) == bytes(good)
         assert c.stats().counters["inflight_bytes"] == 0  # refused uploads released their reservations
 
+        def stalled():  # an upload whose client gives up (deadline) half-way
+            yield wire.encode_put_frame(key(5, "bad"), len(good), memoryview(good)[:10], False)
+            time.sleep(3)
+
+        assert code_of(lambda: c._puts[0](stalled(), timeout=1)) == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 30
+        while c.stats().counters["inflight_bytes"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert c.stats().counters["inflight_bytes"] == 0 and c.exists([key(5, "bad")]) == [False]
+
 
 def test_oversized_unauthenticated_and_wrong_tenant(kvlayer_server_factory, tmp_path: Path) -> None:
     sock = tmp_path / "kvl.sock"

@@ -135,6 +135,9 @@ def _rpc(name: str, *, streaming_response: bool = False,
                 except Abort as e:
                     code = e.code
                     context.abort(e.code, e.message)
+                except grpc.RpcError:  # the client went away; grpc knows, nothing to report
+                    code = grpc.StatusCode.CANCELLED
+                    raise
                 except Exception as e:
                     code = grpc.StatusCode.INTERNAL
                     self._unexpected(name, e, context)
@@ -155,6 +158,9 @@ def _rpc(name: str, *, streaming_response: bool = False,
             except Abort as e:
                 code = e.code
                 context.abort(e.code, e.message)
+            except grpc.RpcError:  # the client cancelled mid-stream (e.g. its deadline passed)
+                code = grpc.StatusCode.CANCELLED
+                raise
             except Exception as e:
                 code = grpc.StatusCode.INTERNAL
                 self._unexpected(name, e, context)
