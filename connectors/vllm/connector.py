@@ -180,6 +180,9 @@ class KVLayerConnector(KVConnectorBase_V1):
         """``LLM.reset_prefix_cache(reset_connector=True)``: empty kvlayer's store too."""
         try:
             self.cache.clear()
+            if self.scheduler is not None and self.scheduler.remote is not None:
+                # the worker's own store lives in another process and is not cleared from here
+                self.scheduler.remote.clear()
             return True
         except Exception as e:
             log.warning("kvlayer: reset failed: %s", e)
