@@ -354,6 +354,9 @@ def test_sigterm_finishes_writes_and_restart_finds_them_on_disk(kvlayer_server_f
         def frames():  # SIGTERM arrives while this upload is half sent: it must still complete
             mv = memoryview(late[1])
             yield wire.encode_put_frame(late[0], len(mv), mv[:100], False)
+            deadline = time.monotonic() + 30  # the upload must be running on the server before SIGTERM
+            while _metric(srv.metrics_url, "kvlayer_server_active_rpcs") < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
             srv.proc.send_signal(signal.SIGTERM)
             time.sleep(0.5)
             yield wire.encode_put_frame("", 0, mv[100:], False)
