@@ -14,9 +14,9 @@ baselines measured in the same run on the same redis-server:
 The tier moves a batch of N values with ``put_many``/``get_many`` (pipelined, split across its
 connections). Every contender runs once per round and rounds are interleaved, so load from other
 processes hits all of them alike; figures are medians over rounds, ratios per size plus their
-geometric mean. Also reported: the tier's GET through plain redis-py pipelines (``raw_reads=False``)
-and the client CPU seconds per GB of both read paths, the measurement behind the raw reader; the
-same for writes with redis-py's hiredis command packer (``packer="hiredis"``).
+geometric mean. Also reported: the client CPU seconds per GB of the tier's reads and writes, the
+same for writes with redis-py's hiredis command packer (``packer="hiredis"``), and ``TieredStore.get``
+end to end (read + checksum + decode).
 The last stdout line is JSON with ``put_vs_redis_benchmark``, ``get_vs_redis_benchmark`` and
 ``get_vs_naive``.
 
@@ -100,7 +100,7 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     try:
         tier = RedisTier(url, name="bench", connections=args.connections)
-        piped = RedisTier(url, name="bench", connections=args.connections, raw_reads=False, packer="hiredis")
+        piped = RedisTier(url, name="bench", connections=args.connections, packer="hiredis")
         naive = redis.Redis(host=host, port=port, password=u.password, username=u.username, protocol=2)
         for size in sizes:
             n = max(4, batch // size)
@@ -128,12 +128,11 @@ def main() -> int:
             raw_codec = get_codec("raw")
             for k in skeys:
                 tier.put(k, raw_codec.encode(tensors[0]))
-            stores = {"raw": TieredStore([(tier, raw_codec)]), "piped": TieredStore([(piped, raw_codec)])}
-            assert all(t is not None and torch.equal(t, tensors[0]) for t in stores["raw"].get(skeys))
+            store = TieredStore([(tier, raw_codec)])
+            assert all(t is not None and torch.equal(t, tensors[0]) for t in store.get(skeys))
 
-            m: dict[str, list[float]] = {k: [] for k in ("ret", "ret_piped", "put", "get", "get_piped", "cpu", "cpu_piped", "put_piped",
-                                                          "pcpu", "pcpu_piped", "nput",
-                                                          "nget", "rb_put", "rb_get")}
+            m: dict[str, list[float]] = {k: [] for k in ("ret", "put", "get", "cpu", "put_piped", "pcpu", "pcpu_piped",
+                                                          "nput", "nget", "rb_put", "rb_get")}
             for _ in range(repeat):
                 c0 = time.process_time()
                 m["put"].append(time_gbps(lambda items=items: tier.put_many(items), n * size, repeat=1, warmup=0))
@@ -145,18 +144,13 @@ def main() -> int:
                 c0 = time.process_time()
                 m["get"].append(time_gbps(lambda keys=keys: tier.get_many(keys), n * size, repeat=1, warmup=0))
                 m["cpu"].append((time.process_time() - c0) / (n * size / 1e9))
-                c0 = time.process_time()
-                m["get_piped"].append(time_gbps(lambda keys=keys: piped.get_many(keys), n * size, repeat=1, warmup=0))
-                m["cpu_piped"].append((time.process_time() - c0) / (n * size / 1e9))
                 m["nput"].append(time_gbps(naive_put, n * size, repeat=1, warmup=0))
                 m["nget"].append(time_gbps(naive_get, n * size, repeat=1, warmup=0))
                 # at least as many bytes as one tier batch, so its timer is not all start-up
                 rb = redis_benchmark(host, port, size, requests=max(2 * n, 16), clients=args.connections)
                 m["rb_put"].append(rb["put"])
                 m["rb_get"].append(rb["get"])
-                m["ret"].append(time_gbps(lambda st=stores["raw"], sk=skeys: st.get(sk), n * size, repeat=1, warmup=0))
-                m["ret_piped"].append(time_gbps(lambda st=stores["piped"], sk=skeys: st.get(sk), n * size, repeat=1,
-                                                warmup=0))
+                m["ret"].append(time_gbps(lambda st=store, sk=skeys: st.get(sk), n * size, repeat=1, warmup=0))
             tier.clear()
             naive.delete("key:__rand_int__")
             med = {k: statistics.median(v) for k, v in m.items()}
@@ -167,15 +161,12 @@ def main() -> int:
                 "naive_put_gbps": med["nput"], "naive_get_gbps": med["nget"],
                 "put_vs_redis_benchmark": med["put"] / med["rb_put"], "get_vs_redis_benchmark": med["get"] / med["rb_get"],
                 "put_vs_naive": med["put"] / med["nput"], "get_vs_naive": med["get"] / med["nget"],
-                "tier_get_redispy_pipeline_gbps": med["get_piped"],
-                "get_client_cpu_s_per_gb": med["cpu"], "get_redispy_pipeline_client_cpu_s_per_gb": med["cpu_piped"],
-                "retrieve_gbps": med["ret"], "retrieve_redispy_pipeline_gbps": med["ret_piped"],
+                "get_client_cpu_s_per_gb": med["cpu"], "retrieve_gbps": med["ret"],
                 "tier_put_hiredis_packer_gbps": med["put_piped"], "put_client_cpu_s_per_gb": med["pcpu"],
                 "put_hiredis_packer_client_cpu_s_per_gb": med["pcpu_piped"],
             })
             print(f"{size / MiB:g} MiB x {n}: tier put {med['put']:.2f} get {med['get']:.2f} GB/s "
-                  f"(redis-py pipeline get {med['get_piped']:.2f}; client CPU {med['cpu']:.3f} vs "
-                  f"{med['cpu_piped']:.3f} s/GB) | redis-benchmark put {med['rb_put']:.2f} get {med['rb_get']:.2f} "
+                  f"(get client CPU {med['cpu']:.3f} s/GB) | redis-benchmark put {med['rb_put']:.2f} get {med['rb_get']:.2f} "
                   f"| naive put {med['nput']:.2f} get {med['nget']:.2f}", file=sys.stderr)
         tier.close()
         piped.close()
@@ -188,9 +179,8 @@ def main() -> int:
                ("put_vs_redis_benchmark", "get_vs_redis_benchmark", "get_vs_naive", "put_vs_naive")}
     cols = ["batch", "tier_put_gbps", "tier_get_gbps", "redis_benchmark_put_gbps", "redis_benchmark_get_gbps",
             "naive_put_gbps", "naive_get_gbps", "put_vs_redis_benchmark", "get_vs_redis_benchmark", "get_vs_naive",
-            "tier_get_redispy_pipeline_gbps", "get_client_cpu_s_per_gb", "get_redispy_pipeline_client_cpu_s_per_gb",
-            "tier_put_hiredis_packer_gbps", "put_client_cpu_s_per_gb", "put_hiredis_packer_client_cpu_s_per_gb",
-            "retrieve_gbps", "retrieve_redispy_pipeline_gbps"]
+            "get_client_cpu_s_per_gb", "tier_put_hiredis_packer_gbps", "put_client_cpu_s_per_gb",
+            "put_hiredis_packer_client_cpu_s_per_gb", "retrieve_gbps"]
     table = markdown_table(rows, cols, first="value size")
     print(table, file=sys.stderr)
     md = (
@@ -204,12 +194,11 @@ def main() -> int:
         f"Tier: `put_many`/`get_many` over {args.connections} connections. Baselines in the same run: "
         f"`redis-benchmark -t set,get -d <size> -c {args.connections} -P 1` (requests/s x size) and naive "
         "redis-py, one SET/GET call at a time. Ratios in the summary are geometric means over sizes. "
-        "`tier_get_redispy_pipeline` / `tier_put_hiredis_packer` are the tier with `raw_reads=False, "
-        "packer='hiredis'` (redis-py's default paths: hiredis pipelines for reads, hiredis command packing, which "
-        "copies every value twice, for writes) instead of the raw GET reader and memoryview sends; the client "
-        "CPU columns are this process's CPU seconds per GB moved. `retrieve` is `TieredStore.get` over the tier "
-        "(read + header/checksum check + decode to a tensor, raw codec): the raw reader's writable buffers are "
-        "decoded in place, redis-py's `bytes` need one more copy.\n\n"
+        "Reads are redis-py pipelines parsed by hiredis. `tier_put_hiredis_packer` is the tier with "
+        "`packer='hiredis'` (redis-py's default command packing, which copies every value twice) instead of "
+        "memoryview sends; the client CPU columns are this process's CPU seconds per GB moved. `retrieve` is "
+        "`TieredStore.get` over the tier (read + header/checksum check + decode to a tensor, raw codec; "
+        "redis-py's read-only `bytes` cost the decoder one copy).\n\n"
         + table + "\n" + "\n".join(f"- {k}: {v:.3g}" for k, v in summary.items()) + "\n"
     )
     per_size = {r["_name"]: {k: v for k, v in r.items() if k != "_name"} for r in rows}

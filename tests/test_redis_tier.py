@@ -66,6 +66,7 @@ def test_round_trip_standalone_bit_exact(redis_server, raw):
         assert tier.put_many(items) == [True] * len(items)
         got = tier.get_many(keys[::-1] + [hexkey(999)])
         assert got[-1] is None
+        assert all(type(g) is bytes for g in got[:-1])  # redis-py's reply objects, handed over as they are
         for k, v, g in zip(keys[::-1], vals[::-1], got[:-1], strict=True):
             assert g is not None and bytes(g) == v, k
         assert tier.get(keys[5]) == vals[5]
@@ -108,23 +109,24 @@ def test_round_trip_cluster_bit_exact(redis_cluster):
 
 
 def test_cluster_reads_follow_moved(redis_cluster, monkeypatch):
-    """The raw GET path talks to the node redis-py's slot map names; a stale map gets a real MOVED
-    reply, and those keys are fetched again through redis-py, which follows the redirect."""
+    """Reads are pipelined per node, to the node redis-py's slot map names; a stale map gets a real
+    MOVED reply, and those keys are fetched again through redis-py's Cluster pipeline, which
+    follows the redirect."""
     tier = RedisTier(redis_cluster.url)
     try:
         vals = blobs([1000] * 12, seed=3)
         keys = [hexkey(i) for i in range(12)]
         assert all(tier.put_many(list(zip(keys, vals, strict=True))))
         calls = {"pipelined": 0}
-        real_pipelined = tier._fetch_pipelined
+        real_read_job = tier._read_job
 
-        def counting(rkeys, cmd="GET"):
-            calls["pipelined"] += 1
-            return real_pipelined(rkeys, cmd)
+        def counting(target, cmd, rkeys):
+            calls["pipelined"] += target is tier.client  # the whole-Cluster pipeline
+            return real_read_job(target, cmd, rkeys)
 
-        monkeypatch.setattr(tier, "_fetch_pipelined", counting)
+        monkeypatch.setattr(tier, "_read_job", counting)
         assert [bytes(v) for v in tier.get_many(keys)] == vals  # type: ignore[arg-type]
-        assert calls["pipelined"] == 0  # served by the raw reader, node by node
+        assert calls["pipelined"] == 0  # served node by node
 
         client = tier.client
         nodes = client.get_primaries()
@@ -182,10 +184,30 @@ def test_cluster_through_kvcache(redis_cluster, spec):
         assert n == 100 and torch.equal(got, kv)
 
 
-def test_wrong_type_and_pipelined_reads(redis_server, raw):
-    """A key of another type (an error reply) is a miss; the redis-py read path agrees bit for bit."""
+def test_replies_parsed_by_hiredis(redis_server):
+    """redis[hiredis] is a dependency: replies must go through its C parser, not redis-py's Python one."""
+    from redis._parsers import _HiredisParser
+    from redis.utils import HIREDIS_AVAILABLE
+
+    assert HIREDIS_AVAILABLE
     tier = RedisTier(redis_server.url)
-    piped = RedisTier(redis_server.url, raw_reads=False, packer="hiredis", max_value_bytes=100_000)
+    try:
+        assert tier.put(hexkey(1), b"v" * 100) and tier.get(hexkey(1)) == b"v" * 100
+        pool = tier.client.connection_pool
+        conn = pool.get_connection()
+        try:
+            assert isinstance(conn._parser, _HiredisParser)
+        finally:
+            pool.release(conn)
+    finally:
+        tier.close()
+
+
+def test_wrong_type_and_hiredis_packer(redis_server, raw):
+    """A key of another type (an error reply) is a miss; a tier with redis-py's own command packer
+    reads and writes the same values bit for bit."""
+    tier = RedisTier(redis_server.url)
+    piped = RedisTier(redis_server.url, packer="hiredis", max_value_bytes=100_000)
     try:
         vals = blobs([10, 300_000, 2 << 20], seed=4)
         keys = [hexkey(i) for i in range(3)]
@@ -237,6 +259,7 @@ def test_large_values_split_and_reassembled(redis_server, raw):
         assert sorted(tier.keys()) == [hexkey(1), hexkey(2), hexkey(3)]
         g = tier.get_many([hexkey(1), hexkey(2), hexkey(3)])
         assert [bytes(x) for x in g] == [big, exact, small]  # type: ignore[arg-type]
+        assert isinstance(g[0], bytearray)  # parts joined into one writable buffer (decoded in place)
         assert tier.exists_many([hexkey(1)]) == [True]
 
         # overwrite a split value with a small one: the old parts are removed
@@ -266,7 +289,7 @@ def test_large_values_split_and_reassembled(redis_server, raw):
 
 def test_concurrent_callers_many_parts(redis_server):
     """Several threads share one tier (the engine thread and the store's writer do); values of
-    many parts are read in parallel straight into place: every byte must land where it belongs."""
+    many parts are read in parallel over several connections: every byte must land where it belongs."""
     import threading
 
     tier = RedisTier(redis_server.url, max_value_bytes=1024, connections=4)
@@ -303,15 +326,15 @@ def test_unreachable_part_is_a_miss_not_a_deletion(redis_server, raw, monkeypatc
         big, other = blobs([5000, 500], seed=11)
         assert all(tier.put_many([(hexkey(1), big), (hexkey(2), other)]))
         before = raw.dbsize()
-        real = tier._raw_cmds
+        real = tier._read_job
 
-        def flaky(pool, cmd, rkeys, dests=None):
+        def flaky(target, cmd, rkeys):
             # the job holding part 0 of hexkey(1) fails; the other job (parts 1, 3) answers
             if any(rk.startswith(tier.rkey(hexkey(1)) + ":") and rk.endswith(":0") for rk in rkeys):
                 raise redis.ConnectionError("injected: connection reset")
-            return real(pool, cmd, rkeys, dests)
+            return real(target, cmd, rkeys)
 
-        monkeypatch.setattr(tier, "_raw_cmds", flaky)
+        monkeypatch.setattr(tier, "_read_job", flaky)
         got = tier.get_many([hexkey(1), hexkey(2)])
         assert got[0] is None and got[1] is not None and bytes(got[1]) == other
         assert tier.stats().corrupt == 0 and tier.stats().errors >= 1
@@ -558,7 +581,7 @@ def test_config_url_options_and_errors(spec):
 
 @pytest.mark.skipif(__import__("shutil").which("openssl") is None, reason="needs openssl")
 def test_tls_rediss_round_trip(tmp_path):
-    """rediss:// with a CA file (ssl_* options): the raw reader and memoryview sends over TLS."""
+    """rediss:// with a CA file (ssl_* options): pipelined reads and memoryview sends over TLS."""
     import subprocess
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
