@@ -453,7 +453,7 @@ def test_cli_hooks_plug_into_a_parent_parser(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="kvlayer")
     add_blend_arguments(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["blend", "show", "--calibration", str(tmp_path / "c.json")])
-    assert args.command == "blend" and run_blend(args) == 0
+    assert args.command == "blend" and args.func is run_blend and run_blend(args) == 0
     assert json.loads(capsys.readouterr().out)["llama-abc"]["ratio"] == 0.15
     assert store.verdict("llama-abc") == (0.15, "calibrated")
     assert store.verdict("other")[0] is None

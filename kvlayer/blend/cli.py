@@ -26,6 +26,7 @@ def add_blend_arguments(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``blend`` command (with ``calibrate`` and ``show``) to an argparse subparsers object."""
     p = subparsers.add_parser("blend", help="CacheBlend: calibrate the quality gate, show calibrations")
     _add_subcommands(p)
+    p.set_defaults(func=run_blend)  # kvlayer/cli.py dispatches on args.func
     return p
 
 
