@@ -224,6 +224,53 @@ def test_wrong_type_and_hiredis_packer(redis_server, raw):
         piped.close()
 
 
+def test_tiered_store_writes_through_in_batches(redis_server, raw, monkeypatch):
+    """A memory tier over Redis: the background writer hands Redis whole batches (pipelined
+    ``put_many``), encoded with Redis's own codec, and ``delete`` is one ``delete_many`` a tier."""
+    import threading
+
+    from kvlayer.codec import decode, get_codec
+    from kvlayer.storage.hierarchy import TieredStore
+    from kvlayer.storage.memory import MemoryTier
+
+    tier = RedisTier(redis_server.url)
+    calls: dict[str, list[int]] = {"put_many": [], "delete_many": []}
+    queued = threading.Event()
+    real_put, real_delete = tier.put_many, tier.delete_many
+
+    def put_many(items):
+        queued.wait(30)  # hold the writer until every chunk is queued: the rest is one batch
+        calls["put_many"].append(len(items))
+        return real_put(items)
+
+    def delete_many(keys):
+        keys = list(keys)
+        calls["delete_many"].append(len(keys))
+        return real_delete(keys)
+
+    monkeypatch.setattr(tier, "put_many", put_many)
+    monkeypatch.setattr(tier, "delete_many", delete_many)
+    store = TieredStore([(MemoryTier("cpu", 64 << 20), get_codec("raw")), (tier, get_codec("lz4"))])
+    try:
+        keys = [hexkey(i) for i in range(40)]
+        tensors = [torch.full((64, 32), float(i), dtype=torch.float16) for i in range(40)]
+        assert store.put(keys, tensors) == 40
+        queued.set()
+        assert store.flush(timeout=30)
+        assert sum(calls["put_many"]) == 40 and len(calls["put_many"]) <= 2, calls
+        assert raw.dbsize() == 40
+        got = tier.get_many(keys)
+        for g, t in zip(got, tensors, strict=True):
+            assert g is not None and bytes(g[:4]) == b"KVLB" and torch.equal(decode(g), t)
+        assert store.stats()["store"]["dropped_writes"] == 0
+        store.pins.pin(keys[:1])
+        assert store.delete(keys) == 39  # the pinned one stays
+        assert calls["delete_many"] == [39]
+        assert raw.dbsize() == 1 and store.get(keys[:1])[0] is not None
+    finally:
+        store.close()
+
+
 # ---------------------------------------------------------------------- lookup
 def test_exists_moves_no_values(redis_server, raw, spec):
     tier = RedisTier(redis_server.url)

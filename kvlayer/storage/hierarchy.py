@@ -5,7 +5,8 @@
   from lower tiers into the hottest one.
 - ``put`` writes the hottest tier synchronously; lower tiers get the chunk either write-through
   (a background writer with a bounded byte budget) or when the hotter tier evicts it
-  (``on_demotion``).
+  (``on_demotion``). The writer drains up to ``WRITE_BATCH_JOBS`` / ``WRITE_BATCH_BYTES`` of
+  queued writes at a time and hands each lower tier one ``put_many``, so remote tiers pipeline.
 - A tier that raises is skipped for ``retry_after_s`` and its operations count as misses / dropped
   writes: nothing a tier does can raise into the caller.
 """
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 WritePolicy = Literal["write_through", "on_demotion"]
+WRITE_BATCH_JOBS = 64
+WRITE_BATCH_BYTES = 64 << 20
 
 
 @dataclass
@@ -288,40 +291,62 @@ class TieredStore(EvictionGuard):
                     self._q_cv.wait()
                 if not self._q and self._closed:
                     return
-                job = self._q.popleft()
-                self._inflight += 1
-                self._inflight_keys.add(job.key)
+                batch = [self._q.popleft()]
+                size = batch[0].nbytes
+                while self._q and len(batch) < WRITE_BATCH_JOBS and size + self._q[0].nbytes <= WRITE_BATCH_BYTES:
+                    batch.append(self._q.popleft())
+                    size += batch[-1].nbytes
+                self._inflight += len(batch)
+                self._inflight_keys.update(job.key for job in batch)
             try:
-                self._run_job(job)
+                self._run_batch(batch)
             except Exception:  # never let the writer die
-                log.exception("background write of %s failed", job.key[:16])
+                log.exception("background write of %d chunk(s) failed", len(batch))
             finally:
                 with self._q_cv:
-                    self._inflight -= 1
-                    self._inflight_keys.discard(job.key)
-                    self._q_bytes -= job.nbytes
+                    self._inflight -= len(batch)
+                    self._inflight_keys.difference_update(job.key for job in batch)
+                    self._q_bytes -= size
                     self._q_cv.notify_all()
 
-    def _run_job(self, job: _Job) -> None:
-        tensor = job.tensor
-        for idx in job.levels:
+    def _run_batch(self, batch: list[_Job]) -> None:
+        """One ``put_many`` per lower tier for every job in ``batch`` that targets it."""
+        tensors: dict[int, torch.Tensor] = {}  # decoded once per job, shared by its tiers
+        skip: set[int] = set()  # jobs whose blob turned out corrupt: dropped once, not per tier
+        for idx in sorted({i for job in batch for i in job.levels}):
             lv = self.levels[idx]
+            jobs = [j for j, job in enumerate(batch) if idx in job.levels and j not in skip]
             if not self._available(lv):
-                self._count(dropped_writes=1)
-                lv.tier.count(dropped_writes=1)
+                self._count(dropped_writes=len(jobs))
+                lv.tier.count(dropped_writes=len(jobs))
                 continue
-            if job.blob is not None and job.blob_codec == lv.codec.name:
-                blob = job.blob
-            else:
-                if tensor is None:
-                    try:
-                        tensor = decode(job.blob)  # type: ignore[arg-type]
-                    except CorruptBlobError:
-                        self._count(dropped_writes=1)
-                        return
-                blob = lv.codec.encode(tensor)
-            if not self._safe(lv, "put", lambda lv=lv, blob=blob: lv.tier.put(job.key, blob), False):
-                self._count(dropped_writes=1)
+            items: dict[str, Buffer] = {}  # a key queued twice is written once (the newest)
+            for j in jobs:
+                blob = self._blob_for(batch[j], lv, tensors, j)
+                if blob is None:
+                    skip.add(j)
+                    self._count(dropped_writes=1)
+                else:
+                    items[batch[j].key] = blob
+            if not items:
+                continue
+            oks = self._safe(lv, "put", lambda lv=lv, items=items: lv.tier.put_many(list(items.items())),
+                             [False] * len(items))
+            self._count(dropped_writes=sum(not ok for ok in oks))
+
+    @staticmethod
+    def _blob_for(job: _Job, lv: Level, tensors: dict[int, torch.Tensor], j: int) -> Buffer | None:
+        """``job``'s chunk encoded for ``lv`` (its queued blob when the codec matches); None if
+        the queued blob is corrupt."""
+        if job.blob is not None and job.blob_codec == lv.codec.name:
+            return job.blob
+        tensor = job.tensor if job.tensor is not None else tensors.get(j)
+        if tensor is None:
+            try:
+                tensor = tensors[j] = decode(job.blob)  # type: ignore[arg-type]
+            except CorruptBlobError:
+                return None
+        return lv.codec.encode(tensor)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued background write has finished."""
@@ -339,16 +364,15 @@ class TieredStore(EvictionGuard):
     # ------------------------------------------------------------------ management
     def delete(self, keys: Sequence[str], *, force: bool = False) -> int:
         """Remove keys from every tier; pinned keys are kept unless ``force``. Returns keys removed."""
-        removed = set()
-        targets = {k for k in keys if force or not self.pins.is_pinned(k)}
-        self._cancel_writes(targets)
+        targets = list(dict.fromkeys(k for k in keys if force or not self.pins.is_pinned(k)))
+        if not targets:
+            return 0
+        self._cancel_writes(set(targets))
+        # Tiers only count what they removed, so "removed" = stored somewhere before the deletes.
+        stored = sum(w is not None for w in self.locate(targets))
         for lv in self.levels:
-            for k in keys:
-                if k not in targets:
-                    continue
-                if self._safe(lv, "delete", lambda lv=lv, k=k: lv.tier.delete(k), False):
-                    removed.add(k)
-        return len(removed)
+            self._safe(lv, "delete", lambda lv=lv: lv.tier.delete_many(targets), 0)
+        return stored
 
     def _cancel_writes(self, keys: set[str]) -> None:
         """Drop queued background writes of ``keys`` and wait out one in flight, so a deleted key
