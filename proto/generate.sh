@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate kvlayer/server/_gen from proto/kvlayer.proto (checked in; never edit by hand).
-# Usage: scripts/gen_proto.sh [OUT_ROOT]   (OUT_ROOT defaults to the repository root; the test
+# Usage: proto/generate.sh [OUT_ROOT]   (OUT_ROOT defaults to the repository root; the test
 # tests/test_server_proto.py generates into a temp dir and compares).
 # The -I mapping makes the generated grpc module import "kvlayer.server._gen.kvlayer_pb2".
 set -euo pipefail

@@ -1,4 +1,4 @@
-"""The checked-in gRPC code must be exactly what scripts/gen_proto.sh makes from proto/kvlayer.proto."""
+"""The checked-in gRPC code must be exactly what proto/generate.sh makes from proto/kvlayer.proto."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ FILES = ("kvlayer_pb2.py", "kvlayer_pb2.pyi", "kvlayer_pb2_grpc.py")
 
 def test_generated_code_is_fresh(tmp_path: Path) -> None:
     pytest.importorskip("grpc_tools")
-    subprocess.run(["bash", str(REPO / "scripts" / "gen_proto.sh"), str(tmp_path)], check=True, cwd=REPO,
+    subprocess.run(["bash", str(REPO / "proto" / "generate.sh"), str(tmp_path)], check=True, cwd=REPO,
                    capture_output=True, timeout=120)
     fresh = tmp_path / "kvlayer" / "server" / "_gen"
     stale = [f for f in FILES if (fresh / f).read_bytes() != (GEN / f).read_bytes()]
-    assert not stale, f"kvlayer/server/_gen/{stale} differ from proto/kvlayer.proto: run scripts/gen_proto.sh and commit"
+    assert not stale, f"kvlayer/server/_gen/{stale} differ from proto/kvlayer.proto: run proto/generate.sh and commit"
 
 
 def test_proto_package_and_services() -> None:
