@@ -38,6 +38,7 @@ BLOCKS = 37  # vLLM KV space in blocks of 128 tokens (one reserved): one 4.5k pr
 def _env() -> None:
     cache = REPO / ".cache" / "bench"
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # stdout stays readable: the JSON line ends it
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CACHE_ROOT", str(cache / "vllm"))
@@ -174,15 +175,19 @@ def main() -> int:
     from kvlayer.connectors.vllm import connector_stats, store
 
     cache = store.active_caches()[0]
-    _request(llm, corpus[-600:], 2, "warmup-a", skip=True)  # first-call overheads out of the way
+    # first-call overheads (prefill, store, load) out of the way
+    _request(llm, corpus[-600:], 2, "warmup-a", skip=True)
     _request(llm, corpus[-700:], 2, "warmup-b", skip=False)
+    cache.flush()
+    llm.reset_prefix_cache()
+    _request(llm, corpus[-700:], 2, "warmup-c", skip=False)
     lengths = [1024, 2048, 4096]
     reps = 1 if args.quick else 3
     log("TTFT (s): without kvlayer | cold with kvlayer | warm CPU | warm disk")
     ttft = ttft_part(llm, cache, corpus[:-1000], lengths, reps, log)
     essays = [e for e in (all_essays() or []) if len(tok(e)["input_ids"]) > 2600]
-    qa = qa_part(llm, tok, essays, users=4 if args.quick else 6, rounds=3 if args.quick else 4,
-                 ctx_tokens=1500 if args.quick else 2500, answer=8 if args.quick else 16, log=log)
+    qa = qa_part(llm, tok, essays, users=5 if args.quick else 6, rounds=4 if args.quick else 6,
+                 ctx_tokens=1024 if args.quick else 2500, answer=4 if args.quick else 16, log=log)
     stats = connector_stats()
     k4 = ttft["4096"]
     summary = {
@@ -198,7 +203,8 @@ def main() -> int:
         "quick": args.quick,
     }
     data = {"summary": summary, "ttft": ttft, "qa": qa, "connector": stats["connector"], "model": os.path.basename(model),
-            "layout": stats["layout"], "seconds": time.perf_counter() - t_start}
+            "layout": stats["layout"], "load_seconds": stats.get("load_seconds"), "save_seconds": stats.get("save_seconds"),
+            "seconds": time.perf_counter() - t_start}
     rows = [{"_name": f"{n} tokens", **{k: v for k, v in r.items() if k != "reps"}} for n, r in ttft.items()]
     md = [f"# vLLM TTFT with kvlayer ({os.path.basename(model)}, vLLM CPU build)\n",
           "Baseline = the same engine with kvlayer skipped per request (plain vLLM prefill), interleaved. "

@@ -67,6 +67,7 @@ def make_prompts() -> dict[str, list[int]]:
         "corrupt": ids(5, 700),
         "raise": ids(6, 650),
         "abort": ids(7, 900),
+        "exact": ids(8, 1024),  # a whole number of chunks: the claim ends one token short
     }
     for i in range(6):
         p[f"batch{i}"] = shared[: 512 + 64 * (i % 3)] + ids(10 + i, 150 + 40 * i)
@@ -151,6 +152,10 @@ def scenario_main(args: dict[str, Any]) -> dict[str, Any]:
     st["warm"] = _snap()
     tok["tail"] = _gen(llm, [P["tail"]])[0]
     st["tail"] = _snap()
+    tok["exact_cold"] = _gen(llm, [P["exact"]])[0]
+    st["exact_cold"] = _snap()
+    tok["exact_warm"] = _gen(llm, [P["exact"]])[0]
+    st["exact_warm"] = _snap()
 
     batch = [P[f"batch{i}"] for i in range(6)]
     tok["batch_cold"] = _gen(llm, batch)
@@ -355,13 +360,22 @@ def test_cached_prefix_with_new_tail(runs):
     assert _c(main["stats"]["tail"], "loaded_tokens") - _c(main["stats"]["warm"], "loaded_tokens") == 1024
 
 
+def test_prompt_of_whole_chunks_loads_all_but_its_last_token(runs):
+    main, base = runs["main"], runs["baseline"]["tokens"]
+    assert main["tokens"]["exact_cold"] == base["exact"] and main["tokens"]["exact_warm"] == base["exact"]
+    cold, warm = main["stats"]["exact_cold"], main["stats"]["exact_warm"]
+    # 1023 tokens claimed; the last block is loaded whole and vLLM recomputes its last slot
+    assert _c(warm, "hit_tokens") - _c(cold, "hit_tokens") == 1023
+    assert _c(warm, "loaded_tokens") - _c(cold, "loaded_tokens") == 1024
+
+
 def test_batch_sharing_prefixes(runs):
     base = runs["baseline"]["tokens"]
     want = [base[f"batch{i}"] for i in range(6)]
     main = runs["main"]
     assert main["tokens"]["batch_cold"] == want
     assert main["tokens"]["batch_warm"] == want
-    s0, s1 = main["stats"]["tail"], main["stats"]["batch_cold"]
+    s0, s1 = main["stats"]["exact_warm"], main["stats"]["batch_cold"]
     # the shared 512-token prefix is stored once (others skip or hit), each tail chunk once
     assert _c(s1, "skipped_saves") - _c(s0, "skipped_saves") + _c(s1, "hit_requests") - _c(s0, "hit_requests") > 0
     s2 = main["stats"]["batch_warm"]

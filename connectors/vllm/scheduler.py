@@ -31,7 +31,7 @@ class LoadPlan:
     first_chunk: int
     keys: list[str]
     start_token: int  # first token to load (block aligned: vLLM's own prefix hit ends here)
-    end_token: int  # chunk aligned
+    end_token: int  # exclusive; at most len(prompt) - 1, may end inside a block
     tiers: list[str]
     lease: str | None = None
     emitted: bool = False
@@ -138,9 +138,10 @@ class SchedulerSide:
             tiers = self._lookup(st.keys[:full]) if full > 0 else []
             self.counters.add(lookups=1)
             st.hit_tiers = tiers
-            # Never claim the last prompt token (vLLM must compute at least one): the claim ends
-            # at the last whole block before it, possibly inside the last hit chunk.
-            st.hit_tokens = min(len(tiers) * self.chunk_size, (len(prompt) - 1) // self.block_size * self.block_size)
+            # Never claim the last prompt token (vLLM must compute at least one). The claim may end
+            # inside a block: the worker loads that whole block and vLLM then overwrites the slots
+            # of the tokens it computes itself.
+            st.hit_tokens = min(len(tiers) * self.chunk_size, len(prompt) - 1)
             st.stored_chunks = max(st.stored_chunks, len(tiers))
             new = st.hit_tokens - num_computed_tokens
             if new <= 0 or new < self.options.min_hit_tokens:
@@ -158,7 +159,7 @@ class SchedulerSide:
                 return
             end = st.hit_tokens
             start = end - num_external_tokens
-            if start < 0 or start % self.block_size or end % self.block_size:
+            if start < 0 or start % self.block_size or end > len(st.keys) * self.chunk_size:
                 log.warning("request %s: unexpected external range [%d, %d); not loading", st.req_id, start, end)
                 return
             first, last = start // self.chunk_size, -(-end // self.chunk_size)
@@ -223,7 +224,7 @@ class SchedulerSide:
             want = []
             for j in range(len(plan.keys)):
                 ci = plan.first_chunk + j
-                stop = min((ci + 1) * bpc, plan.end_token // bs)  # the last chunk may load only in part
+                stop = min((ci + 1) * bpc, -(-plan.end_token // bs))  # the last chunk may load only in part
                 want.append(stop - ci * bpc)
                 blocks.append(st.block_ids[ci * bpc:stop])
                 skips.append(max(0, (plan.start_token - ci * c) // bs))

@@ -12,7 +12,7 @@ class ConnectorCounters:
     hit_requests: int = 0
     hit_tokens: int = 0  # tokens claimed from kvlayer (beyond vLLM's own prefix hit)
     loaded_chunks: int = 0
-    loaded_tokens: int = 0
+    loaded_tokens: int = 0  # token slots written by loads (whole blocks)
     load_errors: int = 0  # chunks that failed to load (their blocks were recomputed)
     error_blocks: int = 0
     saved_chunks: int = 0  # chunks handed to the store
