@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -314,7 +315,7 @@ def run_scenario(name: str, tmp: Path, timeout: int = 400, **args: Any) -> dict[
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     pytest.importorskip("vllm")
     from tests.fixtures.tiny_model import tiny_model_dir
 

@@ -200,7 +200,7 @@ class SchedulerSide:
                 st.block_ids = list(nr.block_ids[0]) if nr.block_ids else st.block_ids
                 self._emit(st, meta, nr.num_computed_tokens + num_sched.get(nr.req_id, 0))
             cr = so.scheduled_cached_reqs
-            resumed = getattr(cr, "resumed_req_ids", set()) or set()
+            resumed: set[str] = getattr(cr, "resumed_req_ids", set()) or set()
             for i, req_id in enumerate(cr.req_ids):
                 st = self._reqs.get(req_id)
                 if st is None or st.skip:
