@@ -239,7 +239,9 @@ def test_codec_doc_config_examples_load(tmp_path: Path) -> None:
     assert got[0] == {"cpu": ("raw", gp), "disk": ("int4+lz4", gp), "redis": ("int4+lz4", gp)}
     assert got[1]["cpu"] == ("raw", {}) and got[1]["disk"] == ("int8+lz4", {})
     assert got[1]["redis"][0] == "mixed+lz4" and got[1]["redis"][1]["low_bits"] == 4
-    words = shlex.split(re.search(r"```bash\n(.*?)```", text, re.S)[1])
+    bash = re.search(r"```bash\n(.*?)```", text, re.S)
+    assert bash, "docs/codecs.md lost its environment example"
+    words = shlex.split(bash[1])
     env = dict(w.split("=", 1) for w in words if w.startswith("KVLAYER_"))
     cfg = load_config(env=env, disk_path=str(tmp_path / "disk"), redis_url="redis://127.0.0.1:1/0")
     assert config_from_env(env)["codec_params"] == gp
