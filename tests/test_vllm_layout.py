@@ -114,3 +114,34 @@ def test_model_fingerprint_is_deterministic(tmp_path):
     (tmp_path / "config.json").write_text('{"a": 2}')
     assert a != model_fingerprint(str(tmp_path), None, "bfloat16")
     assert model_fingerprint("org/model", "v1", "bfloat16") != model_fingerprint("org/model", "v2", "bfloat16")
+
+
+def test_worker_saves_in_background_when_the_top_tier_is_not_memory(tmp_path):
+    from kvlayer.connectors.vllm.metadata import ConnectorMeta, LoadOp, SaveOp
+    from kvlayer.connectors.vllm.stats import ConnectorCounters
+    from kvlayer.connectors.vllm.worker import WorkerSide
+
+    from kvlayer import KVCache, KVSpec
+
+    dtype = torch.bfloat16
+    layer = cpu_layer(dtype)
+    buf = torch.randn((L, NB, H, BS, 2 * D)).to(dtype)
+    caches = [buf[i] for i in range(L)]
+    layout = probe_layout(layer, caches[0], num_blocks=NB, block_size=BS, num_heads=H, head_dim=D)
+    spec = KVSpec(model="unit", num_layers=L, num_kv_heads=H, head_dim=D, dtype="bfloat16")
+    cache = KVCache(spec, chunk_size=2 * BS, cpu_bytes=0, disk_path=str(tmp_path / "disk"), disk_codec="raw")
+    counters = ConnectorCounters()
+    w = WorkerSide(cache, counters, block_size=BS, num_blocks=NB, layer_names=[])
+    w.adapter = make_adapter(caches, layout)
+    assert w._async_saves  # disk is the hottest tier here
+    key = "ab" * 32
+    w.save(ConnectorMeta(saves=[SaveOp("r1", key, [1, 4])]))
+    w.close()
+    cache.flush()
+    assert counters.saved_chunks == 1 and cache.store_.locate([key]) == ["disk"]
+    (got,) = cache.retrieve_chunks([key])
+    assert got is not None and torch.equal(got, w.adapter.gather([1, 4]))
+    # and a load writes it back into other blocks, bit for bit
+    w.start_load(ConnectorMeta(loads=[LoadOp("r2", [key], [[2, 5]], [0])]))
+    assert torch.equal(w.adapter.gather([2, 5]), got) and counters.loaded_tokens == 2 * BS
+    cache.close()

@@ -195,6 +195,8 @@ class KVLayerConnector(KVConnectorBase_V1):
         self._closed = True
         if self.scheduler is not None:
             self.scheduler.reset()
+        if self.worker is not None:
+            self.worker.close()
         store.release(self.cache, worker=self._is_worker)
         if self in LIVE:
             LIVE.remove(self)

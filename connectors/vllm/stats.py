@@ -18,6 +18,7 @@ class ConnectorCounters:
     saved_chunks: int = 0  # chunks handed to the store
     skipped_saves: int = 0  # already stored (e.g. by another request in the batch)
     save_errors: int = 0
+    dropped_saves: int = 0  # saves refused because the background save queue was full
     preemptions: int = 0  # requests vLLM preempted (their state was dropped)
 
     def __post_init__(self) -> None:

@@ -10,7 +10,9 @@ the store's bounded background writer, which drops and counts instead of blockin
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -38,6 +40,15 @@ class WorkerSide:
         self._missing: list[str] = []
         self.load_seconds = 0.0
         self.save_seconds = 0.0
+        # The hottest tier takes saves synchronously; when that is not process memory (e.g. only
+        # Redis or a remote server is configured), saves go to one background thread instead,
+        # with a byte bound: beyond it they are dropped and counted, never waited for.
+        top = cache.store_.levels[0].tier.kind
+        self._async_saves = top != "memory"
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvlayer-save") if self._async_saves else None
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self._pending_limit = int(cache.config.write_queue_bytes)
 
     # ------------------------------------------------------------------ setup
     def register(self, kv_caches: dict[str, torch.Tensor], forward_context: dict[str, Any], backend: str) -> Layout:
@@ -129,10 +140,38 @@ class WorkerSide:
                 keys.append(op.key)
                 chunks.append(self.adapter.gather(op.blocks))
             if keys:
-                self.cache.store_chunks(keys, chunks, block=False)
-                self.counters.add(saved_chunks=len(keys))
+                self._store(keys, chunks)
             self._stored.extend(keys + [op.key for op, w in zip(ops, where, strict=True) if w is not None])
         except Exception as e:  # a failed save is a future miss, nothing more
             self.counters.add(save_errors=1)
             log.warning("kvlayer: save failed (%s: %s)", type(e).__name__, e)
         self.save_seconds += time.perf_counter() - t0
+
+    def _store(self, keys: list[str], chunks: list[torch.Tensor]) -> None:
+        if self._pool is None:
+            self.cache.store_chunks(keys, chunks, block=False)
+            self.counters.add(saved_chunks=len(keys))
+            return
+        nbytes = sum(c.numel() * c.element_size() for c in chunks)
+        with self._pending_lock:
+            if self._pending + nbytes > self._pending_limit and self._pending > 0:
+                self.counters.add(dropped_saves=len(keys))
+                return
+            self._pending += nbytes
+
+        def run() -> None:
+            try:
+                self.cache.store_chunks(keys, chunks, block=False)
+                self.counters.add(saved_chunks=len(keys))
+            except Exception as e:
+                self.counters.add(save_errors=1)
+                log.warning("kvlayer: background save failed (%s: %s)", type(e).__name__, e)
+            finally:
+                with self._pending_lock:
+                    self._pending -= nbytes
+
+        self._pool.submit(run)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
