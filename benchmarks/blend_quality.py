@@ -217,6 +217,11 @@ def main() -> int:
     def rel(c: str) -> float:  # median over requests of the per-request ratio to full
         return statistics.median(t / f for t, f in zip(ttft[c], ttft["full"], strict=True))
 
+    # TTFT proper: the bare prompt, first token's logits only; full / naive / 15% interleaved,
+    # repeated, best of each per request. The machine is shared (other jobs come and go), so a
+    # single timing can be off by 3x either way; best-of-N interleaved is the fair comparison.
+    tt = measure_ttft(model, blender, reqs[: 2 if quick else 6], repeats=3)
+
     # pipelining: the same blend with documents on the disk tier, fetch overlapped vs not
     pipe = measure_pipeline(model, cache, reqs[: 2 if quick else 5])
 
@@ -240,8 +245,10 @@ def main() -> int:
         "gap_closed_at_15_two_hop": closed("blend15", "two-hop"),
         "gap_closed_at_15_query_variant": closed("blend15_query"),
         "ttft_blend15_query_variant_vs_full": rel("blend15_query"),
-        "ttft_blend15_vs_full": rel("blend15"),
-        "ttft_naive_vs_full": rel("naive"),
+        "ttft_blend15_vs_full": tt["blend15_vs_full"],
+        "ttft_blend15_vs_full_single_runs": rel("blend15"),
+        "ttft_best_of": tt,
+        "ttft_naive_vs_full": tt["naive_vs_full"],
         "ttft_runner_full_vs_full": rel("runner_full") if ttft["runner_full"] else None,
         "ttft_full_s_median": statistics.median(ttft["full"]),
         "kl_blend15": mean["blend15"]["kl"], "kl_naive": mean["naive"]["kl"],
@@ -260,16 +267,19 @@ def main() -> int:
     md = (f"# CacheBlend quality and TTFT ({'quick' if args.quick else 'full'} run)\n\n"
           f"SmolLM2-135M-Instruct fp32 on CPU ({args.threads} threads), {n_req} requests "
           f"({result['one_hop']} one-hop, {result['two_hop']} two-hop) over a pool of {pool} essay documents "
-          f"(300-500 tokens, one inserted fact each), 4-6 shuffled documents per prompt, "
+          f"({min(map(len, docs))}-{max(map(len, docs))} tokens, one inserted fact each), 4-6 shuffled documents per prompt, "
           f"{result['mean_prompt_tokens']:.0f} prompt tokens on average. Full prefill = the model's own forward, "
-          "timed in the same process; TTFT = prefill time of prompt + answer[:-1] (the same prefill is scored), "
-          "`ttft_vs_full` = median over requests of the per-request ratio; blended runs fetch document KV from "
-          "the CPU tier. `gap_closed` = (lp - lp_naive) / (lp_full - lp_naive) on mean gold "
+          "timed in the same process. Blended runs fetch document KV from the CPU tier. In the table, TTFT is "
+          "the single timed prefill of prompt + answer[:-1] that was scored (median over requests of the "
+          "per-request ratio; noisy on this shared machine); the headline `ttft_blend15_vs_full` is measured "
+          "separately on bare prompts, full / naive / 15% interleaved, best of 3 each. `gap_closed` = (lp - lp_naive) / (lp_full - lp_naive) on mean gold "
           "log-prob.\n\n"
           + markdown_table(rows, cols, first="condition")
           + f"\n`gap_closed_at_15` = {result['gap_closed_at_15']} (one-hop {result['gap_closed_at_15_one_hop']}, "
             f"two-hop {result['gap_closed_at_15_two_hop']}), `ttft_blend15_vs_full` = "
-            f"{result['ttft_blend15_vs_full']:.3f} (targets >= 0.9 and <= 0.4). Variant at 15% (check layer 3, "
+            f"{result['ttft_blend15_vs_full']:.3f} (best of 3, bare prompts; single runs: "
+            f"{result['ttft_blend15_vs_full_single_runs']:.3f}; naive {result['ttft_naive_vs_full']:.3f}) "
+            "(targets >= 0.9 and <= 0.4). Variant at 15% (check layer 3, "
             f"deviation weighted by the question's attention): gap closed "
             f"{result['gap_closed_at_15_query_variant']}, TTFT {result['ttft_blend15_query_variant_vs_full']:.3f} "
             "of full.\n\n"
@@ -286,6 +296,30 @@ def main() -> int:
     emit_json(result)
     cache.close()
     return 0
+
+
+def measure_ttft(model: Any, blender: Blender, reqs: list[Request], repeats: int) -> dict[str, Any]:
+    best: dict[str, list[float]] = {"full": [], "naive": [], "blend15": []}
+    for r in reqs:
+        t = {c: float("inf") for c in best}
+        for _ in range(repeats):
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                model(torch.tensor([r.prompt]), logits_to_keep=1)
+                t["full"] = min(t["full"], time.perf_counter() - t0)
+            for c, ratio in (("naive", 0.0), ("blend15", 0.15)):
+                t0 = time.perf_counter()
+                blender.blend(r.prompt, recompute_ratio=ratio)
+                t[c] = min(t[c], time.perf_counter() - t0)
+        for c in best:
+            best[c].append(t[c])
+        log(f"TTFT best of {repeats}, {len(r.prompt)} tokens: full {t['full']:.2f}s naive {t['naive']:.2f}s "
+            f"blend15 {t['blend15']:.2f}s")
+    out: dict[str, Any] = {f"{c}_s": v for c, v in best.items()}
+    for c in ("naive", "blend15"):
+        out[f"{c}_vs_full"] = statistics.median(b / f for b, f in zip(best[c], best["full"], strict=True))
+    out["requests"], out["repeats"] = len(reqs), repeats
+    return out
 
 
 def measure_pipeline(model: Any, cpu_cache: KVCache, reqs: list[Request]) -> dict[str, Any]:
