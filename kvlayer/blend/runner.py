@@ -71,7 +71,7 @@ class Runner:
             raise UnsupportedModelError(
                 f"blending runner supports model types {SUPPORTED_MODEL_TYPES}, not {cfg.model_type!r}"
             )
-        base = getattr(model, "model", None)
+        base: Any = getattr(model, "model", None)
         for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
             if base is None or not hasattr(base, attr):
                 raise UnsupportedModelError(f"{type(model).__name__} lacks model.{attr}; not a Llama-family layout")
