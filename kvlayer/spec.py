@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -109,3 +111,15 @@ class KVSpec:
 
     def namespace(self) -> str:
         return self.namespace_digest().hex()
+
+
+def model_fingerprint(model: str, revision: str | None, dtype: str) -> str:
+    """Deterministic id of the weights: name or path + revision + KV dtype, plus, for a local
+    folder, a digest of its config.json (so two different checkpoints at one path differ). Every
+    engine connector uses it, so one model served by vLLM and SGLang gets one namespace."""
+    parts = {"model": model, "revision": revision or "", "dtype": dtype}
+    cfg = Path(model) / "config.json"
+    if cfg.is_file():
+        parts["config_sha256"] = hashlib.sha256(cfg.read_bytes()).hexdigest()
+        parts["model"] = os.path.basename(os.path.normpath(model))
+    return parts["model"] + "@" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]

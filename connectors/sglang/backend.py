@@ -35,15 +35,11 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -52,7 +48,7 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageC
 from kvlayer.config import KVLayerConfig, load_config
 from kvlayer.engine import KVCache
 from kvlayer.errors import ConfigError
-from kvlayer.spec import KVSpec, dtype_name
+from kvlayer.spec import KVSpec, dtype_name, model_fingerprint
 
 from .keys import KeyMapper
 from .layout import PageLayout
@@ -69,18 +65,6 @@ SGLANG_KEYS = frozenset({
 #: Extra-config keys this backend reads itself (``model_fingerprint`` as in the vLLM connector).
 OWN_KEYS = frozenset({"model", "model_fingerprint", "revision", "config_file"})
 
-
-def model_fingerprint(model: str, revision: str | None, dtype: str) -> str:
-    """The vLLM connector's default fingerprint, so the same model served by both engines gets the
-    same namespace without configuration: name or path + revision + KV dtype, plus, for a local
-    folder, a digest of its config.json. Kept equal to ``kvlayer.connectors.vllm.config`` by a test
-    (importing that package would import vLLM)."""
-    parts = {"model": model, "revision": revision or "", "dtype": dtype}
-    cfg = Path(model) / "config.json"
-    if cfg.is_file():
-        parts["config_sha256"] = hashlib.sha256(cfg.read_bytes()).hexdigest()
-        parts["model"] = os.path.basename(os.path.normpath(model))
-    return parts["model"] + "@" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 _METRICS_KEEP = 4096
 

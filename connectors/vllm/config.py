@@ -8,16 +8,12 @@ fails loudly with the list of valid names.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from kvlayer.config import KVLayerConfig, load_config
 from kvlayer.errors import ConfigError
-from kvlayer.spec import KVSpec, dtype_name
+from kvlayer.spec import KVSpec, dtype_name, model_fingerprint
 
 
 @dataclass(frozen=True)
@@ -62,17 +58,6 @@ def check_chunk_size(chunk_size: int, block_size: int) -> None:
             f"(e.g. chunk_size={max(block_size, (chunk_size // block_size) * block_size or block_size)}); "
             "set it in kv_connector_extra_config or KVLAYER_CHUNK_SIZE"
         )
-
-
-def model_fingerprint(model: str, revision: str | None, dtype: str) -> str:
-    """Deterministic id of the weights: name or path + revision + dtype, plus, for a local
-    folder, a digest of its config.json (so two different checkpoints at one path differ)."""
-    parts = {"model": model, "revision": revision or "", "dtype": dtype}
-    cfg = Path(model) / "config.json"
-    if cfg.is_file():
-        parts["config_sha256"] = hashlib.sha256(cfg.read_bytes()).hexdigest()
-        parts["model"] = os.path.basename(os.path.normpath(model))
-    return parts["model"] + "@" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def build_spec(vllm_config: Any, kv_cache_config: Any, options: ConnectorOptions, *, tp_rank: int = 0) -> KVSpec:

@@ -20,8 +20,7 @@ from pathlib import Path
 from kvlayer.codec.base import Buffer
 from kvlayer.codec.header import parse_header
 from kvlayer.errors import CorruptBlobError, TierError
-from kvlayer.storage.base import Tier
-from kvlayer.storage.lru import LRUIndex
+from kvlayer.storage.lru import LocalTier
 
 log = logging.getLogger(__name__)
 _KEY_RE = re.compile(r"^[0-9a-f]{16,128}$")
@@ -29,7 +28,7 @@ _SUFFIX = ".kvb"
 _MAX_HEADER = 8 + 4 * 8 + 255 + 2 + 0xFFFF + 16  # fixed part, shape, name, params, lengths
 
 
-class DiskTier(Tier):
+class DiskTier(LocalTier):
     kind = "disk"
 
     def __init__(self, path: str | os.PathLike[str], capacity_bytes: int = 16 << 30, name: str = "disk",
@@ -39,7 +38,6 @@ class DiskTier(Tier):
         self.fsync = fsync
         self._tmp = self.root / "tmp"
         self._tmp.mkdir(parents=True, exist_ok=True)
-        self._lru = LRUIndex(self.capacity_bytes)
         self._seq = 0
         self._seq_lock = threading.Lock()
         # Keys accounted in the index whose file is still being written: not evictable, and a
@@ -102,9 +100,6 @@ class DiskTier(Tier):
         except OSError as e:
             log.warning("disk tier: cannot remove %s: %s", key, e)
 
-    def _pinned(self, key: str) -> bool:
-        g = self.guard
-        return g is not None and g.is_pinned(key)
 
     def _unevictable(self, key: str) -> bool:
         return key in self._writing or self._pinned(key)
@@ -217,14 +212,6 @@ class DiskTier(Tier):
             pass
         return had
 
-    def contains(self, key: str) -> bool:
-        return key in self._lru
-
-    def keys(self) -> list[str]:
-        return self._lru.keys()
-
-    def used_bytes(self) -> int:
-        return self._lru.used
 
 
 def _writer_alive(tmp: Path) -> bool:

@@ -10,6 +10,8 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
+from kvlayer.storage.base import Tier
+
 
 class LRUIndex:
     def __init__(self, capacity: int) -> None:
@@ -65,3 +67,25 @@ class LRUIndex:
             if need <= 0:
                 return victims
         return None
+
+
+class LocalTier(Tier):
+    """A tier this process owns and evicts itself (memory, disk): an ``LRUIndex`` over its keys,
+    with pins (via the store's guard) vetoing eviction."""
+
+    def __init__(self, name: str, capacity_bytes: int) -> None:
+        super().__init__(name, capacity_bytes)
+        self._lru = LRUIndex(self.capacity_bytes)
+
+    def _pinned(self, key: str) -> bool:
+        g = self.guard
+        return g is not None and g.is_pinned(key)
+
+    def contains(self, key: str) -> bool:
+        return key in self._lru
+
+    def keys(self) -> list[str]:
+        return self._lru.keys()
+
+    def used_bytes(self) -> int:
+        return self._lru.used

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from kvlayer.codec.base import Buffer
-from kvlayer.storage.base import Tier
-from kvlayer.storage.lru import LRUIndex
+from kvlayer.storage.lru import LocalTier
 
 
-class MemoryTier(Tier):
+class MemoryTier(LocalTier):
     """Holds blobs as writable buffers so decoders can view them without a copy.
 
     Budget accounting counts blob bytes; the process holds at most the budget plus per-key
@@ -18,12 +17,8 @@ class MemoryTier(Tier):
 
     def __init__(self, name: str = "cpu", capacity_bytes: int = 4 << 30) -> None:
         super().__init__(name, capacity_bytes)
-        self._lru = LRUIndex(self.capacity_bytes)
         self._data: dict[str, Buffer] = {}
 
-    def _pinned(self, key: str) -> bool:
-        g = self.guard
-        return g is not None and g.is_pinned(key)
 
     def get(self, key: str) -> Buffer | None:
         with self._lru.lock:
@@ -63,14 +58,6 @@ class MemoryTier(Tier):
             self._data.pop(key, None)
             return self._lru.remove(key) is not None
 
-    def contains(self, key: str) -> bool:
-        return key in self._lru
-
-    def keys(self) -> list[str]:
-        return self._lru.keys()
-
-    def used_bytes(self) -> int:
-        return self._lru.used
 
     def clear(self) -> None:
         with self._lru.lock:
