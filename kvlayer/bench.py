@@ -60,6 +60,19 @@ def make_chunks(n: int, spec: KVSpec = DEFAULT_SPEC, chunk_tokens: int = 256, se
     return [torch.randn(spec.chunk_shape(chunk_tokens), generator=g).to(spec.torch_dtype) for _ in range(n)]
 
 
+def _time_cache(cache: KVCache, chunks: list[torch.Tensor], repeat: int) -> tuple[float, float]:
+    """Best store and retrieve times of ``chunks`` through ``cache`` (checked bit-exact), then close it."""
+    keys = [f"{i:064x}" for i in range(len(chunks))]
+    try:
+        t_store = _best(lambda: cache.store_chunks(keys, chunks), repeat)
+        out: list[Any] = []
+        t_get = _best(lambda: out.__setitem__(slice(None), cache.retrieve_chunks(keys)), repeat)
+        assert all(o is not None and torch.equal(o, c) for o, c in zip(out, chunks, strict=True)), "bad round trip"
+    finally:
+        cache.close()
+    return t_store, t_get
+
+
 def bench_cpu(chunks: list[torch.Tensor], repeat: int = 3, spec: KVSpec = DEFAULT_SPEC) -> BenchResult:
     nbytes = sum(c.numel() * c.element_size() for c in chunks)
     dst = [torch.empty_like(c) for c in chunks]
@@ -71,15 +84,7 @@ def bench_cpu(chunks: list[torch.Tensor], repeat: int = 3, spec: KVSpec = DEFAUL
     memcpy()
     t_copy = _best(memcpy, repeat)
     cfg = KVLayerConfig(cpu_bytes=nbytes * 2, chunk_size=chunks[0].shape[2])
-    cache = KVCache(spec, cfg)
-    keys = [f"{i:064x}" for i in range(len(chunks))]
-    try:
-        t_store = _best(lambda: cache.store_chunks(keys, chunks), repeat)
-        out: list[Any] = []
-        t_get = _best(lambda: out.__setitem__(slice(None), cache.retrieve_chunks(keys)), repeat)
-        assert all(o is not None and torch.equal(o, c) for o, c in zip(out, chunks, strict=True)), "bad round trip"
-    finally:
-        cache.close()
+    t_store, t_get = _time_cache(KVCache(spec, cfg), chunks, repeat)
     gb = nbytes / 1e9
     return BenchResult("cpu", gb / t_store, gb / t_get, gb / t_copy, gb / t_copy)
 
@@ -108,15 +113,7 @@ def bench_disk(chunks: list[torch.Tensor], root: str, codec: str = "raw", repeat
     t_r = _best(fread, repeat)
     cfg = KVLayerConfig(cpu_bytes=0, disk_path=os.path.join(root, "kv"), disk_bytes=nbytes * 3, disk_codec=codec,
                         chunk_size=chunks[0].shape[2])
-    cache = KVCache(spec, cfg)
-    keys = [f"{i:064x}" for i in range(len(chunks))]
-    try:
-        t_store = _best(lambda: cache.store_chunks(keys, chunks), repeat)
-        out: list[Any] = []
-        t_get = _best(lambda: out.__setitem__(slice(None), cache.retrieve_chunks(keys)), repeat)
-        assert all(o is not None and torch.equal(o, c) for o, c in zip(out, chunks, strict=True)), "bad round trip"
-    finally:
-        cache.close()
+    t_store, t_get = _time_cache(KVCache(spec, cfg), chunks, repeat)
     gb = nbytes / 1e9
     return BenchResult(f"disk[{codec}]", gb / t_store, gb / t_get, gb / t_w, gb / t_r)
 
