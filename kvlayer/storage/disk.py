@@ -17,6 +17,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from kvlayer.codec.base import Buffer
 from kvlayer.codec.header import parse_header
 from kvlayer.errors import CorruptBlobError, TierError
@@ -119,7 +121,7 @@ class DiskTier(LocalTier):
         try:
             with open(p, "rb", buffering=0) as fh:
                 size = os.fstat(fh.fileno()).st_size
-                buf = bytearray(size)
+                buf = memoryview(np.empty(size, dtype=np.uint8))  # writable, no zero-fill pass
                 n = fh.readinto(buf)
         except FileNotFoundError:
             with self._lru.lock:
