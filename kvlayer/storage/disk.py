@@ -121,7 +121,7 @@ class DiskTier(LocalTier):
         try:
             with open(p, "rb", buffering=0) as fh:
                 size = os.fstat(fh.fileno()).st_size
-                buf = memoryview(np.empty(size, dtype=np.uint8))  # writable, no zero-fill pass
+                buf = np.empty(size, dtype=np.uint8).data  # writable memoryview, no zero-fill pass
                 n = fh.readinto(buf)
         except FileNotFoundError:
             with self._lru.lock:
