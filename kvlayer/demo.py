@@ -203,6 +203,7 @@ def engine_env_defaults() -> None:
     """Environment vLLM needs on a CPU-only machine, unless the user set it."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # connector stats in this process
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # the demo's own output is the point
     try:
         import torch
 
@@ -252,6 +253,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=256, help="kvlayer chunk size (multiple of the block size)")
     parser.add_argument("--cpu-bytes", default="2GiB", help="kvlayer CPU tier budget")
     parser.add_argument("--disk-path", default=None, help="also keep chunks in this disk directory")
+    parser.add_argument("--dtype", default="float32",
+                        help="model dtype (default float32: with bf16, a different split of the same computation "
+                             "can flip a near-tied greedy token, which would hide what the demo shows)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line at the end")
 
 
@@ -294,7 +298,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
         cfg = kv_transfer_config(args.chunk_size, args.cpu_bytes, args.disk_path)
         llm = LLM(model, kv_transfer_config=cfg, enforce_eager=True, distributed_executor_backend="uni",
-                  max_model_len=max(2048, len(ids) + args.max_tokens + 16), seed=0)
+                  max_model_len=max(2048, len(ids) + args.max_tokens + 16), seed=0, dtype=args.dtype)
         step(3)
         timed_request(llm, warm_ids, 2, "demo-warmup")
         llm.reset_prefix_cache(reset_connector=True)  # start from an empty kvlayer store
