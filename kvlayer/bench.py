@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -46,13 +47,18 @@ class BenchResult:
         return self.roundtrip_gbps / self.baseline_gbps
 
 
-def _best(fn: Callable[[], Any], repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+def _interleaved(fns: list[Callable[[], Any]], repeat: int) -> list[float]:
+    """Median time of each function, timed in rounds (a, b, c, a, b, c, ...): on a shared or
+    memory-reclaiming machine, noise then hits the baseline and the tier alike."""
+    times: list[list[float]] = [[] for _ in fns]
+    for fn in fns:  # warm-up: first touch of every buffer
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def make_chunks(n: int, spec: KVSpec = DEFAULT_SPEC, chunk_tokens: int = 256, seed: int = 0) -> list[torch.Tensor]:
@@ -60,17 +66,21 @@ def make_chunks(n: int, spec: KVSpec = DEFAULT_SPEC, chunk_tokens: int = 256, se
     return [torch.randn(spec.chunk_shape(chunk_tokens), generator=g).to(spec.torch_dtype) for _ in range(n)]
 
 
-def _time_cache(cache: KVCache, chunks: list[torch.Tensor], repeat: int) -> tuple[float, float]:
-    """Best store and retrieve times of ``chunks`` through ``cache`` (checked bit-exact), then close it."""
+def _bench(name: str, cache: KVCache, chunks: list[torch.Tensor], baseline_write: Callable[[], Any],
+           baseline_read: Callable[[], Any], repeat: int) -> BenchResult:
+    """Store/retrieve ``chunks`` through ``cache`` (checked bit-exact) next to the two baselines."""
+    nbytes = sum(c.numel() * c.element_size() for c in chunks)
     keys = [f"{i:064x}" for i in range(len(chunks))]
+    out: list[Any] = []
     try:
-        t_store = _best(lambda: cache.store_chunks(keys, chunks), repeat)
-        out: list[Any] = []
-        t_get = _best(lambda: out.__setitem__(slice(None), cache.retrieve_chunks(keys)), repeat)
+        t_w, t_r, t_store, t_get = _interleaved(
+            [baseline_write, baseline_read, lambda: cache.store_chunks(keys, chunks),
+             lambda: out.__setitem__(slice(None), cache.retrieve_chunks(keys))], repeat)
         assert all(o is not None and torch.equal(o, c) for o, c in zip(out, chunks, strict=True)), "bad round trip"
     finally:
         cache.close()
-    return t_store, t_get
+    gb = nbytes / 1e9
+    return BenchResult(name, gb / t_store, gb / t_get, gb / t_w, gb / t_r)
 
 
 def bench_cpu(chunks: list[torch.Tensor], repeat: int = 3, spec: KVSpec = DEFAULT_SPEC) -> BenchResult:
@@ -81,12 +91,8 @@ def bench_cpu(chunks: list[torch.Tensor], repeat: int = 3, spec: KVSpec = DEFAUL
         for d, c in zip(dst, chunks, strict=True):
             d.copy_(c)
 
-    memcpy()
-    t_copy = _best(memcpy, repeat)
     cfg = KVLayerConfig(cpu_bytes=nbytes * 2, chunk_size=chunks[0].shape[2])
-    t_store, t_get = _time_cache(KVCache(spec, cfg), chunks, repeat)
-    gb = nbytes / 1e9
-    return BenchResult("cpu", gb / t_store, gb / t_get, gb / t_copy, gb / t_copy)
+    return _bench("cpu", KVCache(spec, cfg), chunks, memcpy, memcpy, repeat)
 
 
 def bench_disk(chunks: list[torch.Tensor], root: str, codec: str = "raw", repeat: int = 3,
@@ -109,13 +115,9 @@ def bench_disk(chunks: list[torch.Tensor], root: str, codec: str = "raw", repeat
                 buf = bytearray(len(b))
                 f.readinto(buf)
 
-    t_w = _best(fwrite, repeat)
-    t_r = _best(fread, repeat)
     cfg = KVLayerConfig(cpu_bytes=0, disk_path=os.path.join(root, "kv"), disk_bytes=nbytes * 3, disk_codec=codec,
                         chunk_size=chunks[0].shape[2])
-    t_store, t_get = _time_cache(KVCache(spec, cfg), chunks, repeat)
-    gb = nbytes / 1e9
-    return BenchResult(f"disk[{codec}]", gb / t_store, gb / t_get, gb / t_w, gb / t_r)
+    return _bench(f"disk[{codec}]", KVCache(spec, cfg), chunks, fwrite, fread, repeat)
 
 
 def run(num_chunks: int = 16, repeat: int = 3, workdir: str | None = None, progress: bool = True,
