@@ -220,6 +220,8 @@ def main() -> int:
           f"setup {qa['setup']}\n",
           f"\nCommand: `python benchmarks/vllm_ttft.py{' --quick' if args.quick else ''}`\n"]
     write_results(NAME, data, "\n".join(md))
+    cache.flush()
+    shutil.rmtree(disk, ignore_errors=True)  # up to ~1 GB of raw chunks
     emit_json(summary)
     sys.stdout.flush()
     sys.stderr.flush()
