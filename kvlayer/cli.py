@@ -60,6 +60,24 @@ def config_from_args(args: argparse.Namespace) -> KVLayerConfig:
 
 
 # ------------------------------------------------------------------ built-in commands
+def _redacted(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Config for display: no passwords in URLs, no tokens."""
+    import re
+
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        if k in ("auth_token", "password") and v:
+            v = "***"
+        elif isinstance(v, str):
+            v = re.sub(r"(://[^:/@]*:)[^@]+@", r"\1***@", v)
+        elif isinstance(v, dict):
+            v = _redacted(v)
+        elif isinstance(v, list):
+            v = [_redacted(x) if isinstance(x, dict) else x for x in v]
+        out[k] = v
+    return out
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import platform
 
@@ -87,7 +105,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         except Exception:
             info[f"{mod}_version"] = None
     try:
-        info["config"] = config_from_args(args).model_dump()
+        info["config"] = _redacted(config_from_args(args).model_dump())
     except ConfigError as e:
         info["config_error"] = str(e)
     if args.json:
