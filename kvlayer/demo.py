@@ -104,7 +104,7 @@ def _build_tiny(dst: Path) -> None:
     )
     with torch.random.fork_rng():
         torch.manual_seed(int(p["seed"]))
-        model = LlamaForCausalLM(cfg).to(torch.float32)
+        model = LlamaForCausalLM(cfg).to(torch.float32)  # type: ignore[arg-type]  # transformers stub
     model.save_pretrained(dst, safe_serialization=True)
     (dst / "kvlayer_tiny.json").write_text(json.dumps(TINY_PARAMS, sort_keys=True))
 
@@ -165,7 +165,7 @@ def smollm2_dir(root: str | os.PathLike[str] | None = None) -> str:
 
     model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
     tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
-    model.hf_quantizer = None  # de-quantized to fp32 on load; drop the GGUF marker so it saves
+    model.hf_quantizer = None  # type: ignore[assignment]  # de-quantized to fp32 on load; drop the GGUF marker so it saves
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target = base / SMOLLM2_NAMES[0]

@@ -4,6 +4,7 @@ silently ships without it (kvlayer.connectors lives outside kvlayer/, so discove
 from __future__ import annotations
 
 import importlib
+
 import tomllib
 
 from tests.conftest import REPO
