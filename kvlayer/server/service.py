@@ -12,6 +12,7 @@ upload at once), and a request that cannot get its reservation in time is refuse
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -118,6 +119,28 @@ class Auth:
         return bool(self.token) or bool(self.tenant_tokens)
 
 
+@contextlib.contextmanager
+def _rpc_scope(servicer: KVLayerServicer, name: str, context: grpc.ServicerContext) -> Iterator[None]:
+    """Status mapping and metrics around one handler's body (unary or streaming)."""
+    t0 = time.perf_counter()
+    code = grpc.StatusCode.OK
+    servicer.metrics.active.inc()
+    try:
+        yield
+    except Abort as e:
+        code = e.code
+        context.abort(e.code, e.message)
+    except grpc.RpcError:  # the client went away / cancelled mid-stream; grpc knows, nothing to report
+        code = grpc.StatusCode.CANCELLED
+        raise
+    except Exception as e:
+        code = grpc.StatusCode.INTERNAL
+        servicer._unexpected(name, e, context)
+    finally:
+        servicer.metrics.active.dec()
+        servicer._observe(name, code, t0)
+
+
 def _rpc(name: str, *, streaming_response: bool = False,
          needs_auth: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Auth + tenant resolution, status mapping and metrics around one handler."""
@@ -126,47 +149,18 @@ def _rpc(name: str, *, streaming_response: bool = False,
         if streaming_response:
             @functools.wraps(fn)
             def gen_wrapper(self: KVLayerServicer, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                t0 = time.perf_counter()
-                code = grpc.StatusCode.OK
-                self.metrics.active.inc()
-                try:
+                with _rpc_scope(self, name, context):
                     caller = self._caller(context) if needs_auth else None
                     yield from fn(self, request, context, caller)
-                except Abort as e:
-                    code = e.code
-                    context.abort(e.code, e.message)
-                except grpc.RpcError:  # the client went away; grpc knows, nothing to report
-                    code = grpc.StatusCode.CANCELLED
-                    raise
-                except Exception as e:
-                    code = grpc.StatusCode.INTERNAL
-                    self._unexpected(name, e, context)
-                finally:
-                    self.metrics.active.dec()
-                    self._observe(name, code, t0)
 
             return gen_wrapper
 
         @functools.wraps(fn)
         def wrapper(self: KVLayerServicer, request: Any, context: grpc.ServicerContext) -> Any:
-            t0 = time.perf_counter()
-            code = grpc.StatusCode.OK
-            self.metrics.active.inc()
-            try:
+            with _rpc_scope(self, name, context):
                 caller = self._caller(context) if needs_auth else None
                 return fn(self, request, context, caller)
-            except Abort as e:
-                code = e.code
-                context.abort(e.code, e.message)
-            except grpc.RpcError:  # the client cancelled mid-stream (e.g. its deadline passed)
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as e:
-                code = grpc.StatusCode.INTERNAL
-                self._unexpected(name, e, context)
-            finally:
-                self.metrics.active.dec()
-                self._observe(name, code, t0)
+            return None  # unreachable in practice: a handled error aborts the RPC
 
         return wrapper
 
