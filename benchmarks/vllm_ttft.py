@@ -46,25 +46,10 @@ def _env() -> None:
 
 
 def _request(llm: Any, ids: list[int], max_tokens: int, rid: str, skip: bool) -> tuple[float, float, list[int]]:
-    """(TTFT, total, tokens) of one greedy request, stepping the engine to see the first token."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
+    """(TTFT, total, tokens) of one greedy request; ``skip`` = without kvlayer, same engine."""
+    from kvlayer.demo import timed_request
 
-    extra = {"kv_transfer_params": {"kvlayer_skip": True}} if skip else None
-    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, extra_args=extra)
-    eng = llm.llm_engine
-    t0 = time.perf_counter()
-    eng.add_request(rid, TokensPrompt(prompt_token_ids=list(ids)), sp)
-    ttft = None
-    toks: list[int] = []
-    while eng.has_unfinished_requests():
-        for out in eng.step():
-            if out.outputs and out.outputs[0].token_ids:
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
-                toks = list(out.outputs[0].token_ids)
-    total = time.perf_counter() - t0
-    return (ttft if ttft is not None else total), total, toks
+    return timed_request(llm, ids, max_tokens, rid, skip_kvlayer=skip)
 
 
 def ttft_part(llm: Any, cache: Any, corpus: list[int], lengths: list[int], reps: int, log: Any) -> dict[str, Any]:

@@ -221,14 +221,17 @@ def kv_transfer_config(chunk_size: int, cpu_bytes: str, disk_path: str | None) -
             "kv_role": "kv_both", "kv_connector_extra_config": extra}
 
 
-def timed_request(llm: Any, prompt_ids: list[int], max_tokens: int, request_id: str) -> tuple[float, float, list[int]]:
+def timed_request(llm: Any, prompt_ids: list[int], max_tokens: int, request_id: str,
+                  skip_kvlayer: bool = False) -> tuple[float, float, list[int]]:
     """(TTFT s, total s, token ids) of one greedy request, stepping the engine directly so the
-    first token's arrival is observed exactly."""
+    first token's arrival is observed exactly. ``skip_kvlayer`` opts this request out of the
+    connector (a same-engine baseline)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     eng = llm.llm_engine
-    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    extra = {"kv_transfer_params": {"kvlayer_skip": True}} if skip_kvlayer else None
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, extra_args=extra)
     t0 = time.perf_counter()
     eng.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt_ids)), sp)
     ttft: float | None = None
