@@ -160,32 +160,27 @@ def _layer_meta(views: KVViews, device: torch.device) -> tuple[torch.Tensor, tor
     return ptrs, strides
 
 
-def _cuda_gather(views: KVViews, ids: torch.Tensor, out: torch.Tensor) -> None:
+def _cuda_paged_copy(fn_name: str, views: KVViews, ids: torch.Tensor, buf: torch.Tensor) -> None:
+    """Run ``kvl_paged_gather`` (paged -> ``buf``) or ``kvl_paged_scatter`` (``buf`` -> paged)."""
     lib = _cuda_lib()
     assert lib is not None
     k = views[0][0]
     ptrs, strides = _layer_meta(views, k.device)
-    rc = lib.kvl_paged_gather(
+    rc = getattr(lib, fn_name)(
         ctypes.c_void_p(ptrs.data_ptr()), ctypes.c_void_p(strides.data_ptr()), ctypes.c_void_p(ids.data_ptr()),
         ctypes.c_int64(len(ids)), ctypes.c_int64(len(views)), ctypes.c_int64(k.shape[1]), ctypes.c_int64(k.shape[2]),
-        ctypes.c_int64(k.shape[3]), ctypes.c_int(k.element_size()), ctypes.c_void_p(out.data_ptr()),
+        ctypes.c_int64(k.shape[3]), ctypes.c_int(k.element_size()), ctypes.c_void_p(buf.data_ptr()),
         ctypes.c_void_p(torch.cuda.current_stream(k.device).cuda_stream))
     if rc != 0:
-        raise RuntimeError(f"kvl_paged_gather failed: CUDA error {rc}")
+        raise RuntimeError(f"{fn_name} failed: CUDA error {rc}")
+
+
+def _cuda_gather(views: KVViews, ids: torch.Tensor, out: torch.Tensor) -> None:
+    _cuda_paged_copy("kvl_paged_gather", views, ids, out)
 
 
 def _cuda_scatter(views: KVViews, ids: torch.Tensor, src: torch.Tensor) -> None:
-    lib = _cuda_lib()
-    assert lib is not None
-    k = views[0][0]
-    ptrs, strides = _layer_meta(views, k.device)
-    rc = lib.kvl_paged_scatter(
-        ctypes.c_void_p(ptrs.data_ptr()), ctypes.c_void_p(strides.data_ptr()), ctypes.c_void_p(ids.data_ptr()),
-        ctypes.c_int64(len(ids)), ctypes.c_int64(len(views)), ctypes.c_int64(k.shape[1]), ctypes.c_int64(k.shape[2]),
-        ctypes.c_int64(k.shape[3]), ctypes.c_int(k.element_size()), ctypes.c_void_p(src.data_ptr()),
-        ctypes.c_void_p(torch.cuda.current_stream(k.device).cuda_stream))
-    if rc != 0:
-        raise RuntimeError(f"kvl_paged_scatter failed: CUDA error {rc}")
+    _cuda_paged_copy("kvl_paged_scatter", views, ids, src)
 
 
 def cuda_gather_quant_int8(views: KVViews, block_ids: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
