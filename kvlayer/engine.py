@@ -6,8 +6,9 @@
     n, kv2 = cache.retrieve(tokens)             # first n tokens' KV, bit-exact for lossless codecs
 
 Chunks are keyed by content (``kvlayer.keys``): the same model + tokens give the same keys in any
-process. Documents (``put_document``) are keyed by their own tokens only, so they can be reused
-at any position (CacheBlend) and pinned or evicted by id.
+process. Documents (``put_document``) are keyed by their own tokens (and the fixed context they
+were computed after, if any) only, so they can be reused at any position (CacheBlend) and pinned
+or evicted by id.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ class Document:
     tokens: np.ndarray
     keys: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    #: tokens the document's KV was computed after (positions then start at ``len(context)``,
+    #: stored rotated back to 0); empty = computed alone
+    context: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def num_tokens(self) -> int:
@@ -91,8 +95,8 @@ class KVCache:
     def keys(self, tokens: TokenIds, *, full_only: bool = False) -> list[str]:
         return prefix_keys(self.namespace, tokens, self.chunk_size, full_only=full_only)
 
-    def document_keys(self, tokens: TokenIds) -> list[str]:
-        return document_keys(self.namespace, tokens, self.chunk_size)
+    def document_keys(self, tokens: TokenIds, *, context: TokenIds | None = None) -> list[str]:
+        return document_keys(self.namespace, tokens, self.chunk_size, context=context)
 
     # ------------------------------------------------------------------ prefix API
     def lookup(self, tokens: TokenIds, *, keys: list[str] | None = None) -> LookupResult:
@@ -104,8 +108,9 @@ class KVCache:
         return LookupResult(hit, keys, tiers, len(keys))
 
     def store(self, tokens: TokenIds, kv: torch.Tensor, *, full_only: bool = False, skip_cached: bool = True,
-              block: bool = True) -> int:
-        """Store the KV of ``tokens`` (``kv`` covers at least ``len(tokens)`` tokens on dim 2).
+              block: bool = True, keys: list[str] | None = None) -> int:
+        """Store the KV of ``tokens`` (``kv`` covers at least ``len(tokens)`` tokens on dim 2) under
+        their prefix keys, or under ``keys`` (one per chunk, e.g. a document's).
         Returns the number of chunks written (already cached chunks are skipped)."""
         n = len(tokens)
         # Checked up front, not per written chunk: a wrong tensor must fail even when every chunk
@@ -114,8 +119,10 @@ class KVCache:
                 or kv.dtype != self.spec.torch_dtype):
             raise SpecMismatchError(f"kv must be {self.spec.torch_dtype} {self.spec.chunk_shape(n)} or longer on dim 2, "
                                     f"got {kv.dtype} {tuple(kv.shape)}")
-        keys = self.keys(tokens, full_only=full_only)
+        keys = self.keys(tokens, full_only=full_only) if keys is None else keys
         bounds = chunk_bounds(n, self.chunk_size, full_only=full_only)
+        if len(keys) != len(bounds):
+            raise ValueError(f"{len(keys)} keys given for {len(bounds)} chunks")
         present = self.store_.locate(keys) if skip_cached else [None] * len(keys)
         todo = [(k, s, e) for k, (s, e), w in zip(keys, bounds, present, strict=True) if w is None]
         chunks = []
@@ -144,11 +151,13 @@ class KVCache:
                 out[i] = None
         return out
 
-    def retrieve(self, tokens: TokenIds, *, max_tokens: int | None = None) -> tuple[int, torch.Tensor | None]:
+    def retrieve(self, tokens: TokenIds, *, max_tokens: int | None = None,
+                 keys: list[str] | None = None) -> tuple[int, torch.Tensor | None]:
         """KV of the longest retrievable prefix: (n_tokens, tensor [layers, 2, n, heads, dim]).
-        A one-chunk result may view the stored blob (see ``retrieve_chunks``): treat it as read-only."""
+        ``keys`` overrides the prefix keys (a document's). A one-chunk result may view the stored
+        blob (see ``retrieve_chunks``): treat it as read-only."""
         limit = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
-        keys = self.keys(tokens)
+        keys = self.keys(tokens) if keys is None else keys
         bounds = chunk_bounds(len(tokens), self.chunk_size)
         want = [k for k, (_, e) in zip(keys, bounds, strict=True) if e <= limit]
         got = self.retrieve_chunks(want)
@@ -164,21 +173,26 @@ class KVCache:
         return n, (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
 
     # ------------------------------------------------------------------ documents
-    def put_document(self, doc_id: str, tokens: TokenIds, kv: torch.Tensor, **meta: Any) -> Document:
-        """Register a document and store its KV (computed from position 0 with nothing before it)."""
-        toks = np.asarray(tokens, dtype=np.int64)
-        keys = self.document_keys(toks)
-        self.store(toks, kv)
-        doc = Document(doc_id, toks, keys, dict(meta))
+    def put_document(self, doc_id: str, tokens: TokenIds, kv: torch.Tensor, *, context: TokenIds | None = None,
+                     **meta: Any) -> Document:
+        """Register a document and store its KV, computed at positions from 0 with nothing before
+        it, or after ``context`` and rotated back to positions from 0 (see ``document_keys``)."""
+        doc = self._document(doc_id, tokens, context, meta)
+        self.store(doc.tokens, kv, keys=doc.keys)  # registered only once stored
         self._docs[doc_id] = doc
         return doc
 
-    def register_document(self, doc_id: str, tokens: TokenIds, **meta: Any) -> Document:
+    def register_document(self, doc_id: str, tokens: TokenIds, *, context: TokenIds | None = None,
+                          **meta: Any) -> Document:
         """Register a document's tokens without KV (e.g. KV stored by another process)."""
-        toks = np.asarray(tokens, dtype=np.int64)
-        doc = Document(doc_id, toks, self.document_keys(toks), dict(meta))
+        doc = self._document(doc_id, tokens, context, meta)
         self._docs[doc_id] = doc
         return doc
+
+    def _document(self, doc_id: str, tokens: TokenIds, context: TokenIds | None, meta: dict[str, Any]) -> Document:
+        toks = np.asarray(tokens, dtype=np.int64)
+        ctx = np.asarray([] if context is None else context, dtype=np.int64)
+        return Document(doc_id, toks, self.document_keys(toks, context=ctx), dict(meta), ctx)
 
     def document(self, doc_id: str) -> Document:
         try:
@@ -191,7 +205,8 @@ class KVCache:
 
     def get_document(self, doc_id: str) -> tuple[int, torch.Tensor | None]:
         """The document's cached KV: (tokens available, tensor) — a prefix if some chunks are gone."""
-        return self.retrieve(self.document(doc_id).tokens)
+        doc = self.document(doc_id)
+        return self.retrieve(doc.tokens, keys=doc.keys)
 
     def remove_document(self, doc_id: str, *, evict: bool = True) -> int:
         doc = self._docs.pop(doc_id, None)

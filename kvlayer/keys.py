@@ -48,11 +48,12 @@ def bind(namespace: bytes, chain_digest: bytes) -> str:
     return hashlib.sha256(namespace + chain_digest).hexdigest()
 
 
-def token_chain(tokens: TokenIds, chunk_size: int = DEFAULT_CHUNK_SIZE, *, full_only: bool = False) -> list[bytes]:
-    """``d_i`` for every chunk: SGLang's unseeded page-hash chain (raw digests)."""
+def token_chain(tokens: TokenIds, chunk_size: int = DEFAULT_CHUNK_SIZE, *, full_only: bool = False,
+                seed: bytes = b"") -> list[bytes]:
+    """``d_i`` for every chunk: SGLang's page-hash chain (raw digests), unseeded by default."""
     data = _token_bytes(tokens)
     out: list[bytes] = []
-    parent = b""
+    parent = seed
     for s, e in chunk_bounds(len(data) // 4, chunk_size, full_only=full_only):
         parent = hashlib.sha256(parent + data[4 * s : 4 * e]).digest()
         out.append(parent)
@@ -73,12 +74,22 @@ def key_from_page_hash(namespace: bytes, page_hash_hex: str) -> str:
     return bind(namespace, bytes.fromhex(page_hash_hex))
 
 
-def document_keys(namespace: bytes, tokens: TokenIds, chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[str]:
+def document_keys(namespace: bytes, tokens: TokenIds, chunk_size: int = DEFAULT_CHUNK_SIZE, *,
+                  context: TokenIds | None = None) -> list[str]:
     """Hex keys of a document's chunks: no parent from the prompt, so position-independent.
 
     A document's KV is computed once from position 0 with nothing before it, which is exactly the
     KV of a prompt that starts with the document; so its keys are the chain seeded by the
     namespace alone. Consequences: the same text registered under two ids shares its chunks, and a
     prompt that *starts* with a registered document is an ordinary prefix hit.
+
+    A document computed after a fixed ``context`` (e.g. the application's system prompt, so that
+    its first tokens are not attention sinks) has different KV: its chain is seeded by a digest of
+    the context, so the two never share keys.
     """
-    return prefix_keys(namespace, tokens, chunk_size)
+    if context is None or len(context) == 0:
+        return prefix_keys(namespace, tokens, chunk_size)
+    if len(namespace) != 32:
+        raise ValueError("namespace must be a 32-byte digest (KVSpec.namespace_digest())")
+    seed = hashlib.sha256(b"kvlayer/document-context/v1" + _token_bytes(context)).digest()
+    return [bind(namespace, d) for d in token_chain(tokens, chunk_size, seed=seed)]

@@ -459,7 +459,7 @@ def test_cli_hooks_plug_into_a_parent_parser(tmp_path, capsys):
     assert store.verdict("other")[0] is None
 
 
-@pytest.mark.parametrize("mode", ["kv_attn", "attn", "v"])
+@pytest.mark.parametrize("mode", ["kv_attn", "attn", "v", "kv", "query", "kv_query"])
 def test_selection_variants_keep_the_ends_of_the_ratio_range_exact(llama, mode):
     docs = _docs(seed=18)
     b = _blender(llama, docs, deviation=mode, check_layer=2, lead_tokens=3)
@@ -494,3 +494,79 @@ def test_lead_tokens_are_recomputed_first(llama):
                        selector=Selector(SelectionPolicy(ratio, lead_tokens=4), n_reused, forced))
     picked = sorted(set(out.computed.tolist()) & set(np.flatnonzero(reused).tolist()))
     assert picked == [p for s in starts for p in range(s, s + 4)]
+
+
+# ---------------------------------------------------------------------------- query-aware selection
+
+
+def _probe_setup(llama, seed: int):
+    docs = _docs(seed=seed)
+    ids = np.concatenate([np.arange(3), docs["d1"], docs["d0"], np.arange(6)])
+    reused = np.zeros(len(ids), dtype=bool)
+    reused[3:3 + len(docs["d1"]) + len(docs["d0"])] = True
+    stale = Runner(llama).prefill(np.arange(len(ids)) % VOCAB)  # some other KV: deviations are real
+    return ids, reused, (lambda li: (stale.kv[li, 0], stale.kv[li, 1]))
+
+
+def test_query_prior_is_the_questions_attention_and_drives_selection(llama):
+    ids, reused, layer_kv = _probe_setup(llama, seed=21)
+    r = Runner(llama)
+    pos = torch.arange(len(ids))
+    cos, sin = r.rope.cos_sin(pos)
+    prior, kept = r._probe(torch.as_tensor(ids), pos, cos, sin, layer_kv, 0, torch.from_numpy(reused))
+    assert prior is not None
+    # every question token spreads one unit of attention per head and layer over the prompt
+    torch.testing.assert_close(prior.sum(), torch.tensor(float(r.num_layers * r.num_heads * 6)), rtol=1e-4, atol=1e-3)
+    # the loaded KV is kept for the real pass, with the new text's fresh K/V in place
+    k0, _ = kept(1)
+    torch.testing.assert_close(k0[reused], layer_kv(1)[0][reused])
+    assert not torch.allclose(k0[~reused], layer_kv(1)[0][~reused])
+    # "query" ranks reused tokens by that prior alone: the computed reused tokens are its top-k
+    n_reused = int(reused.sum())
+    sel = Selector(SelectionPolicy(0.2, deviation="query"), n_reused)
+    out = r.run(ids, layer_kv=layer_kv, reused=reused, selector=sel)
+    picked = sorted(set(out.computed.tolist()) & set(np.flatnonzero(reused).tolist()))
+    cand = torch.from_numpy(np.flatnonzero(reused))
+    top = sorted(cand[torch.topk(prior[cand], sel.final).indices].tolist())
+    assert picked == top
+
+
+# ---------------------------------------------------------------------------- document context
+
+
+def test_document_context_is_keyed_and_positioned_exactly(llama):
+    docs = _docs(seed=23, n=2)
+    ctx = np.random.default_rng(24).integers(0, VOCAB, size=9)
+    b = _blender(llama, {})
+    plain = b.add_document("plain", docs["d0"])
+    doc = b.add_document("ctx", docs["d0"], context=ctx)
+    assert doc.context.tolist() == ctx.tolist()
+    assert set(doc.keys).isdisjoint(plain.keys)  # different KV, different keys
+    assert doc.keys == b.cache.document_keys(docs["d0"], context=ctx)  # deterministic
+    n, kv = b.cache.get_document("ctx")
+    assert n == len(docs["d0"])
+    # stored KV = the KV of context + document, keys rotated from their real positions to 0..n-1
+    ref = Runner(llama).prefill(np.concatenate([ctx, docs["d0"]])).kv[:, :, len(ctx):]
+    rope = Rope(llama)
+    cos_a, sin_a = rope.cos_sin(torch.arange(len(ctx), len(ctx) + n))
+    cos_0, sin_0 = rope.cos_sin(torch.arange(n))
+    k_back = torch.stack([rerotate(kv[li, 0], cos_0, sin_0, cos_a, sin_a) for li in range(kv.shape[0])])
+    torch.testing.assert_close(k_back, ref[:, 0], atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(kv[:, 1], ref[:, 1])
+    _, kv_plain = b.cache.get_document("plain")
+    assert not torch.allclose(kv_plain[1:], kv[1:], atol=1e-3)  # layer 0 aside, context changes the KV
+
+
+def test_blend_with_document_context_keeps_the_ends_exact(llama):
+    docs = _docs(seed=25)
+    ctx = np.arange(5)
+    b = _blender(llama, {}, document_context=tuple(ctx.tolist()))
+    for k, v in docs.items():
+        b.add_document(k, v)
+    assert all(d.context.tolist() == ctx.tolist() for d in b.cache.documents())
+    ids = np.concatenate([ctx, docs["d2"], docs["d0"], docs["d1"], np.arange(6)])
+    full = b.full_prefill(ids, logits_last=2)
+    res = b.blend(ids, logits_last=2, recompute_ratio=1.0)
+    torch.testing.assert_close(res.logits, full.logits, atol=ATOL, rtol=1e-5)
+    naive = b.blend(ids, logits_last=2, recompute_ratio=0.0)
+    assert naive.recomputed_tokens == 0 and naive.reused_tokens == sum(map(len, docs.values()))

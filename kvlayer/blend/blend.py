@@ -30,6 +30,7 @@ import torch
 
 from kvlayer.blend.calibrate import CalibrationStore
 from kvlayer.blend.pipeline import LayerwiseLoader, LoadStats, placements_for
+from kvlayer.blend.rope import rerotate
 from kvlayer.blend.runner import Runner, RunOutput
 from kvlayer.blend.segments import DocumentIndex, Segment, plan
 from kvlayer.blend.select import SelectionPolicy, Selector
@@ -46,8 +47,9 @@ class BlendConfig:
     check_layer: int = 1
     narrow_layers: int = 0
     narrow_start: float = 2.0
-    deviation: str = "kv"
+    deviation: str = "kv_query"
     lead_tokens: int = 0
+    document_context: tuple[int, ...] = ()
     ngram: int = 8
     min_match: int = 16
     use_prefix_cache: bool = True
@@ -68,6 +70,10 @@ class BlendResult:
     reason: str = ""
     seconds: float = 0.0
     load: LoadStats = field(default_factory=LoadStats)
+
+
+def _ids(tokens: Iterable[int] | np.ndarray) -> np.ndarray:
+    return np.asarray(tokens if isinstance(tokens, np.ndarray) else list(tokens), dtype=np.int64)
 
 
 @contextlib.contextmanager
@@ -99,11 +105,28 @@ class Blender:
             raise ValueError(f"cache spec {spec} does not match the model's KV shape")
 
     # ------------------------------------------------------------------ documents
-    def add_document(self, doc_id: str, tokens: Iterable[int] | np.ndarray, **meta: Any) -> Document:
-        """Compute a document's KV alone (positions from 0) and store it under its document keys."""
-        toks = np.asarray(list(tokens) if not isinstance(tokens, np.ndarray) else tokens, dtype=np.int64)
-        out = self.runner.prefill(toks, kv_dtype=self.cache.spec.torch_dtype)
-        doc = self.cache.put_document(doc_id, toks, out.kv, **meta)
+    def add_document(self, doc_id: str, tokens: Iterable[int] | np.ndarray, *,
+                     context: Iterable[int] | None = None, **meta: Any) -> Document:
+        """Compute a document's KV once and store it under its document keys.
+
+        The KV is computed after ``context`` (default ``config.document_context``; e.g. the
+        system prompt your prompts start with) and rotated back to positions from 0. Computed
+        alone, a document's first token becomes an attention sink that no real prompt has;
+        computed after the prompt's real opening it reads like the text it will sit in.
+        """
+        toks = _ids(tokens)
+        ctx = _ids(self.config.document_context if context is None else context)
+        a = len(ctx)
+        out = self.runner.prefill(np.concatenate([ctx, toks]) if a else toks)
+        kv = out.kv[:, :, a:]
+        if a:
+            cos_old, sin_old = self.runner.rope.cos_sin(torch.arange(a, a + len(toks)))
+            cos_new, sin_new = self.runner.rope.cos_sin(torch.arange(len(toks)))
+            kv = kv.clone()
+            for li in range(kv.shape[0]):
+                kv[li, 0] = rerotate(kv[li, 0], cos_old, sin_old, cos_new, sin_new)
+        doc = self.cache.put_document(doc_id, toks, kv.to(self.cache.spec.torch_dtype).contiguous(), context=ctx,
+                                      **meta)
         self._sync_index()
         return doc
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from kvlayer.blend.rope import Rope, apply_rope
-from kvlayer.blend.select import Selector, kv_deviation
+from kvlayer.blend.select import QUERY_MODES, Selector, kv_deviation
 from kvlayer.errors import UnsupportedModelError
 from kvlayer.spec import KVSpec, dtype_name
 
@@ -169,6 +169,10 @@ class Runner:
         candidate[prefix_len:n - logits_last] = True
         pos = torch.arange(n) + start_pos
         cos_all, sin_all = self.rope.cos_sin(pos)
+        prior: torch.Tensor | None = None
+        if selector is not None and selector.policy.deviation in QUERY_MODES and layer_kv is not None:
+            prior, layer_kv = self._probe(ids, pos, cos_all, sin_all, layer_kv, prefix_len,
+                                          torch.from_numpy(np.ascontiguousarray(reused, dtype=bool)) & candidate)
         comp = torch.arange(prefix_len, n)
         h = self.base.embed_tokens(ids[comp])
         kv_out = torch.empty(self.num_layers, 2, n, self.num_kv_heads, self.head_dim, dtype=kv_dtype or self.dtype)
@@ -189,7 +193,9 @@ class Runner:
                 ridx = is_r.nonzero().squeeze(1)
                 mode = selector.policy.deviation
                 dev = kv_deviation(k[ridx], v[ridx], keys[comp[ridx]], values[comp[ridx]],
-                                   "kv" if mode in ("kv_attn", "attn") else mode)
+                                   mode if mode in ("k", "v") else "kv")
+                if prior is not None:
+                    dev = prior[comp[ridx]] if mode == "query" else dev * prior[comp[ridx]]
                 if mode in ("kv_attn", "attn") and ridx.numel():
                     # weight by how much the final new text (the question) attends to each token
                     tail = (~is_r).nonzero().squeeze(1)
@@ -215,6 +221,50 @@ class Runner:
         hl = self.base.norm(h[-logits_last:])
         logits = self.model.lm_head(hl).float()
         return RunOutput(kv_out, logits, comp.numpy(), list(selector.history) if selector else [])
+
+    def _probe(self, ids: torch.Tensor, pos: torch.Tensor, cos_all: torch.Tensor, sin_all: torch.Tensor,
+               layer_kv: LayerKV, prefix_len: int, reused: torch.Tensor
+               ) -> tuple[torch.Tensor | None, LayerKV]:
+        """How much the question reads each reused token, before anything is recomputed.
+
+        Only the new text runs (a few dozen tokens), through every layer, over the cached KV as it
+        is (what naive reuse would do); the attention of the question (the new text after the
+        last reused token, which always includes the positions whose logits are returned) to each
+        token is summed over layers, heads and question tokens. The loaded KV is kept for the real
+        pass, with the new text's fresh K/V already in place (the real pass recomputes those
+        anyway). Returns ``(None, ...)`` when nothing is reused.
+        """
+        n = int(ids.numel())
+        comp = (~reused).nonzero().squeeze(1)
+        comp = comp[comp >= prefix_len]
+        last_reused = int(reused.nonzero().max()) if reused.any() else -1
+        tail = (comp > last_reused).nonzero().squeeze(1)  # indices into comp: the question
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if last_reused < 0 or tail.numel() == 0:
+            for li in range(self.num_layers):
+                ck, cv = layer_kv(li)
+                kept.append((ck.clone(), cv.clone()))
+            return None, kept.__getitem__
+        prior = torch.zeros(n, dtype=torch.float32)
+        group = self.num_heads // self.num_kv_heads
+        h = self.base.embed_tokens(ids[comp])
+        for li, layer in enumerate(self.base.layers):
+            ck, cv = layer_kv(li)
+            keys, values = ck.to(self.dtype, copy=True), cv.to(self.dtype, copy=True)
+            x = layer.input_layernorm(h)
+            q, k, v = self._qkv(layer, x, cos_all[comp], sin_all[comp])
+            keys[comp] = k
+            values[comp] = v
+            kept.append((keys, values))
+            last = int(comp[-1]) + 1
+            qt = q[tail].transpose(0, 1).float()  # [heads, T, D]
+            kt = keys[:last].transpose(0, 1).float().repeat_interleave(group, 0)  # [heads, n, D]
+            scores = qt @ kt.transpose(1, 2) * float(layer.self_attn.scaling)
+            scores.masked_fill_(pos[:last][None, None, :] > pos[comp[tail]][None, :, None], float("-inf"))
+            prior[:last] += torch.softmax(scores, -1).sum(dim=(0, 1))
+            h = h + self._attend(layer, q, keys[:last], values[:last], pos[comp], pos[:last])
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return prior, kept.__getitem__
 
     def prefill(self, tokens: Any, *, start_pos: int = 0, logits_last: int = 1,
                 kv_dtype: torch.dtype | None = None) -> RunOutput:

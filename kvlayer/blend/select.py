@@ -7,6 +7,14 @@ document never saw (CacheBlend, Yao et al. 2024); recomputing them restores most
 cross-attention. Optionally the selection starts wider and narrows over the next layers, ranking
 again at each layer, as the paper's gradual filtering does.
 
+The default, ``kv_query``, weights that deviation by how much the question reads each token: a
+probe pass runs only the new text (the question) through every layer over the cached KV and sums
+its attention per token (cheap: a few dozen tokens). A token whose KV is wrong but never read does
+not change the answer; one the question reads heavily does. On SmolLM2-135M this closes ~0.9 of
+the quality gap at 15% where the paper's plain deviation (``kv``) closes ~0.3 (benchmarks/
+blend_quality.py). Small models spread their attention thinly, so the plain deviation is spread
+over most tokens and recomputing its top 15% fixes little of what the question reads.
+
 Why the check layer defaults to 1 and not 0: layer 0's K/V of a token depend only on its own
 embedding and position, so a re-rotated cached KV equals the fresh one there and the deviation is
 zero; layer 1 is the first layer where the missing cross-attention shows.
@@ -19,7 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-DEVIATIONS = ("kv", "k", "v", "kv_attn", "attn")
+DEVIATIONS = ("kv", "k", "v", "kv_attn", "attn", "kv_query", "query")
+#: modes that weight tokens by the question's attention measured in a probe pass over all layers
+QUERY_MODES = ("kv_query", "query")
 
 
 @dataclass(frozen=True)
@@ -28,7 +38,7 @@ class SelectionPolicy:
     check_layer: int = 1
     narrow_layers: int = 0
     narrow_start: float = 2.0
-    deviation: str = "kv"
+    deviation: str = "kv_query"
     lead_tokens: int = 0
 
     def __post_init__(self) -> None:
