@@ -570,3 +570,12 @@ def test_blend_with_document_context_keeps_the_ends_exact(llama):
     torch.testing.assert_close(res.logits, full.logits, atol=ATOL, rtol=1e-5)
     naive = b.blend(ids, logits_last=2, recompute_ratio=0.0)
     assert naive.recomputed_tokens == 0 and naive.reused_tokens == sum(map(len, docs.values()))
+
+
+def test_calibration_with_document_context_prompts_open_with_it(llama):
+    docs = _docs(seed=26)
+    probes = [Probe([list(docs["d0"]), list(docs["d1"])], list(range(8)))]
+    rec = calibrate(llama, probes, ratios=(0.25, 1.0), threshold=1e-6, record=False, document_context=(5, 6, 7))
+    assert tuple(rec["settings"]["document_context"]) == (5, 6, 7)
+    assert rec["errors"]["1"] <= 1e-6 < rec["errors"]["0"]  # exact at 1.0, so the context lines up
+    assert rec["status"] == "ok" and rec["ratio"] == 1.0

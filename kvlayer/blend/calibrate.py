@@ -123,7 +123,7 @@ def calibrate(model: Any, probes: Sequence[Probe], *, ratios: Sequence[float] = 
     with scratch_cache(model) as cache:
         blender = Blender(model, cache, cfg)
         for pi, probe in enumerate(probes):
-            ids = []
+            ids = list(cfg.document_context)  # prompts open with the context documents were computed after
             for di, d in enumerate(probe.docs):
                 blender.add_document(f"probe{pi}-doc{di}", d)
                 ids.extend(d)
