@@ -17,10 +17,10 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import xxhash
 
+from kvlayer.codec.buffers import POOL
 from kvlayer.errors import CorruptBlobError
 
 MAGIC = b"KVLB"
@@ -145,13 +145,14 @@ def verify(blob: bytes | bytearray | memoryview) -> BlobHeader:
 def assemble(header_wo_sum: bytes, payload: bytes | bytearray | memoryview) -> memoryview:
     """header + checksum + payload in one writable buffer, with a single copy of the payload.
 
-    The buffer comes from ``np.empty`` (no zero-fill pass; plain malloc: torch's CPU allocator
-    uses posix_memalign, which fragments glibc's heap so a churning LRU tier held ~2x its budget
-    in RSS) and the copy uses torch's parallel copy, so encoding a raw chunk costs one memcpy plus
+    The buffer comes from the recycled pool (:mod:`kvlayer.codec.buffers`: memory already faulted
+    in) or ``np.empty`` (no zero-fill pass; plain malloc: torch's CPU allocator uses
+    posix_memalign, which fragments glibc's heap so a churning LRU tier held ~2x its budget in
+    RSS) and the copy uses torch's parallel copy, so encoding a raw chunk costs one memcpy plus
     one xxh3 pass."""
     hl = len(header_wo_sum) + 8
     src = memoryview(payload).cast("B")
-    arr = np.empty(hl + src.nbytes, dtype=np.uint8)
+    arr = POOL.take(hl + src.nbytes)
     out = torch.from_numpy(arr)
     mv = arr.data  # a memoryview (typed as one, unlike memoryview(ndarray))
     mv[: hl - 8] = header_wo_sum

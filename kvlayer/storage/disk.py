@@ -17,9 +17,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
 from kvlayer.codec.base import Buffer
+from kvlayer.codec.buffers import POOL
 from kvlayer.codec.header import parse_header
 from kvlayer.errors import CorruptBlobError, TierError
 from kvlayer.storage.lru import LocalTier
@@ -121,7 +120,7 @@ class DiskTier(LocalTier):
         try:
             with open(p, "rb", buffering=0) as fh:
                 size = os.fstat(fh.fileno()).st_size
-                buf = np.empty(size, dtype=np.uint8).data  # writable memoryview, no zero-fill pass
+                buf = POOL.take(size).data  # writable, no zero-fill, recycled memory when possible
                 n = fh.readinto(buf)
         except FileNotFoundError:
             with self._lru.lock:
