@@ -70,13 +70,16 @@ class BufferPool:
 
 
 def _cap_from_env() -> int:
+    from kvlayer.config import parse_size
+    from kvlayer.errors import ConfigError
+
     raw = os.environ.get("KVLAYER_BLOB_POOL_BYTES", "")
     if not raw:
         return 128 << 20
     try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"KVLAYER_BLOB_POOL_BYTES must be a byte count, got {raw!r}") from None
+        return parse_size(raw)
+    except ValueError as e:
+        raise ConfigError(f"KVLAYER_BLOB_POOL_BYTES: {e}") from None
 
 
 POOL = BufferPool(_cap_from_env())
