@@ -239,12 +239,9 @@ class Runner:
         comp = comp[comp >= prefix_len]
         last_reused = int(reused.nonzero().max()) if reused.any() else -1
         tail = (comp > last_reused).nonzero().squeeze(1)  # indices into comp: the question
+        if last_reused < 0 or tail.numel() == 0:  # nothing to rank (the loader is left untouched)
+            return None, layer_kv
         kept: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if last_reused < 0 or tail.numel() == 0:
-            for li in range(self.num_layers):
-                ck, cv = layer_kv(li)
-                kept.append((ck.clone(), cv.clone()))
-            return None, kept.__getitem__
         prior = torch.zeros(n, dtype=torch.float32)
         group = self.num_heads // self.num_kv_heads
         h = self.base.embed_tokens(ids[comp])
