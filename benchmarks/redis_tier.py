@@ -80,7 +80,15 @@ def main() -> int:
     ap.add_argument("--batch-mib", type=int, default=0, help="MiB per batch (default 128, --quick 32)")
     ap.add_argument("--repeat", type=int, default=0, help="interleaved rounds (default 7, --quick 3)")
     ap.add_argument("--connections", type=int, default=4, help="tier connections = redis-benchmark -c")
+    ap.add_argument("--malloc-tuning", action="store_true",
+                    help="apply kvlayer.malloc.tune_for_blobs() first (what malloc_tuning: true does in an engine); "
+                         "results go to redis_tier_malloc_tuned.{json,md}")
     args = ap.parse_args()
+    if args.malloc_tuning:
+        from kvlayer.malloc import tune_for_blobs
+
+        if tune_for_blobs() is None:
+            raise SystemExit("--malloc-tuning needs glibc on Linux")
     batch = (args.batch_mib or (32 if args.quick else 128)) * MiB
     repeat = args.repeat or (3 if args.quick else 7)
     sizes = [int(float(s) * MiB) for s in args.sizes.split(",")]
@@ -198,13 +206,15 @@ def main() -> int:
         "`packer='hiredis'` (redis-py's default command packing, which copies every value twice) instead of "
         "memoryview sends; the client CPU columns are this process's CPU seconds per GB moved. `retrieve` is "
         "`TieredStore.get` over the tier (read + header/checksum check + decode to a tensor, raw codec; "
-        "redis-py's read-only `bytes` cost the decoder one copy).\n\n"
+        "redis-py's read-only `bytes` cost the decoder one copy). "
+        f"glibc malloc: {'tuned for multi-MiB blobs (kvlayer.malloc, --malloc-tuning)' if args.malloc_tuning else 'defaults'}.\n\n"
         + table + "\n" + "\n".join(f"- {k}: {v:.3g}" for k, v in summary.items()) + "\n"
     )
     per_size = {r["_name"]: {k: v for k, v in r.items() if k != "_name"} for r in rows}
     data = {**summary, "sizes": per_size, "cpus": os.cpu_count(), "loadavg_1min": [load_start, os.getloadavg()[0]], "connections": args.connections, "batch_mib": batch // MiB,
-            "repeat": repeat, "quick": args.quick, "seconds": time.perf_counter() - t_start}
-    write_results("redis_tier", data, md)
+            "repeat": repeat, "quick": args.quick, "malloc_tuning": args.malloc_tuning,
+            "seconds": time.perf_counter() - t_start}
+    write_results("redis_tier_malloc_tuned" if args.malloc_tuning else "redis_tier", data, md)
     emit_json(data)
     return 0
 

@@ -106,6 +106,8 @@ class KVLayerConfig(BaseModel):
     write_policy: Literal["write_through", "on_demotion"] = "write_through"
     write_queue_bytes: int = Field(default=256 << 20, description="bound on bytes queued for lower tiers")
     promote_on_hit: bool = True
+    malloc_tuning: bool = Field(default=False, description="process-wide glibc malloc settings for multi-MiB "
+                                "blobs (kvlayer.malloc): fewer page faults, up to 256 MiB freed heap kept")
     retry_after_s: float = Field(default=5.0, ge=0, description="how long a failing tier is skipped")
     tiers: list[TierConfig] | None = None
     log_level: str = "WARNING"

@@ -25,6 +25,7 @@ from kvlayer.codec import get_codec
 from kvlayer.config import KVLayerConfig, load_config
 from kvlayer.errors import KVLayerError, SpecMismatchError
 from kvlayer.keys import TokenIds, chunk_bounds, document_keys, prefix_keys
+from kvlayer.malloc import tune_for_blobs
 from kvlayer.spec import KVSpec
 from kvlayer.storage import TieredStore, build_tier
 
@@ -75,6 +76,9 @@ class KVCache:
             spec = KVSpec(**{**spec.__dict__, "salt": config.salt})
             self.spec = spec
         self.namespace = spec.namespace_digest()
+        if config.malloc_tuning:
+            tuned = tune_for_blobs() is not None
+            log.info("malloc tuned for multi-MiB blobs: %s", "yes" if tuned else "not available here")
         levels = []
         for tc in config.tier_configs():
             levels.append((build_tier(tc), get_codec(tc.codec, **tc.codec_params)))

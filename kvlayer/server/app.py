@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from concurrent import futures
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kvlayer.config import default_cache_dir, load_config, parse_size
+from kvlayer.malloc import tune_for_blobs
 
 log = logging.getLogger("kvlayer.server")
 
@@ -134,20 +134,10 @@ class MemoryGuard(threading.Thread):
         self.baseline = _rss()
         self._stop = threading.Event()
         self._trim: Any = None
-        if sys.platform.startswith("linux"):
-            try:
-                import ctypes
-
-                libc = ctypes.CDLL("libc.so.6")
-                libc.mallopt(-8, 4)  # M_ARENA_MAX: 16 handler threads share 4 arenas
-                # Blobs up to 32 MiB come from the heap and freed ones are reused at once (no mmap,
-                # munmap and page faults per blob: half the CPU of a Put); heap memory is not
-                # handed back on free (trim threshold) but by this guard, when RSS says so.
-                libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (the most glibc allows)
-                libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
-                self._trim = libc.malloc_trim
-            except (OSError, AttributeError):
-                pass
+        # Blobs up to 32 MiB come from the heap and freed ones are reused at once (no mmap, munmap
+        # and page faults per blob: half the CPU of a Put); heap memory is not handed back on free
+        # but by this guard, when RSS says so. 16 handler threads share 4 arenas.
+        self._trim = tune_for_blobs(arena_max=4)
 
     def run(self) -> None:
         if self._trim is None or self.baseline <= 0:
