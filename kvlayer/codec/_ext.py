@@ -31,7 +31,16 @@ from typing import Any
 
 import torch
 
-SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "cpu" / "codec.cpp"
+
+def _source() -> Path:
+    """csrc/cpu/codec.cpp of a source tree, else the copy a wheel ships as ``kvlayer/_csrc``."""
+    tree = Path(__file__).resolve().parents[2] / "csrc" / "cpu" / "codec.cpp"
+    if tree.exists():
+        return tree
+    return Path(__file__).resolve().parents[1] / "_csrc" / "codec.cpp"
+
+
+SOURCE = _source()
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-march=native", "-ffp-contract=off", "-fno-math-errno"]
 ABI_VERSION = 1
 _DT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
