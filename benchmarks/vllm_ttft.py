@@ -74,7 +74,7 @@ def ttft_part(llm: Any, cache: Any, corpus: list[int], lengths: list[int], reps:
             t, _, toks["warm_cpu"] = _request(llm, ids, 1, f"cpu-{n}", skip=False)
             runs["warm_cpu"].append(t)
             keys = cache.keys(ids, full_only=True)
-            top = cache.store_.levels[0].tier
+            top = cache._store.levels[0].tier
             for k in keys:
                 top.delete(k)  # only the CPU copy: the next load must come from disk
             llm.reset_prefix_cache()

@@ -84,7 +84,7 @@ class KVCache:
             levels.append((build_tier(tc), get_codec(tc.codec, **tc.codec_params)))
         if not levels:
             raise KVLayerError("no storage tier configured: set cpu_bytes > 0, disk_path, redis_url or server_url")
-        self.store_ = TieredStore(
+        self._store = TieredStore(
             levels,
             write_policy=config.write_policy,
             write_queue_bytes=config.write_queue_bytes,
@@ -93,7 +93,7 @@ class KVCache:
         )
         self._docs: dict[str, Document] = {}
         log.debug("KVCache ready: namespace %s, tiers %s", self.namespace.hex()[:12],
-                  [lv.name for lv in self.store_.levels])
+                  [lv.name for lv in self._store.levels])
 
     # ------------------------------------------------------------------ keys
     def keys(self, tokens: TokenIds, *, full_only: bool = False) -> list[str]:
@@ -102,11 +102,31 @@ class KVCache:
     def document_keys(self, tokens: TokenIds, *, context: TokenIds | None = None) -> list[str]:
         return document_keys(self.namespace, tokens, self.chunk_size, context=context)
 
+    # ------------------------------------------------------------------ where chunks are
+    @property
+    def tier_names(self) -> list[str]:
+        """Tier names hot -> cold (``cpu``, ``disk``, ``redis``, ``remote`` unless renamed)."""
+        return [lv.name for lv in self._store.levels]
+
+    @property
+    def top_tier_in_process(self) -> bool:
+        """Whether the hottest tier is this process's memory: a put there costs a memcpy, so
+        engines can save synchronously; otherwise saves should leave the step's thread."""
+        return self._store.levels[0].tier.kind == "memory"
+
+    def locate(self, keys: Sequence[str]) -> list[str | None]:
+        """For every key, the name of the hottest tier holding it (None = nowhere). Moves no data."""
+        return self._store.locate(list(keys))
+
+    def cached_run(self, keys: Sequence[str]) -> int:
+        """How many leading ``keys`` are stored somewhere (existence checks only)."""
+        return len(self._store.lookup(list(keys)))
+
     # ------------------------------------------------------------------ prefix API
     def lookup(self, tokens: TokenIds, *, keys: list[str] | None = None) -> LookupResult:
         """Longest cached prefix (whole chunks; a partial last chunk counts if stored as such)."""
         keys = self.keys(tokens) if keys is None else keys
-        tiers = self.store_.lookup(keys)
+        tiers = self._store.lookup(keys)
         bounds = chunk_bounds(len(tokens), self.chunk_size)
         hit = bounds[len(tiers) - 1][1] if tiers else 0
         return LookupResult(hit, keys, tiers, len(keys))
@@ -127,26 +147,26 @@ class KVCache:
         bounds = chunk_bounds(n, self.chunk_size, full_only=full_only)
         if len(keys) != len(bounds):
             raise ValueError(f"{len(keys)} keys given for {len(bounds)} chunks")
-        present = self.store_.locate(keys) if skip_cached else [None] * len(keys)
+        present = self._store.locate(keys) if skip_cached else [None] * len(keys)
         todo = [(k, s, e) for k, (s, e), w in zip(keys, bounds, present, strict=True) if w is None]
         chunks = []
         for _, s, e in todo:
             c = kv[:, :, s:e]
             self.spec.check_chunk(c)
             chunks.append(c.contiguous())
-        self.store_.put([k for k, _, _ in todo], chunks, block=block)
+        self._store.put([k for k, _, _ in todo], chunks, block=block)
         return len(todo)
 
     def store_chunks(self, keys: Sequence[str], chunks: Sequence[torch.Tensor], *, block: bool = True) -> int:
         """Low-level store of ready-made chunks under given keys (engine connectors)."""
         for c in chunks:
             self.spec.check_chunk(c)
-        return self.store_.put(list(keys), list(chunks), block=block)
+        return self._store.put(list(keys), list(chunks), block=block)
 
     def retrieve_chunks(self, keys: Sequence[str]) -> list[torch.Tensor | None]:
         """Chunks by key (None = miss). Raw CPU hits are zero-copy views of the stored blob: copy
         before modifying one in place, or the stored chunk fails its checksum and is dropped."""
-        out = self.store_.get(list(keys))
+        out = self._store.get(list(keys))
         for i, c in enumerate(out):
             if c is not None and (c.dim() != 5 or c.shape[:2] != self.spec.chunk_shape(0)[:2]
                                   or c.shape[3:] != self.spec.chunk_shape(0)[3:] or c.dtype != self.spec.torch_dtype):
@@ -216,8 +236,8 @@ class KVCache:
         doc = self._docs.pop(doc_id, None)
         if doc is None:
             return 0
-        self.store_.pins.unpin_label(f"doc:{doc_id}")
-        return self.store_.delete(doc.keys) if evict else 0
+        self._store.pins.unpin_label(f"doc:{doc_id}")
+        return self._store.delete(doc.keys) if evict else 0
 
     # ------------------------------------------------------------------ control
     def _target_keys(self, tokens: TokenIds | None, doc_id: str | None, keys: Sequence[str] | None) -> tuple[list[str], str]:
@@ -233,35 +253,35 @@ class KVCache:
             ttl_s: float | None = None) -> str:
         """Pin a prefix, a document or keys against eviction; returns a lease id for ``unpin``."""
         ks, label = self._target_keys(tokens, doc_id, keys)
-        return self.store_.pins.pin(ks, ttl_s=ttl_s, label=label)
+        return self._store.pins.pin(ks, ttl_s=ttl_s, label=label)
 
     def unpin(self, lease_id: str | None = None, *, doc_id: str | None = None) -> int:
         """Release one lease, or every lease on a document. Returns leases released."""
         if doc_id is not None:
-            return self.store_.pins.unpin_label(f"doc:{doc_id}")
-        return int(self.store_.pins.unpin(lease_id or ""))
+            return self._store.pins.unpin_label(f"doc:{doc_id}")
+        return int(self._store.pins.unpin(lease_id or ""))
 
     def evict(self, tokens: TokenIds | None = None, *, doc_id: str | None = None, keys: Sequence[str] | None = None,
               force: bool = False) -> int:
         """Remove chunks from every tier (pinned ones only with ``force``). Returns chunks removed."""
         ks, _ = self._target_keys(tokens, doc_id, keys)
-        return self.store_.delete(ks, force=force)
+        return self._store.delete(ks, force=force)
 
     def clear(self) -> None:
-        self.store_.clear()
+        self._store.clear()
 
     def stats(self) -> dict[str, Any]:
-        s = self.store_.stats()
+        s = self._store.stats()
         s["documents"] = len(self._docs)
         s["namespace"] = self.namespace.hex()
         s["chunk_size"] = self.chunk_size
         return s
 
     def flush(self, timeout: float | None = None) -> bool:
-        return self.store_.flush(timeout)
+        return self._store.flush(timeout)
 
     def close(self) -> None:
-        self.store_.close()
+        self._store.close()
 
     def __enter__(self) -> KVCache:
         return self

@@ -127,7 +127,7 @@ class KVLayerStore(HiCacheStorage):
             self.layout, self.cache, self.spec = layout, cache, cache.spec
             self.mapper = KeyMapper(cache.namespace, g.page_size)
         log.info("kvlayer SGLang backend: %s pool, %s, namespace %s, tiers %s", g.layout, spec.chunk_shape(g.page_size),
-                 cache.namespace.hex()[:12], [lv.name for lv in cache.store_.levels])
+                 cache.namespace.hex()[:12], cache.tier_names)
 
     @property
     def ready(self) -> bool:
@@ -166,7 +166,7 @@ class KVLayerStore(HiCacheStorage):
         """Number of consecutive stored pages from the first one."""
         def run() -> int:
             self._count(exists_calls=1)
-            return len(self.cache.store_.lookup(self.kv_keys(keys, extra_info)))  # type: ignore[union-attr]
+            return self.cache.cached_run(self.kv_keys(keys, extra_info))  # type: ignore[union-attr]
 
         return self._guard("batch_exists", run, 0)
 
@@ -201,7 +201,7 @@ class KVLayerStore(HiCacheStorage):
             if n != len(keys):
                 raise ValueError(f"{host_indices.numel()} host indices for {len(keys)} pages of {layout.page_size}")
             kk = self.kv_keys(keys, extra_info)
-            where = cache.store_.locate(kk)
+            where = cache.locate(kk)
             todo = [i for i, w in enumerate(where) if w is None]
             ok = [w is not None for w in where]
             if todo:
@@ -266,7 +266,7 @@ class KVLayerStore(HiCacheStorage):
                 raise TypeError(f"set needs a tensor page, got {type(value).__name__}")
             kk = self.kv_keys([key])
             self._count(set_pages=1)
-            if self.cache.store_.locate(kk)[0] is not None:
+            if self.cache.locate(kk)[0] is not None:
                 self._count(set_skipped_present=1)
                 return True
             stored = self.cache.store_chunks(kk, [self.layout.flat_to_chunk(value)]) > 0

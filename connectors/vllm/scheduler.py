@@ -90,7 +90,7 @@ class SchedulerSide:
         """Tier names of the leading run of keys the worker can load."""
         if not keys:
             return []
-        where = self.cache.store_.locate(keys)
+        where = self.cache.locate(keys)
         out: list[str] = []
         for k, w in zip(keys, where, strict=True):
             if w is None and self.remote is not None and k in self.remote:

@@ -43,8 +43,7 @@ class WorkerSide:
         # The hottest tier takes saves synchronously; when that is not process memory (e.g. only
         # Redis or a remote server is configured), saves go to one background thread instead,
         # with a byte bound: beyond it they are dropped and counted, never waited for.
-        top = cache.store_.levels[0].tier.kind
-        self._async_saves = top != "memory"
+        self._async_saves = not cache.top_tier_in_process
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvlayer-save") if self._async_saves else None
         self._pending = 0
         self._pending_lock = threading.Lock()
@@ -130,7 +129,7 @@ class WorkerSide:
         t0 = time.perf_counter()
         try:
             ops = meta.saves
-            where = self.cache.store_.locate([op.key for op in ops])
+            where = self.cache.locate([op.key for op in ops])
             keys, chunks, seen = [], [], set()
             for op, w in zip(ops, where, strict=True):
                 if w is not None or op.key in seen:

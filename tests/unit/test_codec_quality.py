@@ -1,6 +1,6 @@
 """Codec error bounds on *real-model* KV, and the codec-quality benchmark's method.
 
-Random tensors (tests/test_codecs.py) do not have the structure of real KV: outlier key
+Random tensors (tests/unit/test_codecs.py) do not have the structure of real KV: outlier key
 channels, attention-sink tokens, per-layer scales spanning orders of magnitude. Here the KV comes
 from a forward pass: the tiny random Llama fixture always, SmolLM2-135M on a real essay when its
 converted folder is cached. Bounds are recomputed from the input's own groups (module docstrings
@@ -20,7 +20,7 @@ import torch
 from kvlayer.codec import decode, encode
 from kvlayer.codec.quant import token_salience
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMOL_DIR = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct-hf"
 QMAX = {8: 255, 4: 15, 2: 3}
 HALF_ULP = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}

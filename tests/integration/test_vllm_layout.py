@@ -138,7 +138,7 @@ def test_worker_saves_in_background_when_the_top_tier_is_not_memory(tmp_path):
     w.save(ConnectorMeta(saves=[SaveOp("r1", key, [1, 4])]))
     w.close()
     cache.flush()
-    assert counters.saved_chunks == 1 and cache.store_.locate([key]) == ["disk"]
+    assert counters.saved_chunks == 1 and cache.locate([key]) == ["disk"]
     (got,) = cache.retrieve_chunks([key])
     assert got is not None and torch.equal(got, w.adapter.gather([1, 4]))
     # and a load writes it back into other blocks, bit for bit

@@ -66,7 +66,7 @@ def _trimmed_rss() -> int:
 
 
 def tier(cache: KVCache, name: str):
-    return next(lv.tier for lv in cache.store_.levels if lv.name == name)
+    return next(lv.tier for lv in cache._store.levels if lv.name == name)
 
 
 # ---------------------------------------------------------------------------------- prefix API
@@ -320,7 +320,7 @@ def test_corrupt_chunk_truncates_the_hit_and_is_deleted(where, spec, make_cache,
     kv = kv_for(spec, 48)
     c.store(t, kv)
     c.flush()
-    tr = c.store_.levels[0].tier
+    tr = c._store.levels[0].tier
     k1 = c.keys(t)[1]
     good = bytes(tr.get(k1))
     bad = bytearray(good)

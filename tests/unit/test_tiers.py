@@ -23,7 +23,7 @@ from kvlayer.storage.base import EvictionGuard, Tier
 from kvlayer.storage.disk import DiskTier
 from kvlayer.storage.memory import MemoryTier
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 
 

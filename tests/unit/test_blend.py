@@ -430,7 +430,7 @@ def test_calibrate_cli_on_the_tiny_model(tmp_path):
     text = tmp_path / "probe.txt"
     text.write_text(sample_text(3000, seed=3))
     calib = tmp_path / "c.json"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     cmd = [sys.executable, "-m", "kvlayer.blend", "calibrate", "--model", model_dir, "--text-file", str(text),
            "--probes", "2", "--docs", "2", "--doc-tokens", "60,90", "--tail-tokens", "8", "--ratios", "0.5,1",
            "--threshold", "0.001", "--calibration", str(calib)]

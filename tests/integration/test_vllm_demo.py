@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.test_vllm import engine_env  # noqa: E402
+from tests.integration.test_vllm import engine_env  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 

@@ -21,7 +21,7 @@ from kvlayer.codec.fp8 import fp8_decode_torch, fp8_encode_torch
 from kvlayer.codec.lz4 import shuffle, unshuffle
 from kvlayer.codec.quant import dequantize_torch, make_layout, quantize_torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 

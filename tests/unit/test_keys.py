@@ -17,7 +17,7 @@ from kvlayer.errors import SpecMismatchError
 from kvlayer.keys import chain_hash, chunk_bounds, document_keys, key_from_page_hash, prefix_keys
 from kvlayer.spec import KVSpec
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 SPEC = KVSpec(model="org/model@rev1", num_layers=4, num_kv_heads=2, head_dim=16, dtype="float16")
 

@@ -1,7 +1,7 @@
 """kvlayer inside real vLLM (CPU build): greedy tokens with kvlayer == tokens without it.
 
 Each engine runs in its own subprocess (this file is also the script it runs: ``python
-tests/test_vllm.py <scenario> <args.json>``), single-process mode (scheduler and worker in one
+tests/integration/test_vllm.py <scenario> <args.json>``), single-process mode (scheduler and worker in one
 PID), tiny random Llama from ``tests/fixtures/tiny_model.py``. Three engine processes in total:
   baseline  - no connector: the reference tokens for every prompt (vLLM prefix cache reset
               before every call, so each is a full prefill);
@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -93,7 +93,7 @@ def _engine(kv: dict[str, Any] | None, **kw: Any) -> Any:
 
     # float32 (the tiny model's own dtype): batched and solo greedy decoding then agree far longer
     # than in bf16, where matmul shapes alone change the rounding; bf16 runs in the server and
-    # demo tests and in tests/test_vllm_layout.py.
+    # demo tests and in tests/integration/test_vllm_layout.py.
     args: dict[str, Any] = dict(distributed_executor_backend="uni", enforce_eager=True, max_model_len=2048, seed=0,
                                 dtype="float32")
     args.update(kw)
@@ -203,7 +203,7 @@ def scenario_main(args: dict[str, Any]) -> dict[str, Any]:
     tok["corrupt_cold"] = _gen(llm, [P["corrupt"]])[0]
     cache.flush()
     keys = cache.keys(P["corrupt"], full_only=True)
-    mem = cache.store_.levels[0].tier
+    mem = cache._store.levels[0].tier
     for k in keys:
         blob = mem._data[k]
         blob[-100:] = bytes(100)
@@ -225,7 +225,7 @@ def scenario_main(args: dict[str, Any]) -> dict[str, Any]:
         raise OSError("injected tier failure")
 
     saved = []
-    for lv in cache.store_.levels:
+    for lv in cache._store.levels:
         saved.append((lv.tier, lv.tier.get_many, lv.tier.get))
         lv.tier.get_many = boom
         lv.tier.get = boom
@@ -234,7 +234,7 @@ def scenario_main(args: dict[str, Any]) -> dict[str, Any]:
     st["raise"] = {"before": before, "after": _snap()}
     for tier, gm, gg in saved:
         tier.get_many, tier.get = gm, gg
-    for lv in cache.store_.levels:
+    for lv in cache._store.levels:
         lv.down_until = 0.0
 
     cache.flush()

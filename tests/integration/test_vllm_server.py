@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.test_vllm import CHUNK, engine_env  # noqa: E402
+from tests.integration.test_vllm import CHUNK, engine_env  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -105,7 +105,7 @@ def _metric(text: str, name: str) -> float:
 
 def test_openai_server_warm_request_loads_from_kvlayer(server):
     base, model, tmp = server
-    from tests.test_vllm import make_prompts
+    from tests.integration.test_vllm import make_prompts
 
     prompt = make_prompts()["long"]
     body = {"model": model, "prompt": prompt, "max_tokens": 10, "temperature": 0.0, "ignore_eos": True}

@@ -115,7 +115,7 @@ def vllm_fingerprint(model: str, revision: str | None, dtype: str) -> str:
 
     name = "_kvlayer_vllm_config_probe"
     if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "connectors" / "vllm" / "config.py"
+        path = Path(__file__).resolve().parents[2] / "connectors" / "vllm" / "config.py"
         spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None
         mod = importlib.util.module_from_spec(spec)

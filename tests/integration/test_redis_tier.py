@@ -462,7 +462,7 @@ def test_kill_during_run_then_restart_same_port(redis_server, spec):
             time.sleep(0.01)
         st = cache.stats()
         assert st["store"]["misses"] > 0 and st["store"]["tier_errors"] > 0
-        assert cache.store_.levels[0].tier.stats().errors > 0
+        assert cache._store.levels[0].tier.stats().errors > 0
         assert hits_before == 12
 
         redis_server.start()  # same port, empty (no persistence): same process, same KVCache
@@ -471,7 +471,7 @@ def test_kill_during_run_then_restart_same_port(redis_server, spec):
         cache.store(tokens, kv)
         n, got = cache.retrieve(tokens)
         assert n == 48 and torch.equal(got, kv)
-        assert cache.store_.levels[0].tier.healthy()
+        assert cache._store.levels[0].tier.healthy()
     finally:
         cache.close()
 
@@ -551,7 +551,7 @@ def test_garbage_or_truncated_values_are_misses_and_deleted(redis_server, raw, s
         tokens, kv = _prompt(5)
         assert cache.store(tokens, kv) == 3
         keys = cache.keys(tokens)
-        tier = cache.store_.levels[0].tier
+        tier = cache._store.levels[0].tier
         assert isinstance(tier, RedisTier)
         victim = tier.rkey(keys[1])
         if damage == "garbage":

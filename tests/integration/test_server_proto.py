@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GEN = REPO / "kvlayer" / "server" / "_gen"
 FILES = ("kvlayer_pb2.py", "kvlayer_pb2.pyi", "kvlayer_pb2_grpc.py")
 
