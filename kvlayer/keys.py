@@ -21,13 +21,29 @@ TokenIds = Sequence[int] | np.ndarray
 DEFAULT_CHUNK_SIZE = 256
 
 
-def _token_bytes(tokens: TokenIds) -> bytes:
-    arr = np.asarray(tokens, dtype=np.int64)
+def token_array(tokens: TokenIds, name: str = "tokens") -> np.ndarray:
+    """``tokens`` as a 1-D int64 array, refusing anything that is not integer token ids.
+
+    Why strict: casting would key ``[500.7, ...]`` as ``[500, ...]`` and serve another prompt's
+    KV; floats, bools and digit strings are caller bugs, so they fail loudly, naming ``name``.
+    """
+    if isinstance(tokens, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of integer token ids, got {type(tokens).__name__}")
+    arr = np.asarray(tokens)
+    if arr.size == 0:
+        arr = arr.astype(np.int64) if arr.dtype.kind in "iuf" else arr
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integer token ids, got {arr.dtype} values"
+                        + (" (bools are not token ids)" if arr.dtype.kind == "b" else ""))
     if arr.ndim != 1:
-        raise ValueError(f"token ids must be a 1-D sequence, got shape {arr.shape}")
-    if arr.size and (arr.min() < 0 or arr.max() > 0xFFFFFFFF):
-        raise ValueError("token ids must fit in uint32")
-    return arr.astype("<u4").tobytes()
+        raise ValueError(f"{name} must be a 1-D sequence of token ids, got shape {arr.shape}")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 0xFFFFFFFF):
+        raise ValueError(f"{name} must be token ids that fit in uint32, got values in [{arr.min()}, {arr.max()}]")
+    return arr.astype(np.int64, copy=False)
+
+
+def _token_bytes(tokens: TokenIds, name: str = "tokens") -> bytes:
+    return token_array(tokens, name).astype("<u4").tobytes()
 
 
 def chunk_bounds(num_tokens: int, chunk_size: int, *, full_only: bool = False) -> list[tuple[int, int]]:
@@ -91,5 +107,5 @@ def document_keys(namespace: bytes, tokens: TokenIds, chunk_size: int = DEFAULT_
         return prefix_keys(namespace, tokens, chunk_size)
     if len(namespace) != 32:
         raise ValueError("namespace must be a 32-byte digest (KVSpec.namespace_digest())")
-    seed = hashlib.sha256(b"kvlayer/document-context/v1" + _token_bytes(context)).digest()
+    seed = hashlib.sha256(b"kvlayer/document-context/v1" + _token_bytes(context, "context")).digest()
     return [bind(namespace, d) for d in token_chain(tokens, chunk_size, seed=seed)]

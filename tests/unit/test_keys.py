@@ -161,3 +161,22 @@ def test_spec_field_types_do_not_change_the_namespace():
                   is_mla=0, extra=[["a", "1"]])  # type: ignore[arg-type]
     assert same.namespace_digest() == ref.namespace_digest()
     assert same == ref and hash(same) == hash(ref)
+
+
+@pytest.mark.parametrize("bad", [[500.7, 3], np.array([1.0, 2.0]), ["12", "3"], [True, False], "123", b"12",
+                                 [1, 2.5], [[1, 2]], [-1], [2**33]])
+def test_non_integer_token_ids_are_refused_naming_the_argument(bad):
+    ns = SPEC.namespace_digest()
+    with pytest.raises((TypeError, ValueError), match="tokens"):
+        prefix_keys(ns, bad, 2)
+    with pytest.raises((TypeError, ValueError), match="context"):
+        document_keys(ns, [1, 2, 3], 2, context=bad)
+
+
+def test_float_ids_never_alias_their_truncation():
+    """The bug this guards: [500.7, ...] used to key (and hit) the chunks of [500, ...]."""
+    ns = SPEC.namespace_digest()
+    with pytest.raises(TypeError):
+        prefix_keys(ns, [500.7, 1.2], 2)
+    assert prefix_keys(ns, np.array([500, 1], dtype=np.int32), 2) == prefix_keys(ns, [500, 1], 2)
+    assert prefix_keys(ns, [], 2) == []
