@@ -19,6 +19,9 @@ import weakref
 
 import numpy as np
 
+from kvlayer.errors import ConfigError
+from kvlayer.units import parse_size
+
 #: smaller buffers come from malloc's own free lists: not worth pooling
 MIN_POOLED = 64 << 10
 
@@ -70,9 +73,6 @@ class BufferPool:
 
 
 def _cap_from_env() -> int:
-    from kvlayer.config import parse_size
-    from kvlayer.errors import ConfigError
-
     raw = os.environ.get("KVLAYER_BLOB_POOL_BYTES", "")
     if not raw:
         return 128 << 20
