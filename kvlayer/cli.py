@@ -244,11 +244,21 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    return run_command(args)
+
+
+EXIT_ERROR = 2  # kvlayer refused: a bad config or a server that cannot start (argparse uses 2 too)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command. kvlayer's own errors (``ConfigError`` and the rest of
+    ``KVLayerError``) become one line on stderr and exit code 2, never a traceback; commands
+    raise them instead of calling ``sys.exit`` themselves."""
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, KVLayerError) as e:
-        print(f"kvlayer: {e}", file=sys.stderr)
-        return 2
+    except KVLayerError as e:
+        print(f"kvlayer {args.command}: {e}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
 

@@ -17,12 +17,12 @@ import signal
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kvlayer.config import default_cache_dir, load_config, parse_size
-from kvlayer.malloc import tune_for_blobs
+from kvlayer.errors import ConfigError
+from kvlayer.server.memory import Budget, MemoryGuard, split_budget
 
 log = logging.getLogger("kvlayer.server")
 
@@ -86,91 +86,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
 
 
-@dataclass
-class Budget:
-    """How ``--cpu-bytes`` is spent. ``frames`` is not allocated up front: it is the room left
-    for what handler threads and gRPC hold transiently (a frame being built or received per
-    thread, transport buffers), which the other parts cannot count."""
-
-    memory_tier: int
-    write_queue: int
-    inflight: int
-    frames: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.memory_tier + self.write_queue + self.inflight + self.frames
-
-
-def split_budget(cpu_bytes: int, inflight: int | None, queue: int | None, lower_tiers: bool,
-                 workers: int = 16, frame_bytes: int = 1 << 20) -> Budget:
-    def part(v: int | None) -> int:
-        return v if v is not None else max(8 << 20, min(512 << 20, cpu_bytes // 8))
-
-    if cpu_bytes == 0:  # no CPU tier: buffers only (64 MiB each unless given)
-        return Budget(0, (queue or 64 << 20) if lower_tiers else 0, inflight or 64 << 20)
-    inf = part(inflight)
-    q = part(queue) if lower_tiers else 0
-    frames = min(workers * 2 * frame_bytes, cpu_bytes // 4)
-    mem = cpu_bytes - inf - q - frames
-    if mem <= 0:
-        raise SystemExit(f"--cpu-bytes {cpu_bytes} leaves no room for the CPU tier after in-flight ({inf}), "
-                         f"write queue ({q}) and frame ({frames}) buffers; raise it or lower --inflight-bytes, "
-                         "--write-queue-bytes, --workers")
-    return Budget(mem, q, inf, frames)
-
-
-class MemoryGuard(threading.Thread):
-    """Keeps the resident size near baseline + budget: glibc recycles freed blob memory inside
-    its heap (fast: no page faults on reuse) but neither free heap space nor holes between live
-    blobs go back to the OS; when RSS passes baseline + 80% of the budget, ``malloc_trim(0)``
-    gives every free page back."""
-
-    def __init__(self, budget: int, interval_s: float = 0.05) -> None:
-        super().__init__(name="kvlayer-memguard", daemon=True)
-        self.budget = budget
-        self.interval_s = interval_s
-        self.trims = 0
-        self.baseline = _rss()
-        self._stop = threading.Event()
-        self._trim: Any = None
-        # Blobs up to 32 MiB come from the heap and freed ones are reused at once (no mmap, munmap
-        # and page faults per blob: half the CPU of a Put); heap memory is not handed back on free
-        # but by this guard, when RSS says so. 16 handler threads share 4 arenas.
-        self._trim = tune_for_blobs(arena_max=4)
-
-    def run(self) -> None:
-        if self._trim is None or self.baseline <= 0:
-            return
-        limit = self.baseline + int(0.8 * self.budget)
-        while not self._stop.wait(self.interval_s):
-            if _rss() > limit:
-                self._trim(0)
-                self.trims += 1
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
-def _rss() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 class ServerApp:
     """Builds and runs one server; ``stop()`` is the graceful path SIGTERM takes."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        import grpc
-
-        from kvlayer.server.metrics import ServerMetrics
-        from kvlayer.server.service import Auth, KVLayerServicer, Limits, add_to_server
+        """Raises ``ConfigError`` (the CLI prints it and exits 2) for anything that stops a start."""
         from kvlayer.server.store import BlobStore
         from kvlayer.storage import build_tier
-        from kvlayer.storage.disk import DiskTier
 
         self.args = args
         cli: dict[str, Any] = {"cpu_bytes": args.cpu_bytes, "disk_bytes": args.disk_bytes, "redis_url": args.redis_url,
@@ -179,7 +101,7 @@ class ServerApp:
         tcs = [tc for tc in cfg.tier_configs() if tc.kind != "remote"]
         mem_tcs = [tc for tc in tcs if tc.kind == "memory"]
         if not tcs:
-            raise SystemExit("no storage tier: give --cpu-bytes > 0, a disk tier or --redis-url")
+            raise ConfigError("no storage tier: give --cpu-bytes > 0, a disk tier or --redis-url")
         budget = split_budget(cfg.cpu_bytes, args.inflight_bytes, args.write_queue_bytes,
                               lower_tiers=len(tcs) > len(mem_tcs), workers=args.workers, frame_bytes=args.frame_bytes)
         tiers = []
@@ -190,22 +112,38 @@ class ServerApp:
                     continue
             if tc.kind == "disk":
                 tc = tc.model_copy(update={"options": {**tc.options, "fsync": bool(args.fsync)}})
-            tiers.append(build_tier(tc))
+            try:
+                tiers.append(build_tier(tc))
+            except OSError as e:
+                raise ConfigError(f"cannot open the {tc.kind} tier: {e}") from e
         if not tiers:
-            raise SystemExit("no storage tier: give --cpu-bytes > 0, a disk tier or --redis-url")
+            raise ConfigError("no storage tier: give --cpu-bytes > 0, a disk tier or --redis-url")
         self.budget = budget
         self.store = BlobStore(tiers, write_queue_bytes=max(1, budget.write_queue), retry_after_s=cfg.retry_after_s)
-        if args.durable and self.store.disk_level is None:
-            raise SystemExit("--durable needs a disk tier (drop --no-disk)")
+        try:
+            if args.durable and self.store.disk_level is None:
+                raise ConfigError("--durable needs a disk tier (drop --no-disk)")
+            self._build_server(args, budget)
+        except BaseException:
+            self.store.close()  # a refused start leaves no writer thread or open tier behind
+            raise
+        self.metrics_port = 0
+        self._stop = threading.Event()
+
+    def _build_server(self, args: argparse.Namespace, budget: Budget) -> None:
+        import grpc
+
+        from kvlayer.server.metrics import ServerMetrics
+        from kvlayer.server.service import Auth, KVLayerServicer, Limits, add_to_server
+        from kvlayer.storage.disk import DiskTier
+
         self.metrics = ServerMetrics(self.store.stats)
-        token = args.auth_token
-        if args.auth_token_file:
-            token = Path(args.auth_token_file).read_text().strip()
+        token = _read(args.auth_token_file, "--auth-token-file").decode().strip() if args.auth_token_file else args.auth_token
         tenant_tokens = {}
         for tt in args.tenant_token:
             t, sep, tok = tt.partition("=")
             if not sep or not t or not tok:
-                raise SystemExit(f"--tenant-token {tt!r}: expected TENANT=TOKEN")
+                raise ConfigError(f"--tenant-token {tt!r}: expected TENANT=TOKEN")
             tenant_tokens[t] = tok
         limits = Limits(max_blob_bytes=args.max_blob_bytes, max_request_bytes=args.max_request_bytes,
                         inflight_bytes=budget.inflight, frame_bytes=args.frame_bytes)
@@ -227,24 +165,22 @@ class ServerApp:
         addr = f"{args.host}:{args.port}"
         if args.tls_cert or args.tls_key:
             if not (args.tls_cert and args.tls_key):
-                raise SystemExit("TLS needs both --tls-cert and --tls-key")
-            ca = Path(args.tls_client_ca).read_bytes() if args.tls_client_ca else None
-            creds = grpc.ssl_server_credentials([(Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())],
+                raise ConfigError("TLS needs both --tls-cert and --tls-key")
+            ca = _read(args.tls_client_ca, "--tls-client-ca") if args.tls_client_ca else None
+            creds = grpc.ssl_server_credentials([(_read(args.tls_key, "--tls-key"), _read(args.tls_cert, "--tls-cert"))],
                                                 root_certificates=ca, require_client_auth=ca is not None)
-            self.port = self.server.add_secure_port(addr, creds)
+            self.port = _bind(lambda: self.server.add_secure_port(addr, creds), addr)
         else:
-            self.port = self.server.add_insecure_port(addr)
-        if self.port == 0:
-            raise SystemExit(f"cannot bind {addr}")
+            self.port = _bind(lambda: self.server.add_insecure_port(addr), addr)
         if args.unix_socket:
             sock = Path(args.unix_socket)
-            if sock.is_socket():
-                sock.unlink()  # left by a killed server
-            sock.parent.mkdir(parents=True, exist_ok=True)
-            if not self.server.add_insecure_port(f"unix:{sock.resolve()}"):
-                raise SystemExit(f"cannot bind unix socket {sock}")
-        self.metrics_port = 0
-        self._stop = threading.Event()
+            try:
+                if sock.is_socket():
+                    sock.unlink()  # left by a killed server
+                sock.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"--unix-socket {sock}: {e}") from e
+            _bind(lambda: self.server.add_insecure_port(f"unix:{sock.resolve()}"), f"unix socket {sock}")
 
     def start(self) -> None:
         self.server.start()
@@ -282,6 +218,24 @@ class ServerApp:
         self.store.close()  # flushes the write-through queue and closes tiers
         self.metrics.close()
         log.info("stopped in %.2fs", time.monotonic() - t0)
+
+
+def _read(path: str, flag: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: {e.strerror or e}") from e
+
+
+def _bind(add_port: Any, what: str) -> int:
+    """grpcio answers a failed bind with port 0 or (newer versions) a RuntimeError."""
+    try:
+        port = int(add_port())
+    except RuntimeError as e:
+        raise ConfigError(f"cannot bind {what}: {e}") from e
+    if port == 0:
+        raise ConfigError(f"cannot bind {what} (in use, or not an address of this host?)")
+    return port
 
 
 def run_serve(args: argparse.Namespace) -> int:

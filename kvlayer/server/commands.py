@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kvlayer.errors import ConfigError, KVLayerError
 from kvlayer.server.app import DEFAULT_PORT
 
 _SERVER_HELP = f"server address: host:port, grpc://host:port or grpcs://host:port (env KVLAYER_SERVER_URL; default 127.0.0.1:{DEFAULT_PORT})"
@@ -52,17 +53,17 @@ def _target_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         return {"keys": _read_list(args.keys)}
     if args.tokens:
         if not args.namespace:
-            raise SystemExit("--tokens needs --namespace (the hex namespace digest of the model's KVSpec)")
+            raise ConfigError("--tokens needs --namespace (the hex namespace digest of the model's KVSpec)")
         try:
             ns = bytes.fromhex(args.namespace)
         except ValueError:
-            raise SystemExit("--namespace must be hex") from None
+            raise ConfigError("--namespace must be hex") from None
         return {"tokens": [int(t) for t in _read_list(args.tokens)], "namespace": ns, "chunk_size": args.chunk_size}
     return {"doc_id": args.doc}
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from kvlayer.server.client import KVLayerClient
+    from kvlayer.rpc.client import KVLayerClient
 
     return KVLayerClient(args.server, token=args.token, tenant=args.tenant, timeout_s=args.timeout, tls_ca=args.tls_ca)
 
@@ -124,6 +125,8 @@ def _run(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespac
             else:
                 print(f"error from {args.server}: {code}: {detail}", file=sys.stderr)
             return 2 if code == "UNAVAILABLE" else 1
+        except KVLayerError:
+            raise  # kvlayer.cli.run_command prints it
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

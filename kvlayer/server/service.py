@@ -33,9 +33,10 @@ import numpy as np
 from kvlayer.codec.header import verify
 from kvlayer.errors import CorruptBlobError
 from kvlayer.keys import chunk_bounds, document_keys, prefix_keys
-from kvlayer.server import wire
-from kvlayer.server._gen import kvlayer_pb2 as pb
-from kvlayer.server._gen import kvlayer_pb2_grpc as pb_grpc
+from kvlayer.rpc import wire
+from kvlayer.rpc._gen import kvlayer_pb2 as pb
+from kvlayer.rpc._gen import kvlayer_pb2_grpc as pb_grpc
+from kvlayer.server.memory import ByteBudget, rss
 from kvlayer.server.metrics import ServerMetrics
 from kvlayer.server.store import BlobStore
 
@@ -60,33 +61,6 @@ class Abort(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-class ByteBudget:
-    """A counting semaphore over bytes: request buffers are reserved before they are allocated."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = int(limit)
-        self.used = 0
-        self._cv = threading.Condition()
-
-    def acquire(self, n: int, timeout: float) -> bool:
-        if n > self.limit:
-            return False
-        deadline = time.monotonic() + timeout
-        with self._cv:
-            while self.used + n > self.limit:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cv.wait(left)
-            self.used += n
-            return True
-
-    def release(self, n: int) -> None:
-        with self._cv:
-            self.used -= n
-            self._cv.notify_all()
 
 
 @dataclass
@@ -306,7 +280,7 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
         s["server"]["inflight_bytes"] = self.budget.used
         guard = self.memory_guard
         if guard is not None:
-            s["server"]["rss_bytes"] = _rss_now()
+            s["server"]["rss_bytes"] = rss()
             s["server"]["rss_baseline_bytes"] = guard.baseline
             s["server"]["malloc_trims"] = guard.trims
         s["server"]["inflight_limit"] = self.budget.limit
@@ -542,8 +516,3 @@ def add_to_server(servicer: KVLayerServicer, server: grpc.Server) -> None:
             raise NotImplementedError(m.name)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(svc.full_name, handlers),))
 
-
-def _rss_now() -> int:
-    from kvlayer.server.app import _rss
-
-    return _rss()

@@ -28,7 +28,7 @@ import grpc
 from kvlayer.codec.base import Buffer
 from kvlayer.config import TierConfig
 from kvlayer.errors import TierError
-from kvlayer.server.client import DEFAULT_FRAME_BYTES, KVLayerClient
+from kvlayer.rpc.client import DEFAULT_FRAME_BYTES, KVLayerClient
 from kvlayer.storage.base import Tier, TierStats
 
 log = logging.getLogger(__name__)

@@ -43,7 +43,7 @@ def test_wheel_ships_every_package_and_the_codec_source(tmp_path):
     (wheel,) = tmp_path.glob("kvlayer-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "kvlayer/_csrc/codec.cpp" in names
-    assert "kvlayer/connectors/vllm/__init__.py" in names and "kvlayer/server/_gen/kvlayer_pb2.py" in names
+    assert "kvlayer/connectors/vllm/__init__.py" in names and "kvlayer/rpc/_gen/kvlayer_pb2.py" in names
 
 
 def test_connectors_importable_as_kvlayer_connectors():

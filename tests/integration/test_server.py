@@ -24,9 +24,9 @@ grpc = pytest.importorskip("grpc")
 from kvlayer import KVSpec  # noqa: E402
 from kvlayer.codec import decode, encode  # noqa: E402
 from kvlayer.engine import KVCache  # noqa: E402
-from kvlayer.server import wire  # noqa: E402
-from kvlayer.server._gen import kvlayer_pb2 as pb  # noqa: E402
-from kvlayer.server.client import KVLayerClient  # noqa: E402
+from kvlayer.rpc import wire  # noqa: E402
+from kvlayer.rpc._gen import kvlayer_pb2 as pb  # noqa: E402
+from kvlayer.rpc.client import KVLayerClient  # noqa: E402
 from tests.fixtures.kvlayer_server import (  # noqa: E402,F401
     REPO,
     kvlayer_server_factory_fixture,
@@ -375,11 +375,20 @@ def test_sigterm_finishes_writes_and_restart_finds_them_on_disk(kvlayer_server_f
     assert [bytes(b) if b else None for b in got] == [bytes(b) for _, b in items]
 
 
-def test_server_refuses_to_start_without_tiers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flags,message", [
+    (["--cpu-bytes", "0", "--no-disk"], "no storage tier"),
+    (["--no-disk", "--durable"], "--durable needs a disk tier"),
+    (["--no-disk", "--tenant-token", "no-equals-sign"], "expected TENANT=TOKEN"),
+    (["--no-disk", "--auth-token-file", "/nonexistent/token"], "--auth-token-file /nonexistent/token"),
+    (["--no-disk", "--host", "203.0.113.7"], "cannot bind 203.0.113.7:0"),  # TEST-NET-3: not this host's
+])
+def test_server_start_up_errors_are_one_clear_line(tmp_path: Path, flags: list[str], message: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-m", "kvlayer.server", "serve", "--cpu-bytes", "0", "--no-disk", "--port", "0",
-                        "--metrics-port", "0"], capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode != 0 and "no storage tier" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "kvlayer.server", "serve", "--port", "0", "--metrics-port", "0", *flags],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and message in r.stderr, r.stderr
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("kvlayer serve: ")], r.stderr
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("redis-server") is None,

@@ -20,7 +20,7 @@ from kvlayer import KVSpec  # noqa: E402
 from kvlayer.codec import encode  # noqa: E402
 from kvlayer.config import parse_size  # noqa: E402
 from kvlayer.engine import KVCache  # noqa: E402
-from kvlayer.server.client import KVLayerClient  # noqa: E402
+from kvlayer.rpc.client import KVLayerClient  # noqa: E402
 from tests.fixtures.kvlayer_server import kvlayer_server_factory_fixture  # noqa: E402,F401
 
 SIZES = (16, 32, 64, 128)  # tokens per chunk -> 16..128 KiB blobs

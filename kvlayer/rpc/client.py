@@ -16,9 +16,9 @@ import grpc
 import numpy as np
 
 from kvlayer.codec.base import Buffer
-from kvlayer.server import wire
-from kvlayer.server._gen import kvlayer_pb2 as pb
-from kvlayer.server._gen import kvlayer_pb2_grpc as pb_grpc
+from kvlayer.rpc import wire
+from kvlayer.rpc._gen import kvlayer_pb2 as pb
+from kvlayer.rpc._gen import kvlayer_pb2_grpc as pb_grpc
 
 DEFAULT_FRAME_BYTES = 1 << 20
 TENANT_HEADER = "x-kvlayer-tenant"
@@ -84,7 +84,7 @@ class KVLayerClient:
         self._channels = [grpc.secure_channel(target, creds, options) if creds else grpc.insecure_channel(target, options)
                           for _ in range(max(1, channels))]
         self._stubs = [pb_grpc.KVLayerStub(ch) for ch in self._channels]
-        # Data RPCs move raw frames (kvlayer.server.wire): one copy per side instead of two.
+        # Data RPCs move raw frames (kvlayer.rpc.wire): one copy per side instead of two.
         self._gets = [ch.unary_stream("/kvlayer.v1.KVLayer/Get", request_serializer=pb.GetRequest.SerializeToString,
                                       response_deserializer=wire.identity) for ch in self._channels]
         self._puts = [ch.stream_unary("/kvlayer.v1.KVLayer/Put", request_serializer=wire.identity,

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from kvlayer.server._gen import kvlayer_pb2 as kvlayer_dot_server_dot___gen_dot_kvlayer__pb2
+from kvlayer.rpc._gen import kvlayer_pb2 as kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in kvlayer/server/_gen/kvlayer_pb2_grpc.py depends on'
+        + ' but the generated code in kvlayer/rpc/_gen/kvlayer_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,63 +36,63 @@ class KVLayerStub:
         """
         self.Health = channel.unary_unary(
                 '/kvlayer.v1.KVLayer/Health',
-                request_serializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.HealthRequest.SerializeToString,
-                response_deserializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.HealthResponse.FromString,
+                request_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.HealthRequest.SerializeToString,
+                response_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.HealthResponse.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/kvlayer.v1.KVLayer/Stats',
-                request_serializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.StatsRequest.SerializeToString,
-                response_deserializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.StatsResponse.FromString,
+                request_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.StatsRequest.SerializeToString,
+                response_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.StatsResponse.FromString,
                 _registered_method=True)
         self.Lookup = channel.unary_unary(
                 '/kvlayer.v1.KVLayer/Lookup',
-                request_serializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.LookupRequest.SerializeToString,
-                response_deserializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.LookupResponse.FromString,
+                request_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.LookupRequest.SerializeToString,
+                response_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.LookupResponse.FromString,
                 _registered_method=True)
         self.Exists = channel.unary_unary(
                 '/kvlayer.v1.KVLayer/Exists',
-                request_serializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.ExistsRequest.SerializeToString,
-                response_deserializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.ExistsResponse.FromString,
+                request_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.ExistsRequest.SerializeToString,
+                response_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.ExistsResponse.FromString,
                 _registered_method=True)
         self.Put = channel.stream_unary(
                 '/kvlayer.v1.KVLayer/Put',
-                request_serializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.PutFrame.SerializeToString,
-                response_deserializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.PutResponse.FromString,
+                request_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.PutFrame.SerializeToString,
+                response_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.PutResponse.FromString,
                 _registered_method=True)
         self.Get = channel.unary_stream(
                 '/kvlayer.v1.KVLayer/Get',
-                request_serializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.GetRequest.SerializeToString,
-                response_deserializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.GetFrame.FromString,
+                request_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.GetRequest.SerializeToString,
+                response_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.GetFrame.FromString,
                 _registered_method=True)
         self.Pin = channel.unary_unary(
                 '/kvlayer.v1.KVLayer/Pin',
-                request_serializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.PinRequest.SerializeToString,
-                response_deserializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.PinResponse.FromString,
+                request_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.PinRequest.SerializeToString,
+                response_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.PinResponse.FromString,
                 _registered_method=True)
         self.Unpin = channel.unary_unary(
                 '/kvlayer.v1.KVLayer/Unpin',
-                request_serializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.UnpinRequest.SerializeToString,
-                response_deserializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.UnpinResponse.FromString,
+                request_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.UnpinRequest.SerializeToString,
+                response_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.UnpinResponse.FromString,
                 _registered_method=True)
         self.Evict = channel.unary_unary(
                 '/kvlayer.v1.KVLayer/Evict',
-                request_serializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.EvictRequest.SerializeToString,
-                response_deserializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.EvictResponse.FromString,
+                request_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.EvictRequest.SerializeToString,
+                response_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.EvictResponse.FromString,
                 _registered_method=True)
         self.Clear = channel.unary_unary(
                 '/kvlayer.v1.KVLayer/Clear',
-                request_serializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.ClearRequest.SerializeToString,
-                response_deserializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.ClearResponse.FromString,
+                request_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.ClearRequest.SerializeToString,
+                response_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.ClearResponse.FromString,
                 _registered_method=True)
         self.RegisterDocument = channel.unary_unary(
                 '/kvlayer.v1.KVLayer/RegisterDocument',
-                request_serializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.RegisterDocumentRequest.SerializeToString,
-                response_deserializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.RegisterDocumentResponse.FromString,
+                request_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.RegisterDocumentRequest.SerializeToString,
+                response_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.RegisterDocumentResponse.FromString,
                 _registered_method=True)
         self.Keys = channel.unary_unary(
                 '/kvlayer.v1.KVLayer/Keys',
-                request_serializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.KeysRequest.SerializeToString,
-                response_deserializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.KeysResponse.FromString,
+                request_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.KeysRequest.SerializeToString,
+                response_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.KeysResponse.FromString,
                 _registered_method=True)
 
 
@@ -187,63 +187,63 @@ def add_KVLayerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
-                    request_deserializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.HealthRequest.FromString,
-                    response_serializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.HealthResponse.SerializeToString,
+                    request_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.HealthRequest.FromString,
+                    response_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.HealthResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
-                    request_deserializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.StatsRequest.FromString,
-                    response_serializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.StatsResponse.SerializeToString,
+                    request_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.StatsRequest.FromString,
+                    response_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.StatsResponse.SerializeToString,
             ),
             'Lookup': grpc.unary_unary_rpc_method_handler(
                     servicer.Lookup,
-                    request_deserializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.LookupRequest.FromString,
-                    response_serializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.LookupResponse.SerializeToString,
+                    request_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.LookupRequest.FromString,
+                    response_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.LookupResponse.SerializeToString,
             ),
             'Exists': grpc.unary_unary_rpc_method_handler(
                     servicer.Exists,
-                    request_deserializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.ExistsRequest.FromString,
-                    response_serializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.ExistsResponse.SerializeToString,
+                    request_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.ExistsRequest.FromString,
+                    response_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.ExistsResponse.SerializeToString,
             ),
             'Put': grpc.stream_unary_rpc_method_handler(
                     servicer.Put,
-                    request_deserializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.PutFrame.FromString,
-                    response_serializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.PutResponse.SerializeToString,
+                    request_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.PutFrame.FromString,
+                    response_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.PutResponse.SerializeToString,
             ),
             'Get': grpc.unary_stream_rpc_method_handler(
                     servicer.Get,
-                    request_deserializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.GetRequest.FromString,
-                    response_serializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.GetFrame.SerializeToString,
+                    request_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.GetRequest.FromString,
+                    response_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.GetFrame.SerializeToString,
             ),
             'Pin': grpc.unary_unary_rpc_method_handler(
                     servicer.Pin,
-                    request_deserializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.PinRequest.FromString,
-                    response_serializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.PinResponse.SerializeToString,
+                    request_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.PinRequest.FromString,
+                    response_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.PinResponse.SerializeToString,
             ),
             'Unpin': grpc.unary_unary_rpc_method_handler(
                     servicer.Unpin,
-                    request_deserializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.UnpinRequest.FromString,
-                    response_serializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.UnpinResponse.SerializeToString,
+                    request_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.UnpinRequest.FromString,
+                    response_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.UnpinResponse.SerializeToString,
             ),
             'Evict': grpc.unary_unary_rpc_method_handler(
                     servicer.Evict,
-                    request_deserializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.EvictRequest.FromString,
-                    response_serializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.EvictResponse.SerializeToString,
+                    request_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.EvictRequest.FromString,
+                    response_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.EvictResponse.SerializeToString,
             ),
             'Clear': grpc.unary_unary_rpc_method_handler(
                     servicer.Clear,
-                    request_deserializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.ClearRequest.FromString,
-                    response_serializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.ClearResponse.SerializeToString,
+                    request_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.ClearRequest.FromString,
+                    response_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.ClearResponse.SerializeToString,
             ),
             'RegisterDocument': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterDocument,
-                    request_deserializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.RegisterDocumentRequest.FromString,
-                    response_serializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.RegisterDocumentResponse.SerializeToString,
+                    request_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.RegisterDocumentRequest.FromString,
+                    response_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.RegisterDocumentResponse.SerializeToString,
             ),
             'Keys': grpc.unary_unary_rpc_method_handler(
                     servicer.Keys,
-                    request_deserializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.KeysRequest.FromString,
-                    response_serializer=kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.KeysResponse.SerializeToString,
+                    request_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.KeysRequest.FromString,
+                    response_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.KeysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,8 +271,8 @@ class KVLayer:
             request,
             target,
             '/kvlayer.v1.KVLayer/Health',
-            kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.HealthRequest.SerializeToString,
-            kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.HealthResponse.FromString,
+            kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.HealthRequest.SerializeToString,
+            kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.HealthResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -298,8 +298,8 @@ class KVLayer:
             request,
             target,
             '/kvlayer.v1.KVLayer/Stats',
-            kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.StatsRequest.SerializeToString,
-            kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.StatsResponse.FromString,
+            kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.StatsRequest.SerializeToString,
+            kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.StatsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -325,8 +325,8 @@ class KVLayer:
             request,
             target,
             '/kvlayer.v1.KVLayer/Lookup',
-            kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.LookupRequest.SerializeToString,
-            kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.LookupResponse.FromString,
+            kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.LookupRequest.SerializeToString,
+            kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.LookupResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -352,8 +352,8 @@ class KVLayer:
             request,
             target,
             '/kvlayer.v1.KVLayer/Exists',
-            kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.ExistsRequest.SerializeToString,
-            kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.ExistsResponse.FromString,
+            kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.ExistsRequest.SerializeToString,
+            kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.ExistsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -379,8 +379,8 @@ class KVLayer:
             request_iterator,
             target,
             '/kvlayer.v1.KVLayer/Put',
-            kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.PutFrame.SerializeToString,
-            kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.PutResponse.FromString,
+            kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.PutFrame.SerializeToString,
+            kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.PutResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -406,8 +406,8 @@ class KVLayer:
             request,
             target,
             '/kvlayer.v1.KVLayer/Get',
-            kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.GetRequest.SerializeToString,
-            kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.GetFrame.FromString,
+            kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.GetRequest.SerializeToString,
+            kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.GetFrame.FromString,
             options,
             channel_credentials,
             insecure,
@@ -433,8 +433,8 @@ class KVLayer:
             request,
             target,
             '/kvlayer.v1.KVLayer/Pin',
-            kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.PinRequest.SerializeToString,
-            kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.PinResponse.FromString,
+            kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.PinRequest.SerializeToString,
+            kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.PinResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -460,8 +460,8 @@ class KVLayer:
             request,
             target,
             '/kvlayer.v1.KVLayer/Unpin',
-            kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.UnpinRequest.SerializeToString,
-            kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.UnpinResponse.FromString,
+            kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.UnpinRequest.SerializeToString,
+            kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.UnpinResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -487,8 +487,8 @@ class KVLayer:
             request,
             target,
             '/kvlayer.v1.KVLayer/Evict',
-            kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.EvictRequest.SerializeToString,
-            kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.EvictResponse.FromString,
+            kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.EvictRequest.SerializeToString,
+            kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.EvictResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -514,8 +514,8 @@ class KVLayer:
             request,
             target,
             '/kvlayer.v1.KVLayer/Clear',
-            kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.ClearRequest.SerializeToString,
-            kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.ClearResponse.FromString,
+            kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.ClearRequest.SerializeToString,
+            kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.ClearResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -541,8 +541,8 @@ class KVLayer:
             request,
             target,
             '/kvlayer.v1.KVLayer/RegisterDocument',
-            kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.RegisterDocumentRequest.SerializeToString,
-            kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.RegisterDocumentResponse.FromString,
+            kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.RegisterDocumentRequest.SerializeToString,
+            kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.RegisterDocumentResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -568,8 +568,8 @@ class KVLayer:
             request,
             target,
             '/kvlayer.v1.KVLayer/Keys',
-            kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.KeysRequest.SerializeToString,
-            kvlayer_dot_server_dot___gen_dot_kvlayer__pb2.KeysResponse.FromString,
+            kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.KeysRequest.SerializeToString,
+            kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.KeysResponse.FromString,
             options,
             channel_credentials,
             insecure,
