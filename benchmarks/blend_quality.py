@@ -33,13 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import RESULTS_DIR, emit_json, markdown_table, write_results
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, emit_json, markdown_table, write_results  # noqa: E402
-
-from kvlayer import KVCache  # noqa: E402
-from kvlayer.blend import BlendConfig, Blender, Runner  # noqa: E402
-from kvlayer.blend.models import essays, load_smollm2  # noqa: E402
+from kvlayer import KVCache
+from kvlayer.assets import essays, load_smollm2
+from kvlayer.blend import BlendConfig, Blender, Runner
 
 NAME = "blend_quality"
 RATIOS = (0.05, 0.10, 0.15, 0.25)

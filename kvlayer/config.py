@@ -15,13 +15,14 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kvlayer.assets import cache_dir
 from kvlayer.errors import ConfigError
 from kvlayer.units import parse_size
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "kvlayer"
+    """kvlayer's one user cache dir (``$KVLAYER_CACHE_DIR``, else the XDG one): see ``kvlayer.assets``."""
+    return cache_dir()
 
 
 TierKind = Literal["memory", "disk", "redis", "remote"]

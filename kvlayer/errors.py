@@ -28,3 +28,7 @@ class SpecMismatchError(KVLayerError, ValueError):
 
 class UnsupportedModelError(KVLayerError, ValueError):
     """A model lacks a feature an operation needs (e.g. blending a model without RoPE)."""
+
+
+class AssetUnavailableError(KVLayerError, FileNotFoundError):
+    """A model or text (``kvlayer.assets``) needs a package that is not installed; the message says which."""

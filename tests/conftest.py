@@ -14,6 +14,7 @@ CACHE = REPO / ".cache" / "test"
 CACHE.mkdir(parents=True, exist_ok=True)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("KVLAYER_EXT_CACHE", str(REPO / ".cache" / "ext"))
+os.environ.setdefault("KVLAYER_CACHE_DIR", str(REPO / ".cache"))  # models: .cache/models, as CI caches them
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ the runner recomputes every token up to the check layer, keeps the ``recompute_r
 tokens whose KV deviates most, and from then on computes only those plus the new text.
 
 The quality gate: unless ``gate=False``, a model must have a passing calibration record
-(:mod:`kvlayer.blend.calibrate`); otherwise ``blend`` logs why and does a full prefill.
+(:mod:`kvlayer.blend.gate`, written by :mod:`kvlayer.blend.calibrate`); otherwise ``blend`` logs why and does a full prefill.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvlayer.blend.calibrate import CalibrationStore
+from kvlayer.blend.gate import CalibrationStore
 from kvlayer.blend.pipeline import LayerwiseLoader, LoadStats, placements_for
 from kvlayer.blend.rope import rerotate
 from kvlayer.blend.runner import Runner, RunOutput
@@ -120,8 +120,8 @@ class Blender:
         out = self.runner.prefill(np.concatenate([ctx, toks]) if a else toks)
         kv = out.kv[:, :, a:]
         if a:
-            cos_old, sin_old = self.runner.rope.cos_sin(torch.arange(a, a + len(toks)))
-            cos_new, sin_new = self.runner.rope.cos_sin(torch.arange(len(toks)))
+            cos_old, sin_old = self.runner.rope.cos_sin(torch.arange(a, a + len(toks), device=kv.device))
+            cos_new, sin_new = self.runner.rope.cos_sin(torch.arange(len(toks), device=kv.device))
             kv = kv.clone()
             for li in range(kv.shape[0]):
                 kv[li, 0] = rerotate(kv[li, 0], cos_old, sin_old, cos_new, sin_new)

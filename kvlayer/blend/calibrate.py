@@ -3,79 +3,28 @@
 ``calibrate`` runs blended and full prefill on probe prompts (documents of real text followed by
 a question-like tail), measures the KL divergence of the next-token distributions over the tail
 (teacher forced) at several recompute ratios, and records the smallest ratio whose mean error is
-under the threshold, keyed by the model's fingerprint, in a JSON file under the user cache dir.
-:class:`~kvlayer.blend.blend.Blender` reads that record: a model never calibrated, or whose
-calibration failed (no ratio under the threshold), gets a full prefill instead of a blend.
+under the threshold, keyed by the model's weights fingerprint, in the gate's record
+(:mod:`kvlayer.blend.gate`), which :class:`~kvlayer.blend.blend.Blender` reads.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 import random
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from kvlayer.config import default_cache_dir
-
-log = logging.getLogger("kvlayer.blend")
+from kvlayer.blend.blend import BlendConfig, Blender, scratch_cache
+from kvlayer.blend.gate import CalibrationStore
 
 DEFAULT_RATIOS = (0.05, 0.1, 0.15, 0.25, 0.5)
 #: Mean KL(full || blend) in nats over the probe tails. On essay probes, SmolLM2-135M measured
 #: ~0.065 for naive reuse, ~0.02 at 15% and ~0.012 at 25% recompute (one 2000-token probe).
 DEFAULT_THRESHOLD = 0.02
-
-
-def calibration_path() -> Path:
-    env = os.environ.get("KVLAYER_BLEND_CALIBRATION")
-    return Path(env) if env else default_cache_dir() / "blend_calibration.json"
-
-
-class CalibrationStore:
-    """JSON file ``{fingerprint: record}``; written atomically (temp file + rename)."""
-
-    def __init__(self, path: str | Path | None = None) -> None:
-        self.path = Path(path) if path else calibration_path()
-
-    def load(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self.path.read_text())
-            return data if isinstance(data, dict) else {}
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as e:
-            log.warning("cannot read blend calibration %s (%s): treating every model as uncalibrated", self.path, e)
-            return {}
-
-    def get(self, fingerprint: str) -> dict[str, Any] | None:
-        rec = self.load().get(fingerprint)
-        return rec if isinstance(rec, dict) else None
-
-    def put(self, fingerprint: str, record: dict[str, Any]) -> None:
-        data = self.load()
-        data[fingerprint] = record
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".calib-", dir=self.path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)
-
-    def verdict(self, fingerprint: str) -> tuple[float | None, str]:
-        """(smallest safe ratio or None, reason). None means: do not blend this model."""
-        rec = self.get(fingerprint)
-        if rec is None:
-            return None, f"model {fingerprint} was never calibrated (run `kvlayer blend calibrate`)"
-        if rec.get("status") != "ok" or rec.get("ratio") is None:
-            return None, f"model {fingerprint} failed blend calibration (no ratio under {rec.get('threshold')})"
-        return float(rec["ratio"]), "calibrated"
 
 
 @dataclass
@@ -113,8 +62,6 @@ def calibrate(model: Any, probes: Sequence[Probe], *, ratios: Sequence[float] = 
               threshold: float = DEFAULT_THRESHOLD, store: CalibrationStore | None = None, record: bool = True,
               **blend_kw: Any) -> dict[str, Any]:
     """Blend vs full prefill on the probes at each ratio; record the smallest ratio under threshold."""
-    from kvlayer.blend.blend import BlendConfig, Blender, scratch_cache
-
     ratios = sorted(set(float(r) for r in ratios))
     cfg = BlendConfig(gate=False, **blend_kw)
     t0 = time.perf_counter()

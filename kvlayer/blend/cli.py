@@ -13,13 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kvlayer.blend.calibrate import (
-    DEFAULT_RATIOS,
-    DEFAULT_THRESHOLD,
-    CalibrationStore,
-    calibrate,
-    probes_from_text,
-)
+from kvlayer.blend.calibrate import DEFAULT_RATIOS, DEFAULT_THRESHOLD, calibrate, probes_from_text
+from kvlayer.blend.gate import CalibrationStore
 
 
 def add_blend_arguments(subparsers: Any) -> argparse.ArgumentParser:
@@ -54,15 +49,9 @@ def _add_subcommands(p: argparse.ArgumentParser) -> None:
 
 
 def _load(model: str) -> tuple[Any, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from kvlayer.assets import load_causal_lm, smollm2_dir
 
-    from kvlayer.blend.models import smollm2_dir
-
-    path = smollm2_dir() if model == "smollm2" else Path(model)
-    m = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    m.eval()
-    return m, AutoTokenizer.from_pretrained(str(path))
+    return load_causal_lm(smollm2_dir() if model == "smollm2" else model)
 
 
 def run_blend(args: argparse.Namespace) -> int:
@@ -74,7 +63,7 @@ def run_blend(args: argparse.Namespace) -> int:
     if args.text_file:
         texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in args.text_file]
     else:
-        from kvlayer.blend.models import essays
+        from kvlayer.assets import essays
 
         texts = essays()
     lo, hi = (int(x) for x in args.doc_tokens.split(","))

