@@ -116,7 +116,8 @@ class KVSpec:
 def model_fingerprint(model: str, revision: str | None, dtype: str) -> str:
     """Deterministic id of the weights: name or path + revision + KV dtype, plus, for a local
     folder, a digest of its config.json (so two different checkpoints at one path differ). Every
-    engine connector uses it, so one model served by vLLM and SGLang gets one namespace."""
+    engine adapter derives its default through ``kvlayer.connectors.core.engine_spec``, so one
+    model served by vLLM and SGLang gets one namespace."""
     parts = {"model": model, "revision": revision or "", "dtype": dtype}
     cfg = Path(model) / "config.json"
     if cfg.is_file():

@@ -10,9 +10,9 @@ Loaded by SGLang's own factory::
 Everything in the extra config that is not SGLang's own (``backend_name``, ``module_path``,
 ``class_name``, ``interface_v1``, ...) is kvlayer configuration: any ``KVLayerConfig`` field, plus
 ``model`` / ``model_fingerprint`` (overrides the fingerprint, which by default is derived from
-SGLang's model name/path, ``revision`` and the KV dtype exactly as the vLLM connector derives it)
-and ``config_file`` (a kvlayer YAML/TOML/JSON file; ``KVLAYER_*`` env vars apply as usual, the
-extra config wins).
+SGLang's model name/path, ``revision`` and the KV dtype by ``kvlayer.connectors.core.engine_spec``,
+as for the vLLM connector) and ``config_file`` (a kvlayer YAML/TOML/JSON file; ``KVLAYER_*`` env
+vars apply as usual, the extra config wins).
 
 Why it is built this way:
 - The store is created when SGLang registers the host pool, because only the pool knows layers,
@@ -23,12 +23,16 @@ Why it is built this way:
 - MLA KV is replicated on every TP rank: the spec uses tp_rank 0 of 1 so all ranks share one
   copy, and only SGLang's storage-writer rank writes (others answer "done", as SGLang's own
   backup skip does).
-- Keys: see ``keys.py``. SGLang's page hashes carry no namespace; kvlayer adds one. Pages are a
-  cross-engine hit with vLLM (``KVCache.keys(tokens)``) when the caller passes the token ids in
-  ``HiCacheStorageExtraInfo.extra_info["token_ids"]``; stock SGLang 0.5.x passes only hashes, so
-  there pages are shared between SGLang instances, not with vLLM.
-- Nothing raises into SGLang once attached: a failing tier, a corrupt blob, a wrong-shaped chunk
-  or a bug here turns into ``False`` entries / 0 hits / None and a counted, logged error. Bad
+- Keys: see ``keys.py``. SGLang's page hashes carry no namespace; kvlayer binds each one to the
+  model namespace (``kvlayer.keys.bind``). kvlayer's own prefix keys bind the very same token chain,
+  so with the same model and SGLang's page size = kvlayer's ``chunk_size``, a page stock SGLang
+  stores (it passes only page hashes) is a hit for the vLLM connector and the other way round,
+  through any shared tier. Token ids, when a caller passes them in
+  ``HiCacheStorageExtraInfo.extra_info["token_ids"]``, are only checked against the hashes; the
+  keys are the same either way.
+- Nothing raises into SGLang once attached (``kvlayer.connectors.core.FailureGuard``): a failing
+  tier, a corrupt blob, a wrong-shaped chunk or a bug here turns into ``False`` entries / 0 hits /
+  None and a counted error, logged once per burst. Bad
   configuration (unknown setting, unsupported pool dtype or layout) fails the attach instead,
   with the reason, because a silently disabled cache is worse than a clear start-up error.
 """
@@ -40,18 +44,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
 
-from kvlayer.config import KVLayerConfig, load_config
+from kvlayer.config import KVLayerConfig
 from kvlayer.engine import KVCache
 from kvlayer.errors import ConfigError
-from kvlayer.spec import KVSpec, dtype_name, model_fingerprint
+from kvlayer.spec import KVSpec
 
+from ..core import AdapterOptions, Counters, FailureGuard, engine_spec, split_extra_config
 from .keys import KeyMapper
-from .layout import PageLayout
+from .layout import PageIndexError, PageLayout
 
 log = logging.getLogger("kvlayer.sglang")
 T = TypeVar("T")
@@ -62,8 +68,26 @@ SGLANG_KEYS = frozenset({
     "prefetch_threshold", "prefetch_timeout_base", "prefetch_timeout_per_ki_token",
     "hicache_storage_pass_prefix_keys", "tp_lcm_size",
 })
-#: Extra-config keys this backend reads itself (``model_fingerprint`` as in the vLLM connector).
-OWN_KEYS = frozenset({"model", "model_fingerprint", "revision", "config_file"})
+
+
+class BackendOptions(AdapterOptions):
+    """Extra-config keys this backend reads itself (``model_fingerprint`` as in the vLLM connector)."""
+
+    #: Same as ``model_fingerprint`` (the older name).
+    model: str | None = None
+    #: Model revision, part of the default fingerprint (SGLang's config does not carry it).
+    revision: str | None = None
+
+
+@dataclass
+class BackendCounters(Counters):
+    get_pages: int = 0
+    get_hits: int = 0
+    set_pages: int = 0
+    set_written: int = 0
+    set_skipped_present: int = 0
+    set_skipped_non_writer: int = 0  # MLA replicas: the writer rank stores the same bytes
+    exists_calls: int = 0
 
 
 _METRICS_KEEP = 4096
@@ -76,15 +100,14 @@ class KVLayerStore(HiCacheStorage):
         self.storage_config = storage_config
         extra = dict(storage_config.extra_config or {})
         self.interface_v1 = bool(extra.get("interface_v1", 0))
-        self.model_override: str | None = extra.get("model") or extra.get("model_fingerprint") or None
+        config, options = split_extra_config(extra, BackendOptions, engine_keys=SGLANG_KEYS)
+        self.config: KVLayerConfig = config
+        self.model_override: str | None = options.model or options.model_fingerprint or None
         self.model_name: str | None = storage_config.model_name
-        self.revision: str | None = extra.get("revision")
+        self.revision: str | None = options.revision
         if not (self.model_override or self.model_name):
             raise ConfigError("kvlayer SGLang backend: no model fingerprint; set \"model\" in "
                               "--hicache-storage-backend-extra-config (or serve a named model)")
-        self.model = str(self.model_override or self.model_name)
-        cli = {k: v for k, v in extra.items() if k not in SGLANG_KEYS and k not in OWN_KEYS}
-        self.config: KVLayerConfig = load_config(extra.get("config_file"), cli=cli)
         self.is_writer = bool(getattr(storage_config, "is_storage_writer", True))
         self.cache: KVCache | None = None
         self.layout: PageLayout | None = None
@@ -95,9 +118,8 @@ class KVLayerStore(HiCacheStorage):
         self._backup_pgs: deque[int] = deque(maxlen=_METRICS_KEEP)
         self._prefetch_bw: deque[float] = deque(maxlen=_METRICS_KEEP)
         self._backup_bw: deque[float] = deque(maxlen=_METRICS_KEEP)
-        self.counters = {"errors": 0, "get_pages": 0, "get_hits": 0, "set_pages": 0, "set_written": 0,
-                         "set_skipped_present": 0, "set_skipped_non_writer": 0, "exists_calls": 0}
-        self._last_error_log = 0.0
+        self.counters = BackendCounters()
+        self.guard = FailureGuard(log, "SGLang backend")
 
     # ------------------------------------------------------------------ attach
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
@@ -112,11 +134,9 @@ class KVLayerStore(HiCacheStorage):
         if getattr(sc, "attn_cp_size", 1) > 1:
             extra.append(("attn_cp", f"{sc.attn_cp_rank}/{sc.attn_cp_size}"))
         tp_rank, tp_size = (0, 1) if g.is_mla else (sc.tp_rank, sc.tp_size)
-        if not self.model_override:
-            self.model = model_fingerprint(str(self.model_name), self.revision, dtype_name(g.dtype))
-        spec = KVSpec(model=self.model, num_layers=g.num_layers, num_kv_heads=g.num_kv_heads, head_dim=g.head_dim,
-                      dtype=dtype_name(g.dtype), tp_rank=tp_rank, tp_size=tp_size, is_mla=g.is_mla,
-                      extra=tuple(extra))
+        spec = engine_spec(model=str(self.model_name), revision=self.revision, dtype=g.dtype, num_layers=g.num_layers,
+                           num_kv_heads=g.num_kv_heads, head_dim=g.head_dim, tp_rank=tp_rank, tp_size=tp_size,
+                           is_mla=g.is_mla, extra=extra, fingerprint=self.model_override)
         if "chunk_size" in (sc.extra_config or {}) and self.config.chunk_size != g.page_size:
             log.warning("kvlayer chunk_size %d != SGLang page size %d: one page is one chunk, using %d",
                         self.config.chunk_size, g.page_size, g.page_size)
@@ -135,26 +155,13 @@ class KVLayerStore(HiCacheStorage):
 
     # ------------------------------------------------------------------ failure isolation
     def _guard(self, op: str, fn: Callable[[], T], default: T) -> T:
+        """``fn()`` once a pool is attached; never raises into SGLang."""
         if self.cache is None:
             return default
-        try:
-            return fn()
-        except Exception as e:  # never raise into SGLang
-            with self._lock:
-                self.counters["errors"] += 1
-                now = time.monotonic()
-                loud = now - self._last_error_log > 5.0
-                if loud:
-                    self._last_error_log = now
-            if loud:
-                log.warning("kvlayer SGLang backend: %s failed (%s: %s); answered as a miss", op, type(e).__name__, e,
-                            exc_info=log.isEnabledFor(logging.DEBUG))
-            return default
+        return self.guard.call(op, fn, default, then="answered as a miss")
 
     def _count(self, **kw: int) -> None:
-        with self._lock:
-            for k, v in kw.items():
-                self.counters[k] += v
+        self.counters.add(**kw)
 
     def kv_keys(self, keys: Sequence[str], extra_info: Any = None) -> list[str]:
         """The kvlayer keys the pages of ``keys`` are stored under (see ``keys.py``)."""
@@ -177,7 +184,7 @@ class KVLayerStore(HiCacheStorage):
             layout = self.layout
             assert layout is not None and self.cache is not None
             if layout.page_count(host_indices) != len(keys):
-                raise ValueError(f"{host_indices.numel()} host indices for {len(keys)} pages of {layout.page_size}")
+                raise PageIndexError(f"{host_indices.numel()} host indices for {len(keys)} pages of {layout.page_size}")
             chunks = self.cache.retrieve_chunks(self.kv_keys(keys, extra_info))
             ok = layout.write(host_indices, chunks)
             hits = sum(ok)
@@ -199,7 +206,7 @@ class KVLayerStore(HiCacheStorage):
             assert layout is not None and cache is not None
             n = layout.page_count(host_indices)
             if n != len(keys):
-                raise ValueError(f"{host_indices.numel()} host indices for {len(keys)} pages of {layout.page_size}")
+                raise PageIndexError(f"{host_indices.numel()} host indices for {len(keys)} pages of {layout.page_size}")
             kk = self.kv_keys(keys, extra_info)
             where = cache.locate(kk)
             todo = [i for i, w in enumerate(where) if w is None]
@@ -243,7 +250,7 @@ class KVLayerStore(HiCacheStorage):
             self._count(get_hits=1)
             if isinstance(target_location, torch.Tensor):
                 if target_location.numel() != flat.numel():
-                    raise ValueError(f"target holds {target_location.numel()} elements, page has {flat.numel()}")
+                    raise PageIndexError(f"target holds {target_location.numel()} elements, page has {flat.numel()}")
                 target_location.view(-1).copy_(flat)
                 return target_location
             return flat
@@ -263,7 +270,7 @@ class KVLayerStore(HiCacheStorage):
         def run() -> bool:
             assert self.layout is not None and self.cache is not None
             if not isinstance(value, torch.Tensor):
-                raise TypeError(f"set needs a tensor page, got {type(value).__name__}")
+                raise PageIndexError(f"set needs a tensor page, got {type(value).__name__}")
             kk = self.kv_keys([key])
             self._count(set_pages=1)
             if self.cache.locate(kk)[0] is not None:
@@ -321,8 +328,7 @@ class KVLayerStore(HiCacheStorage):
 
     def kvlayer_stats(self) -> dict[str, Any]:
         """kvlayer's own view: store and per-tier counters plus this backend's."""
-        with self._lock:
-            out: dict[str, Any] = {"backend": dict(self.counters)}
+        out: dict[str, Any] = {"backend": {"errors": self.guard.total, **self.counters.as_dict()}}
         if self.mapper is not None:
             out["backend"]["token_mapped_pages"] = self.mapper.token_mapped
             out["backend"]["token_rejected_pages"] = self.mapper.token_rejected

@@ -35,12 +35,20 @@ from typing import Any
 
 import torch
 
+from kvlayer.errors import KVLayerError
+
+from ..core import LayoutError
+
 MHA_LAYOUTS = ("layer_first", "page_first", "page_first_direct", "page_head", "page_unified")
 MLA_LAYOUTS = ("layer_first", "page_first", "page_first_direct", "page_unified")
 
 
-class UnsupportedPoolError(ValueError):
+class UnsupportedPoolError(LayoutError, ValueError):
     """The host pool's layout, dtype or geometry has no canonical mapping here."""
+
+
+class PageIndexError(KVLayerError, ValueError):
+    """``host_indices`` (or chunks) that are not whole, aligned pages of this pool."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +122,7 @@ class PageLayout:
     def page_count(self, host_indices: torch.Tensor) -> int:
         n = int(host_indices.numel())
         if n % self.page_size:
-            raise ValueError(f"{n} host indices is not a whole number of pages of {self.page_size}")
+            raise PageIndexError(f"{n} host indices is not a whole number of pages of {self.page_size}")
         return n // self.page_size
 
     def _slots(self, host_indices: torch.Tensor) -> torch.Tensor:
@@ -123,7 +131,7 @@ class PageLayout:
     def _page_ids(self, host_indices: torch.Tensor) -> torch.Tensor:
         first = self._slots(host_indices)[:: self.page_size]
         if bool((first % self.page_size).any()):
-            raise ValueError(f"{self.layout} pages must start on a multiple of page_size={self.page_size}")
+            raise PageIndexError(f"{self.layout} pages must start on a multiple of page_size={self.page_size}")
         return first // self.page_size
 
     # ------------------------------------------------------------------ read
@@ -154,7 +162,7 @@ class PageLayout:
         if bool((starts < 0).any()) or bool((starts + self.page_size > limit).any()):
             return None
         if self._page_addressed() and bool((starts % self.page_size).any()):
-            raise ValueError(f"{self.layout} pages must start on a multiple of page_size={self.page_size}")
+            raise PageIndexError(f"{self.layout} pages must start on a multiple of page_size={self.page_size}")
         return [int(x) for x in starts.tolist()]
 
     def _page_addressed(self) -> bool:
@@ -230,7 +238,7 @@ class PageLayout:
         """
         n = self.page_count(host_indices)
         if len(chunks) != n:
-            raise ValueError(f"{len(chunks)} chunks for {n} pages")
+            raise PageIndexError(f"{len(chunks)} chunks for {n} pages")
         want = self.chunk_shape
         ok = [c is not None and tuple(c.shape) == want for c in chunks]
         sel = [i for i, good in enumerate(ok) if good]
@@ -278,7 +286,7 @@ class PageLayout:
     def _aligned_pages(self, slots: torch.Tensor) -> torch.Tensor:
         first = slots[:, 0]
         if bool((first % self.page_size).any()):
-            raise ValueError(f"{self.layout} pages must start on a multiple of page_size={self.page_size}")
+            raise PageIndexError(f"{self.layout} pages must start on a multiple of page_size={self.page_size}")
         return first // self.page_size
 
     # ------------------------------------------------------------------ legacy flat pages

@@ -1,26 +1,44 @@
 """kvlayer's vLLM v1 KV connector: ``"kv_connector": "KVLayerConnector",
-"kv_connector_module_path": "kvlayer.connectors.vllm"``."""
+"kv_connector_module_path": "kvlayer.connectors.vllm"``.
+
+Stats come from the connector object: ``connector_of(llm).stats()`` for an in-process engine.
+``KVLayerConnector`` is imported lazily (vLLM's factory looks it up with ``getattr``), so the
+config, spec and metadata-free helpers here import without loading vLLM.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .connector import LIVE, KVLayerConnector
-from .stats import COUNTERS
+from kvlayer.errors import KVLayerError
 
+if TYPE_CHECKING:
+    from .connector import KVLayerConnector
 
-def connector_stats() -> dict[str, Any]:
-    """Counters of this process's connectors plus the store's own stats (when one is live)."""
-    out: dict[str, Any] = {"connector": COUNTERS.as_dict(), "scheduler_requests": 0, "layout": None}
-    for c in LIVE:
-        if c.scheduler is not None:
-            out["scheduler_requests"] += c.scheduler.num_requests()
-        if c.worker is not None and c.worker.adapter is not None:
-            out["layout"] = c.worker.adapter.layout.describe()
-            out["load_seconds"] = c.worker.load_seconds
-            out["save_seconds"] = c.worker.save_seconds
-        out["store"] = c.cache.stats()
-    return out
+__all__ = ["KVLayerConnector", "connector_of"]
 
 
-__all__ = ["COUNTERS", "LIVE", "KVLayerConnector", "connector_stats"]
+def __getattr__(name: str) -> Any:
+    if name == "KVLayerConnector":
+        from .connector import KVLayerConnector
+
+        return KVLayerConnector
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def connector_of(llm: Any) -> KVLayerConnector:
+    """The scheduler-side kvlayer connector of an ``LLM`` or ``LLMEngine`` whose engine core runs in
+    this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``). With the "uni" executor its ``stats()``
+    include the worker side too."""
+    from .connector import KVLayerConnector
+
+    engine = getattr(llm, "llm_engine", llm)
+    core = getattr(getattr(engine, "engine_core", None), "engine_core", None)
+    scheduler = getattr(core, "scheduler", None)
+    if scheduler is None:
+        raise KVLayerError("the engine core runs in another process; set VLLM_ENABLE_V1_MULTIPROCESSING=0 "
+                           "to reach its kvlayer connector from here")
+    connector = scheduler.get_kv_connector()
+    if not isinstance(connector, KVLayerConnector):
+        raise KVLayerError(f"this engine's KV connector is {type(connector).__name__}, not KVLayerConnector")
+    return connector

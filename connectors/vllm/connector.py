@@ -20,11 +20,11 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvlayer.engine import KVCache
 
-from . import store
+from ..core import FailureGuard
+from . import pair as pairs
 from .config import build_spec, check_chunk_size, parse_extra_config
 from .metadata import ConnectorMeta
 from .scheduler import SchedulerSide
-from .stats import COUNTERS
 from .worker import WorkerSide
 
 if TYPE_CHECKING:
@@ -34,9 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvlayer.vllm")
 
 _SOURCES = {"memory": CacheHitSource.HOST, "disk": CacheHitSource.DISK}
-
-#: Live connectors of this process (tests and the demo read their state).
-LIVE: list[KVLayerConnector] = []
 
 
 def _tp_rank() -> int:
@@ -49,7 +46,7 @@ def _tp_rank() -> int:
 
 
 class KVLayerConnector(KVConnectorBase_V1):
-    """vLLM v1 connector backed by a kvlayer ``KVCache``."""
+    """vLLM v1 connector backed by a kvlayer ``KVCache``. ``stats()`` reports its counters."""
 
     _cache_hit_source = CacheHitSource.HOST
 
@@ -67,49 +64,56 @@ class KVLayerConnector(KVConnectorBase_V1):
                 log.warning("kvlayer: set kv_load_failure_policy='recompute' so failed loads are recomputed")
         tp_rank = _tp_rank() if role == KVConnectorRole.WORKER else 0
         self.spec = build_spec(vllm_config, kv_cache_config, self.options, tp_rank=tp_rank)
-        self._is_worker = role == KVConnectorRole.WORKER
-        self.cache: KVCache = store.acquire(self.spec, self.config, worker=self._is_worker)
-        self.counters = COUNTERS
+        self.guard = FailureGuard(log, f"vLLM {role.name.lower()}")
+        self.pair = pairs.join(str(ktc.engine_id), self.spec, self.config)
+        self.cache: KVCache = self.pair.cache
         self.scheduler: SchedulerSide | None = None
         self.worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
-            remote = not store.has_local_worker(self.cache)
-            self.scheduler = SchedulerSide(self.cache, self.options, self.counters, block_size=self.block_size,
-                                           remote_worker=remote)
+            remote = not self.pair.has_local_worker
+            self.scheduler = SchedulerSide(self.cache, self.options, block_size=self.block_size,
+                                           remote_worker=remote, guard=self.guard)
+            self.pair.scheduler = self.scheduler
             if remote:
                 log.info("kvlayer: vLLM's worker runs in another process; hits are tracked from its reports")
         else:
             layer_names = list(kv_cache_config.kv_cache_groups[0].layer_names)
-            self.worker = WorkerSide(self.cache, self.counters, block_size=self.block_size,
-                                     num_blocks=int(kv_cache_config.num_blocks), layer_names=layer_names)
+            self.worker = WorkerSide(self.cache, block_size=self.block_size, num_blocks=int(kv_cache_config.num_blocks),
+                                     layer_names=layer_names, guard=self.guard)
+            self.pair.worker = self.worker
         self._closed = False
-        LIVE.append(self)
         log.info("kvlayer connector (%s): chunk %d tokens, tiers %s, namespace %s", role.name, self.config.chunk_size,
-                 [t.name for t in self.config.tier_configs()], self.cache.namespace.hex()[:12])
+                 self.cache.tier_names, self.cache.namespace.hex()[:12])
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this connector and, when vLLM runs both in this process, of its other half
+        (scheduler / worker), plus the store's stats: ``{"connector": {...}, "store": {...}, ...}``."""
+        return self.pair.stats()
 
     @property
     def requires_kv_delivery(self) -> bool:
         return False  # a cache: a dropped save is a future miss, never a lost hand-off
 
     # ============================================================== worker side
+    # Every call from vLLM goes through self.guard: kvlayer never raises into the engine.
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        assert self.worker is not None
+        worker = self.worker
+        assert worker is not None
         ctx = self._vllm_config.compilation_config.static_forward_context
         first = next(iter(kv_caches))
-        layer = ctx.get(first)
-        backend = type(getattr(layer, "impl", None)).__name__
-        try:
-            self.worker.register(kv_caches, ctx, backend)
-        except Exception as e:
-            # Unknown layout: serve without kvlayer rather than corrupt the cache.
-            log.error("kvlayer: cannot map the %s KV cache layout (%s); the connector stays inactive", backend, e)
-            self.worker.adapter = None
+        backend = type(getattr(ctx.get(first), "impl", None)).__name__
+
+        def inactive(_e: Exception) -> None:
+            worker.adapter = None
+
+        # Unknown layout: serve without kvlayer rather than corrupt the cache.
+        self.guard.call(f"mapping the {backend} KV cache layout", lambda: worker.register(kv_caches, ctx, backend),
+                        None, then="the connector stays inactive", on_error=inactive, level=logging.ERROR)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        if self.worker is not None and self.has_connector_metadata():
-            meta = self._get_connector_metadata()
-            if isinstance(meta, ConnectorMeta):
-                self.worker.start_load(meta)
+        worker, meta = self.worker, self._worker_meta()
+        if worker is not None and meta is not None:
+            self.guard.call("start_load_kv", lambda: worker.start_load(meta), None, then="its blocks are recomputed")
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads complete in start_load_kv, before the forward pass
@@ -118,10 +122,15 @@ class KVLayerConnector(KVConnectorBase_V1):
         return  # whole chunks are saved after the step, in wait_for_save
 
     def wait_for_save(self) -> None:
-        if self.worker is not None and self.has_connector_metadata():
-            meta = self._get_connector_metadata()
-            if isinstance(meta, ConnectorMeta):
-                self.worker.save(meta)
+        worker, meta = self.worker, self._worker_meta()
+        if worker is not None and meta is not None:
+            self.guard.call("wait_for_save", lambda: worker.save(meta), None, then="a future miss")
+
+    def _worker_meta(self) -> ConnectorMeta | None:
+        if self.worker is None or not self.has_connector_metadata():
+            return None
+        meta = self._get_connector_metadata()
+        return meta if isinstance(meta, ConnectorMeta) else None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.take_load_errors() if self.worker is not None else set()
@@ -134,59 +143,65 @@ class KVLayerConnector(KVConnectorBase_V1):
 
     # ============================================================== scheduler side
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
-        if self.scheduler is None:
+        sched = self.scheduler
+        if sched is None:
             return 0, False
-        try:
-            return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
-        except Exception as e:
-            log.warning("kvlayer: lookup failed (%s: %s); treating as a miss", type(e).__name__, e)
-            return 0, False
+        return self.guard.call("lookup", lambda: sched.get_num_new_matched_tokens(request, num_computed_tokens),
+                               (0, False), then="treated as a miss")
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
-        if self.scheduler is not None:
-            self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+        sched = self.scheduler
+        if sched is not None:
+            self.guard.call("update_state_after_alloc",
+                            lambda: sched.update_state_after_alloc(request, blocks, num_external_tokens), None,
+                            then="nothing is loaded for the request")
 
     def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int) -> dict[CacheHitSource, int]:
-        if self.scheduler is None or num_external_tokens <= 0:
+        sched = self.scheduler
+        if sched is None or num_external_tokens <= 0:
             return {}
-        out: dict[CacheHitSource, int] = {}
-        by_tier = self.scheduler.hit_sources(request, num_external_tokens)
-        kinds = {t.name: t.kind for t in self.config.tier_configs()}
-        for name, n in by_tier.items():
-            src = _SOURCES.get(kinds.get(name, ""), CacheHitSource.EXTERNAL_UNSPECIFIED)
-            out[src] = out.get(src, 0) + n
-        if sum(out.values()) != num_external_tokens:
-            return {CacheHitSource.HOST: num_external_tokens}
-        return out
+
+        def sources() -> dict[CacheHitSource, int]:
+            out: dict[CacheHitSource, int] = {}
+            kinds = {t.name: t.kind for t in self.config.tier_configs()}
+            for name, n in sched.hit_sources(request, num_external_tokens).items():
+                src = _SOURCES.get(kinds.get(name, ""), CacheHitSource.EXTERNAL_UNSPECIFIED)
+                out[src] = out.get(src, 0) + n
+            if sum(out.values()) != num_external_tokens:
+                return {CacheHitSource.HOST: num_external_tokens}
+            return out
+
+        return self.guard.call("hit sources", sources, {CacheHitSource.HOST: num_external_tokens})
 
     def build_connector_meta(self, scheduler_output: Any) -> ConnectorMeta:
-        if self.scheduler is None:
+        sched = self.scheduler
+        if sched is None:
             return ConnectorMeta()
-        return self.scheduler.build_connector_meta(scheduler_output)
+        return self.guard.call("build_connector_meta", lambda: sched.build_connector_meta(scheduler_output),
+                               ConnectorMeta(), then="no loads or saves this step")
 
     def update_connector_output(self, connector_output: Any) -> None:
-        if self.scheduler is not None:
-            try:
-                self.scheduler.on_worker_meta(getattr(connector_output, "kv_connector_worker_meta", None))
-            except Exception as e:
-                log.warning("kvlayer: ignoring worker report (%s: %s)", type(e).__name__, e)
+        sched = self.scheduler
+        if sched is not None:
+            report = getattr(connector_output, "kv_connector_worker_meta", None)
+            self.guard.call("worker report", lambda: sched.on_worker_meta(report), None, then="report ignored")
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        if self.scheduler is not None:
-            self.scheduler.request_finished(request)
+        sched = self.scheduler
+        if sched is not None:
+            self.guard.call("request_finished", lambda: sched.request_finished(request), None)
         return False, None
 
     def reset_cache(self) -> bool | None:
         """``LLM.reset_prefix_cache(reset_connector=True)``: empty kvlayer's store too."""
-        try:
+        def reset() -> bool:
             self.cache.clear()
             if self.scheduler is not None and self.scheduler.remote is not None:
                 # the worker's own store lives in another process and is not cleared from here
                 self.scheduler.remote.clear()
             return True
-        except Exception as e:
-            log.warning("kvlayer: reset failed: %s", e)
-            return False
+
+        return self.guard.call("reset", reset, False, then="store kept")
 
     # ============================================================== lifecycle
     def close(self) -> None:
@@ -195,8 +210,8 @@ class KVLayerConnector(KVConnectorBase_V1):
         self._closed = True
         if self.scheduler is not None:
             self.scheduler.reset()
+            self.pair.scheduler = None
         if self.worker is not None:
             self.worker.close()
-        store.release(self.cache, worker=self._is_worker)
-        if self in LIVE:
-            LIVE.remove(self)
+            self.pair.worker = None
+        pairs.leave(self.pair)

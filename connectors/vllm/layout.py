@@ -19,11 +19,9 @@ import torch
 
 from kvlayer import ops
 
+from ..core import LayoutError
+
 log = logging.getLogger("kvlayer.vllm")
-
-
-class LayoutError(RuntimeError):
-    """The paged cache's layout could not be determined; the connector then stays inactive."""
 
 
 @dataclass(frozen=True)

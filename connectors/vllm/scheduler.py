@@ -19,9 +19,10 @@ from typing import Any
 from kvlayer.engine import KVCache
 from kvlayer.keys import bind, chain_hash
 
+from ..core import FailureGuard
 from .config import ConnectorOptions
 from .metadata import ConnectorMeta, LoadOp, SaveOp
-from .stats import ConnectorCounters
+from .stats import SchedulerCounters
 
 log = logging.getLogger("kvlayer.vllm")
 
@@ -55,11 +56,15 @@ class ReqState:
 
 
 class SchedulerSide:
-    def __init__(self, cache: KVCache, options: ConnectorOptions, counters: ConnectorCounters, *,
-                 block_size: int, remote_worker: bool = False) -> None:
+    """The scheduler-side connector's state and decisions; vLLM's calls arrive through
+    ``KVLayerConnector``, which guards them (nothing here needs to catch for the engine's sake)."""
+
+    def __init__(self, cache: KVCache, options: ConnectorOptions, *, block_size: int, remote_worker: bool = False,
+                 guard: FailureGuard | None = None) -> None:
         self.cache = cache
         self.options = options
-        self.counters = counters
+        self.counters = SchedulerCounters()
+        self.guard = guard or FailureGuard(log, "vLLM scheduler")
         self.block_size = block_size
         self.chunk_size = cache.chunk_size
         self.blocks_per_chunk = self.chunk_size // block_size

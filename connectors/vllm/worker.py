@@ -19,18 +19,23 @@ import torch
 
 from kvlayer.engine import KVCache
 
+from ..core import FailureGuard
 from .layout import Adapter, Layout, LayoutError, make_adapter, probe_layout, table_layout
-from .metadata import ConnectorMeta, KVLayerWorkerMeta
-from .stats import ConnectorCounters
+from .metadata import ConnectorMeta, KVLayerWorkerMeta, LoadOp
+from .stats import WorkerCounters
 
 log = logging.getLogger("kvlayer.vllm")
 
 
 class WorkerSide:
-    def __init__(self, cache: KVCache, counters: ConnectorCounters, *, block_size: int, num_blocks: int,
-                 layer_names: list[str]) -> None:
+    """The worker-side connector's state and copies; vLLM's calls arrive through
+    ``KVLayerConnector``, which guards them."""
+
+    def __init__(self, cache: KVCache, *, block_size: int, num_blocks: int, layer_names: list[str],
+                 guard: FailureGuard | None = None) -> None:
         self.cache = cache
-        self.counters = counters
+        self.counters = WorkerCounters()
+        self.guard = guard or FailureGuard(log, "vLLM worker")
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.layer_names = layer_names
@@ -80,17 +85,18 @@ class WorkerSide:
             return
         t0 = time.perf_counter()
         for op in meta.loads:
-            try:
-                self._load_one(op)
-            except Exception as e:  # never into the engine: recompute instead
-                log.warning("kvlayer: load for %s failed (%s: %s); recomputing", op.req_id, type(e).__name__, e)
-                self._fail(op, 0)
-            finally:
-                if op.lease:
-                    self.cache.unpin(op.lease)
+            self._load_guarded(op)
         self.load_seconds += time.perf_counter() - t0
 
-    def _load_one(self, op: Any) -> None:
+    def _load_guarded(self, op: LoadOp) -> None:
+        """Load one request's chunks; whatever fails is recomputed, and the pin always goes."""
+        self.guard.call("load", lambda: self._load_one(op), None, then="its blocks are recomputed",
+                        on_error=lambda _e: self._fail(op, 0))
+        lease = op.lease
+        if lease:
+            self.guard.call("unpin", lambda: self.cache.unpin(lease), 0, then="the pin expires by its TTL")
+
+    def _load_one(self, op: LoadOp) -> None:
         assert self.adapter is not None
         chunks = self.cache.retrieve_chunks(op.keys)
         c = self.cache.chunk_size
@@ -106,7 +112,7 @@ class WorkerSide:
                 self.adapter.scatter(blocks, chunk[:, :, skip * bs:(skip + len(blocks)) * bs])
             self.counters.add(loaded_chunks=1, loaded_tokens=len(blocks) * self.block_size)
 
-    def _fail(self, op: Any, first: int) -> None:
+    def _fail(self, op: LoadOp, first: int) -> None:
         bad = [b for i in range(first, len(op.blocks)) for b in op.blocks[i][op.skips[i]:]]
         self._errors.update(bad)
         self.counters.add(load_errors=len(op.blocks) - first, error_blocks=len(bad))
@@ -127,24 +133,26 @@ class WorkerSide:
         if self.adapter is None or not meta.saves:
             return
         t0 = time.perf_counter()
-        try:
-            ops = meta.saves
-            where = self.cache.locate([op.key for op in ops])
-            keys, chunks, seen = [], [], set()
-            for op, w in zip(ops, where, strict=True):
-                if w is not None or op.key in seen:
-                    self.counters.add(skipped_saves=1)
-                    continue
-                seen.add(op.key)
-                keys.append(op.key)
-                chunks.append(self.adapter.gather(op.blocks))
-            if keys:
-                self._store(keys, chunks)
-            self._stored.extend(keys + [op.key for op, w in zip(ops, where, strict=True) if w is not None])
-        except Exception as e:  # a failed save is a future miss, nothing more
-            self.counters.add(save_errors=1)
-            log.warning("kvlayer: save failed (%s: %s)", type(e).__name__, e)
+        # a failed save is a future miss, nothing more
+        self.guard.call("save", lambda: self._save(meta), None, then="a future miss",
+                        on_error=lambda _e: self.counters.add(save_errors=1))
         self.save_seconds += time.perf_counter() - t0
+
+    def _save(self, meta: ConnectorMeta) -> None:
+        assert self.adapter is not None
+        ops = meta.saves
+        where = self.cache.locate([op.key for op in ops])
+        keys, chunks, seen = [], [], set()
+        for op, w in zip(ops, where, strict=True):
+            if w is not None or op.key in seen:
+                self.counters.add(skipped_saves=1)
+                continue
+            seen.add(op.key)
+            keys.append(op.key)
+            chunks.append(self.adapter.gather(op.blocks))
+        if keys:
+            self._store(keys, chunks)
+        self._stored.extend(keys + [op.key for op, w in zip(ops, where, strict=True) if w is not None])
 
     def _store(self, keys: list[str], chunks: list[torch.Tensor]) -> None:
         if self._pool is None:
@@ -158,16 +166,15 @@ class WorkerSide:
                 return
             self._pending += nbytes
 
+        def put() -> None:
+            self.cache.store_chunks(keys, chunks, block=False)
+            self.counters.add(saved_chunks=len(keys))
+
         def run() -> None:
-            try:
-                self.cache.store_chunks(keys, chunks, block=False)
-                self.counters.add(saved_chunks=len(keys))
-            except Exception as e:
-                self.counters.add(save_errors=1)
-                log.warning("kvlayer: background save failed (%s: %s)", type(e).__name__, e)
-            finally:
-                with self._pending_lock:
-                    self._pending -= nbytes
+            self.guard.call("background save", put, None, then="a future miss",
+                            on_error=lambda _e: self.counters.add(save_errors=1))
+            with self._pending_lock:
+                self._pending -= nbytes
 
         self._pool.submit(run)
 

@@ -106,33 +106,35 @@ def page_keys(n: int, tag: str = "") -> list[str]:
     return sglang_page_hashes(tokens, P)
 
 
-def vllm_fingerprint(model: str, revision: str | None, dtype: str) -> str:
-    """``kvlayer.connectors.vllm.config.model_fingerprint``, loaded from its file (the package's
-    ``__init__`` imports vLLM, which this module does not need)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
+def vllm_spec(model: str, *, revision: str | None = None, dtype: torch.dtype = torch.float16) -> KVSpec:
+    """The KVSpec kvlayer's vLLM connector builds (``build_spec``) for a 2-layer, 2-kv-head,
+    head-dim-8 model: the few vLLM config fields it reads are stand-ins, so vLLM is not needed."""
+    from types import SimpleNamespace as NS
 
-    name = "_kvlayer_vllm_config_probe"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[2] / "connectors" / "vllm" / "config.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod  # dataclasses look their module up there
-        spec.loader.exec_module(mod)
-    return sys.modules[name].model_fingerprint(model, revision, dtype)
+    from kvlayer.connectors.vllm.config import ConnectorOptions, build_spec
+
+    attn = NS(num_kv_heads=2, head_size=8, dtype=dtype)
+    kv_cache_config = NS(kv_cache_groups=[NS(kv_cache_spec=attn, layer_names=["l0", "l1"])])
+    vllm_config = NS(cache_config=NS(cache_dtype="auto"), model_config=NS(model=model, revision=revision),
+                     parallel_config=NS(tensor_parallel_size=1))
+    return build_spec(vllm_config, kv_cache_config, ConnectorOptions())
 
 
-def test_default_fingerprint_is_the_vllm_connectors(tmp_path):
-    from kvlayer.connectors.sglang.backend import model_fingerprint
-
+def test_both_engines_derive_one_spec_for_one_model(tmp_path, cleanup):
+    """Same model (name or local folder, revision) and KV shape: the SGLang backend and the vLLM
+    connector build one KVSpec, hence one namespace and shared chunks, with no shared setting."""
     folder = tmp_path / "SmolLM2"
     folder.mkdir()
     (folder / "config.json").write_text('{"hidden_size": 576}')
-    for model, rev, dtype in [("meta-llama/Llama-3.1-8B", None, "bfloat16"), ("x", "abc", "float16"),
-                              (str(folder), None, "float16")]:
-        assert model_fingerprint(model, rev, dtype) == vllm_fingerprint(model, rev, dtype)
+    specs = []
+    for model, rev in [("meta-llama/Llama-3.1-8B", None), ("x", "abc"), (str(folder), None)]:
+        extra = {"revision": rev} if rev else {}
+        b = attach(make_mha_host_pool("page_first", page_size=P), storage_config(model=model, **extra))
+        cleanup.append(b)
+        assert b.spec == vllm_spec(model, revision=rev)
+        specs.append(b.spec)
+    assert len({s.namespace() for s in specs}) == 3
+    assert specs[2].model.startswith("SmolLM2@")  # a local folder: its name plus a digest of its config.json
 
 
 def closed_port() -> int:
@@ -160,8 +162,7 @@ def test_factory_builds_kvlayer_backend_with_layout_independent_namespace(cleanu
         specs.add(b.spec)
     assert len(specs) == 1, "the namespace must not depend on the host layout"
     (spec,) = specs
-    assert spec == KVSpec(model=vllm_fingerprint("tiny-llama", None, "float16"), num_layers=2, num_kv_heads=2,
-                          head_dim=8, dtype="float16")
+    assert spec == vllm_spec("tiny-llama")
     assert b.cache.chunk_size == P
 
 
@@ -489,8 +490,7 @@ def test_cross_engine_vllm_store_is_sglang_hit_and_back(redis_server, cleanup): 
     sg = attach(pool, storage_config(model="tiny-llama", **shared))
     cleanup.append(sg)
     # the vLLM connector's default fingerprint of the same model name: no shared setting needed
-    spec = KVSpec(model=vllm_fingerprint("tiny-llama", None, "float16"), num_layers=2, num_kv_heads=2, head_dim=8,
-                  dtype="float16")
+    spec = vllm_spec("tiny-llama")
     vllm_side = KVCache(spec, chunk_size=P, **shared)
     cleanup.append(vllm_side)
     rng = np.random.default_rng(1)

@@ -113,20 +113,32 @@ def _gen(llm: Any, prompts: list[list[int]], reset: bool = True, max_tokens: int
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def _snap() -> dict[str, Any]:
-    from kvlayer.connectors.vllm import connector_stats
+def _connector(llm: Any) -> Any:
+    """The engine's scheduler-side connector; single-process mode, so its stats include the worker's."""
+    from kvlayer.connectors.vllm import connector_of
 
-    s = connector_stats()
+    return connector_of(llm)
+
+
+def _levels(cache: Any) -> list[Any]:
+    """The store levels under the engine's KVCache, hot to cold. Fault injection only: the
+    connector itself never reaches past ``KVCache``; this test does, to break real tiers."""
+    return list(cache._store.levels)
+
+
+def _revive(cache: Any) -> None:
+    """Close every tier's circuit breaker again after an injected fault."""
+    for lv in _levels(cache):
+        if hasattr(lv, "breaker"):
+            lv.breaker.reset()
+        else:
+            lv.down_until = 0.0
+
+
+def _snap(conn: Any) -> dict[str, Any]:
+    s = conn.stats()
     return {"c": dict(s["connector"]), "store": s["store"]["store"], "reqs": s["scheduler_requests"],
             "layout": s["layout"], "tiers": {t["name"]: t for t in s["store"]["tiers"]}}
-
-
-def _cache() -> Any:
-    from kvlayer.connectors.vllm import store
-
-    caches = store.active_caches()
-    assert len(caches) == 1, caches
-    return caches[0]
 
 
 def scenario_baseline(args: dict[str, Any]) -> dict[str, Any]:
@@ -143,26 +155,27 @@ def scenario_main(args: dict[str, Any]) -> dict[str, Any]:
 
     P = make_prompts()
     llm = _engine(_kv_config(args["disk"]))
-    cache = _cache()
+    conn = _connector(llm)
+    cache = conn.cache
     r: dict[str, Any] = {"tokens": {}, "stats": {}}
     tok, st = r["tokens"], r["stats"]
 
     tok["cold_long"] = _gen(llm, [P["long"]])[0]
-    st["cold"] = _snap()
+    st["cold"] = _snap(conn)
     tok["warm_long"] = _gen(llm, [P["long"]])[0]
-    st["warm"] = _snap()
+    st["warm"] = _snap(conn)
     tok["tail"] = _gen(llm, [P["tail"]])[0]
-    st["tail"] = _snap()
+    st["tail"] = _snap(conn)
     tok["exact_cold"] = _gen(llm, [P["exact"]])[0]
-    st["exact_cold"] = _snap()
+    st["exact_cold"] = _snap(conn)
     tok["exact_warm"] = _gen(llm, [P["exact"]])[0]
-    st["exact_warm"] = _snap()
+    st["exact_warm"] = _snap(conn)
 
     batch = [P[f"batch{i}"] for i in range(6)]
     tok["batch_cold"] = _gen(llm, batch)
-    st["batch_cold"] = _snap()
+    st["batch_cold"] = _snap(conn)
     tok["batch_warm"] = _gen(llm, batch)
-    st["batch_warm"] = _snap()
+    st["batch_warm"] = _snap(conn)
 
     # Aborted requests: one mid-decode, one still waiting with a planned load.
     from vllm import SamplingParams
@@ -175,14 +188,14 @@ def scenario_main(args: dict[str, Any]) -> dict[str, Any]:
     eng.add_request("abort-running", TokensPrompt(prompt_token_ids=P["abort"]), sp)
     eng.step()
     eng.step()
-    st["abort_mid"] = _snap()
+    st["abort_mid"] = _snap(conn)
     eng.add_request("abort-waiting", TokensPrompt(prompt_token_ids=P["long"]), sp)
     eng.abort_request(["abort-running", "abort-waiting"])  # external ids
     for _ in range(20):
         if not eng.has_unfinished_requests():
             break
         eng.step()
-    st["abort_after"] = _snap()
+    st["abort_after"] = _snap(conn)
 
     # Noise: replace the stored KV of a prompt; a real load must change the output.
     tok["noise_cold"] = _gen(llm, [P["noise"]])[0]
@@ -195,15 +208,15 @@ def scenario_main(args: dict[str, Any]) -> dict[str, Any]:
     noise = [(torch.randn(c.shape, generator=g) * 3).to(c.dtype) for c in got]
     cache.store_chunks(keys, noise, block=True)
     cache.flush()
-    before = _snap()
+    before = _snap(conn)
     tok["noise_warm"] = _gen(llm, [P["noise"]])[0]
-    st["noise"] = {"before": before, "after": _snap()}
+    st["noise"] = {"before": before, "after": _snap(conn)}
 
     # Corruption: flip payload bytes of every copy (memory and disk) -> checksum miss -> recompute.
     tok["corrupt_cold"] = _gen(llm, [P["corrupt"]])[0]
     cache.flush()
     keys = cache.keys(P["corrupt"], full_only=True)
-    mem = cache._store.levels[0].tier
+    mem = _levels(cache)[0].tier
     for k in keys:
         blob = mem._data[k]
         blob[-100:] = bytes(100)
@@ -213,9 +226,9 @@ def scenario_main(args: dict[str, Any]) -> dict[str, Any]:
             data = bytearray(f.read_bytes())
             data[-64:] = bytes(b ^ 0x5A for b in data[-64:])
             f.write_bytes(bytes(data))
-    before = _snap()
+    before = _snap(conn)
     tok["corrupt_warm"] = _gen(llm, [P["corrupt"]])[0]
-    st["corrupt"] = {"before": before, "after": _snap()}
+    st["corrupt"] = {"before": before, "after": _snap(conn)}
 
     # A tier whose reads raise: lookups still succeed, every read fails -> recompute.
     tok["raise_cold"] = _gen(llm, [P["raise"]])[0]
@@ -225,20 +238,19 @@ def scenario_main(args: dict[str, Any]) -> dict[str, Any]:
         raise OSError("injected tier failure")
 
     saved = []
-    for lv in cache._store.levels:
+    for lv in _levels(cache):
         saved.append((lv.tier, lv.tier.get_many, lv.tier.get))
         lv.tier.get_many = boom
         lv.tier.get = boom
-    before = _snap()
+    before = _snap(conn)
     tok["raise_warm"] = _gen(llm, [P["raise"]])[0]
-    st["raise"] = {"before": before, "after": _snap()}
+    st["raise"] = {"before": before, "after": _snap(conn)}
     for tier, gm, gg in saved:
         tier.get_many, tier.get = gm, gg
-    for lv in cache._store.levels:
-        lv.down_until = 0.0
+    _revive(cache)
 
     cache.flush()
-    st["final"] = _snap()
+    st["final"] = _snap(conn)
     return r
 
 
@@ -248,13 +260,14 @@ def scenario_restart(args: dict[str, Any]) -> dict[str, Any]:
     chunks only reach the disk tier) and a KV cache so small that vLLM must preempt."""
     P = make_prompts()
     llm = _engine(_kv_config(args["disk"], cpu_bytes="64KiB"), num_gpu_blocks_override=17, max_num_seqs=3)
-    r: dict[str, Any] = {"tokens": {}, "stats": {"before": _snap()}}
+    conn = _connector(llm)
+    r: dict[str, Any] = {"tokens": {}, "stats": {"before": _snap(conn)}}
     r["tokens"]["long"] = _gen(llm, [P["long"]])[0]
-    r["stats"]["after"] = _snap()
+    r["stats"]["after"] = _snap(conn)
     _gen(llm, [P[f"pressure{i}"] for i in range(3)], max_tokens=1)  # store the prompts' chunks
-    _cache().flush()
+    conn.cache.flush()
     r["tokens"]["pressure"] = _gen(llm, [P[f"pressure{i}"] for i in range(3)], max_tokens=PRESSURE_TOKENS)
-    r["stats"]["pressure"] = _snap()
+    r["stats"]["pressure"] = _snap(conn)
     return r
 
 

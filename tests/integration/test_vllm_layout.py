@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from kvlayer.connectors.vllm.config import check_chunk_size, model_fingerprint, parse_extra_config  # noqa: E402
+from kvlayer.connectors.vllm.config import check_chunk_size, parse_extra_config  # noqa: E402
 from kvlayer.connectors.vllm.layout import (  # noqa: E402
     IndexAdapter,
     StridedAdapter,
@@ -106,19 +106,8 @@ def test_chunk_size_must_be_a_multiple_of_the_block_size():
         check_chunk_size(200, 128)
 
 
-def test_model_fingerprint_is_deterministic(tmp_path):
-    (tmp_path / "config.json").write_text('{"a": 1}')
-    a = model_fingerprint(str(tmp_path), None, "bfloat16")
-    assert a == model_fingerprint(str(tmp_path), None, "bfloat16")
-    assert a != model_fingerprint(str(tmp_path), None, "float16")
-    (tmp_path / "config.json").write_text('{"a": 2}')
-    assert a != model_fingerprint(str(tmp_path), None, "bfloat16")
-    assert model_fingerprint("org/model", "v1", "bfloat16") != model_fingerprint("org/model", "v2", "bfloat16")
-
-
 def test_worker_saves_in_background_when_the_top_tier_is_not_memory(tmp_path):
     from kvlayer.connectors.vllm.metadata import ConnectorMeta, LoadOp, SaveOp
-    from kvlayer.connectors.vllm.stats import ConnectorCounters
     from kvlayer.connectors.vllm.worker import WorkerSide
 
     from kvlayer import KVCache, KVSpec
@@ -130,8 +119,8 @@ def test_worker_saves_in_background_when_the_top_tier_is_not_memory(tmp_path):
     layout = probe_layout(layer, caches[0], num_blocks=NB, block_size=BS, num_heads=H, head_dim=D)
     spec = KVSpec(model="unit", num_layers=L, num_kv_heads=H, head_dim=D, dtype="bfloat16")
     cache = KVCache(spec, chunk_size=2 * BS, cpu_bytes=0, disk_path=str(tmp_path / "disk"), disk_codec="raw")
-    counters = ConnectorCounters()
-    w = WorkerSide(cache, counters, block_size=BS, num_blocks=NB, layer_names=[])
+    w = WorkerSide(cache, block_size=BS, num_blocks=NB, layer_names=[])
+    counters = w.counters
     w.adapter = make_adapter(caches, layout)
     assert w._async_saves  # disk is the hottest tier here
     key = "ab" * 32
