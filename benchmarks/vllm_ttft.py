@@ -151,9 +151,10 @@ def main() -> int:
     log(f"starting vLLM on {model}")
     llm = LLM(model, kv_transfer_config=kv, enforce_eager=True, distributed_executor_backend="uni",
               max_model_len=4608, num_gpu_blocks_override=BLOCKS, seed=0)
-    from kvlayer.connectors.vllm import connector_stats, store
+    from kvlayer.connectors.vllm import connector_of
 
-    cache = store.active_caches()[0]
+    connector = connector_of(llm)
+    cache = connector.cache
     # first-call overheads (prefill, store, load) out of the way
     _request(llm, corpus[-600:], 2, "warmup-a", skip=True)
     _request(llm, corpus[-700:], 2, "warmup-b", skip=False)
@@ -167,7 +168,7 @@ def main() -> int:
     essays = [e for e in all_essays() if len(tok(e)["input_ids"]) > 2600]
     qa = qa_part(llm, tok, essays, users=5 if args.quick else 6, rounds=4 if args.quick else 6,
                  ctx_tokens=1024 if args.quick else 2500, answer=4 if args.quick else 16, log=log)
-    stats = connector_stats()
+    stats = connector.stats()
     k4 = ttft["4096"]
     summary = {
         "warm_cpu_vs_cold_4k": k4["warm_cpu_vs_cold"],

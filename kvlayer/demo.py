@@ -136,15 +136,17 @@ def run_demo(args: argparse.Namespace) -> int:
         step(3)
         timed_request(llm, warm_ids, 2, "demo-warmup")
         llm.reset_prefix_cache(reset_connector=True)  # start from an empty kvlayer store
-        from kvlayer.connectors.vllm import connector_stats
+        from kvlayer.connectors.vllm import connector_of
+
+        connector = connector_of(llm)
 
         step(4)
         cold_ttft, cold_total, cold_tokens = timed_request(llm, ids, args.max_tokens, "demo-cold")
-        loaded0 = connector_stats()["connector"]["loaded_tokens"]
+        loaded0 = connector.stats()["connector"]["loaded_tokens"]
         llm.reset_prefix_cache()  # vLLM forgets; kvlayer keeps
         step(5)
         warm_ttft, warm_total, warm_tokens = timed_request(llm, ids, args.max_tokens, "demo-warm")
-        loaded = connector_stats()["connector"]["loaded_tokens"] - loaded0
+        loaded = connector.stats()["connector"]["loaded_tokens"] - loaded0
         step(len(steps))
     same = cold_tokens == warm_tokens
     table = Table(title=f"kvlayer demo: {kind}, {len(ids)} prompt tokens of {source}")
