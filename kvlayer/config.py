@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -25,15 +26,34 @@ def default_cache_dir() -> Path:
     return cache_dir()
 
 
-TierKind = Literal["memory", "disk", "redis", "remote"]
+@dataclass(frozen=True)
+class TierKind:
+    """Where a tier kind lives: ``module`` defines ``Options`` (a ``kvlayer.storage.base.TierOptions``
+    model of its ``options``) and ``build(cfg, options) -> Tier``; it is imported only when such a
+    tier is built. ``extra``: the pip extra its client library comes with."""
+
+    module: str
+    needs_url: bool = False
+    extra: str | None = None
+
+
+#: The tier registry: adding a tier kind is its module plus one line here.
+TIER_KINDS: dict[str, TierKind] = {
+    "memory": TierKind("kvlayer.storage.memory"),
+    "disk": TierKind("kvlayer.storage.disk"),
+    "redis": TierKind("kvlayer.storage.redis", needs_url=True, extra="redis"),
+    "remote": TierKind("kvlayer.storage.remote", needs_url=True, extra="server"),
+}
 
 
 class TierConfig(BaseModel):
-    """One storage level. ``options`` carries kind-specific settings (timeouts, TLS, ...)."""
+    """One storage level. ``options`` carries kind-specific settings (timeouts, TLS, ...), checked
+    against the kind's options model when the tier is built. ``retry_*`` left unset take the
+    top-level values (``KVLayerConfig.tier_configs`` fills them in)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: TierKind
+    kind: str
     name: str = ""
     capacity: int = Field(default=0, description="byte budget; 0 = unlimited (remote tiers)")
     codec: str = "raw"
@@ -41,6 +61,16 @@ class TierConfig(BaseModel):
     path: str | None = None
     url: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+    retry_after_s: float | None = Field(default=None, ge=0, description="how long this tier is skipped after a failure")
+    retry_max_s: float | None = Field(default=None, ge=0, description="the longest skip after failures in a row")
+    retry_multiplier: float | None = Field(default=None, ge=1, description="skip growth per failure in a row")
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v not in TIER_KINDS:
+            raise ValueError(f"unknown tier kind {v!r}; choose from {sorted(TIER_KINDS)}")
+        return v
 
     @field_validator("capacity", mode="before")
     @classmethod
@@ -59,7 +89,7 @@ class TierConfig(BaseModel):
     def _check(self) -> TierConfig:
         if not self.name:
             self.name = self.kind
-        if self.kind in ("redis", "remote") and not self.url:
+        if TIER_KINDS[self.kind].needs_url and not self.url:
             raise ValueError(f"tier {self.name!r} of kind {self.kind!r} needs a url")
         return self
 
@@ -90,6 +120,9 @@ class KVLayerConfig(BaseModel):
     malloc_tuning: bool = Field(default=False, description="process-wide glibc malloc settings for multi-MiB "
                                 "blobs (kvlayer.malloc): fewer page faults, up to 256 MiB freed heap kept")
     retry_after_s: float = Field(default=5.0, ge=0, description="how long a failing tier is skipped")
+    retry_max_s: float | None = Field(default=None, ge=0, description="the longest skip after failures in a "
+                                      "row (each multiplies it by retry_multiplier); None = retry_after_s, flat")
+    retry_multiplier: float = Field(default=2.0, ge=1)
     tiers: list[TierConfig] | None = None
     log_level: str = "WARNING"
 
@@ -109,7 +142,7 @@ class KVLayerConfig(BaseModel):
     def tier_configs(self) -> list[TierConfig]:
         """The effective tier list, hot to cold."""
         if self.tiers is not None:
-            return list(self.tiers)
+            return [self._with_retry(t) for t in self.tiers]
         out: list[TierConfig] = []
         cp = self.codec_params
         if self.cpu_bytes > 0:
@@ -122,7 +155,16 @@ class KVLayerConfig(BaseModel):
                                   codec_params=cp, options={"auth_token": self.auth_token, "tenant": self.tenant}))
         if self.redis_url:
             out.append(TierConfig(kind="redis", name="redis", url=self.redis_url, codec=self.redis_codec, codec_params=cp))
-        return out
+        return [self._with_retry(t) for t in out]
+
+    def _with_retry(self, tier: TierConfig) -> TierConfig:
+        """``tier`` with its unset retry settings taken from the top level."""
+        top = {"retry_after_s": self.retry_after_s, "retry_max_s": self.retry_max_s,
+               "retry_multiplier": self.retry_multiplier}
+        unset = {k: v for k, v in top.items() if getattr(tier, k) is None}
+        if "retry_after_s" not in unset and "retry_max_s" in unset:
+            unset["retry_max_s"] = None  # a tier's own window is flat unless it says otherwise
+        return tier.model_copy(update=unset) if unset else tier
 
 
 ENV_PREFIX = "KVLAYER_"

@@ -23,11 +23,11 @@ import torch
 
 from kvlayer.codec import get_codec
 from kvlayer.config import KVLayerConfig, load_config
-from kvlayer.errors import KVLayerError, SpecMismatchError
+from kvlayer.errors import KVLayerError, SpecMismatchError, UsageError
 from kvlayer.keys import TokenIds, chunk_bounds, document_keys, prefix_keys
 from kvlayer.malloc import tune_for_blobs
 from kvlayer.spec import KVSpec
-from kvlayer.storage import TieredStore, build_tier
+from kvlayer.storage import TieredStore, build_tier, retry_policy
 
 log = logging.getLogger("kvlayer")
 
@@ -79,17 +79,15 @@ class KVCache:
         if config.malloc_tuning:
             tuned = tune_for_blobs() is not None
             log.info("malloc tuned for multi-MiB blobs: %s", "yes" if tuned else "not available here")
-        levels = []
-        for tc in config.tier_configs():
-            levels.append((build_tier(tc), get_codec(tc.codec, **tc.codec_params)))
-        if not levels:
+        tcs = config.tier_configs()
+        if not tcs:
             raise KVLayerError("no storage tier configured: set cpu_bytes > 0, disk_path, redis_url or server_url")
         self._store = TieredStore(
-            levels,
+            [(build_tier(tc), get_codec(tc.codec, **tc.codec_params)) for tc in tcs],
             write_policy=config.write_policy,
             write_queue_bytes=config.write_queue_bytes,
             promote_on_hit=config.promote_on_hit,
-            retry_after_s=config.retry_after_s,
+            retry=[retry_policy(tc) for tc in tcs],
         )
         self._docs: dict[str, Document] = {}
         log.debug("KVCache ready: namespace %s, tiers %s", self.namespace.hex()[:12],
@@ -146,7 +144,7 @@ class KVCache:
         keys = self.keys(tokens, full_only=full_only) if keys is None else keys
         bounds = chunk_bounds(n, self.chunk_size, full_only=full_only)
         if len(keys) != len(bounds):
-            raise ValueError(f"{len(keys)} keys given for {len(bounds)} chunks")
+            raise UsageError(f"{len(keys)} keys given for {len(bounds)} chunks")
         present = self._store.locate(keys) if skip_cached else [None] * len(keys)
         todo = [(k, s, e) for k, (s, e), w in zip(keys, bounds, present, strict=True) if w is None]
         chunks = []
@@ -242,7 +240,7 @@ class KVCache:
     # ------------------------------------------------------------------ control
     def _target_keys(self, tokens: TokenIds | None, doc_id: str | None, keys: Sequence[str] | None) -> tuple[list[str], str]:
         if sum(x is not None for x in (tokens, doc_id, keys)) != 1:
-            raise ValueError("give exactly one of tokens=, doc_id= or keys=")
+            raise UsageError("give exactly one of tokens=, doc_id= or keys=")
         if doc_id is not None:
             return list(self.document(doc_id).keys), f"doc:{doc_id}"
         if tokens is not None:

@@ -22,6 +22,10 @@ class TierError(KVLayerError):
     """A storage tier failed an operation (I/O error, connection loss, timeout)."""
 
 
+class UsageError(KVLayerError, ValueError):
+    """A call's arguments do not fit together (e.g. a different number of keys and chunks)."""
+
+
 class SpecMismatchError(KVLayerError, ValueError):
     """A tensor does not match the KVSpec it is stored under."""
 

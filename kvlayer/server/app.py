@@ -91,8 +91,7 @@ class ServerApp:
 
     def __init__(self, args: argparse.Namespace) -> None:
         """Raises ``ConfigError`` (the CLI prints it and exits 2) for anything that stops a start."""
-        from kvlayer.server.store import BlobStore
-        from kvlayer.storage import build_tier
+        from kvlayer.storage import BlobStore, build_tier, retry_policy
 
         self.args = args
         cli: dict[str, Any] = {"cpu_bytes": args.cpu_bytes, "disk_bytes": args.disk_bytes, "redis_url": args.redis_url,
@@ -104,7 +103,7 @@ class ServerApp:
             raise ConfigError("no storage tier: give --cpu-bytes > 0, a disk tier or --redis-url")
         budget = split_budget(cfg.cpu_bytes, args.inflight_bytes, args.write_queue_bytes,
                               lower_tiers=len(tcs) > len(mem_tcs), workers=args.workers, frame_bytes=args.frame_bytes)
-        tiers = []
+        tiers, retry = [], []
         for tc in tcs:
             if tc.kind == "memory":
                 tc = tc.model_copy(update={"capacity": budget.memory_tier})
@@ -114,12 +113,13 @@ class ServerApp:
                 tc = tc.model_copy(update={"options": {**tc.options, "fsync": bool(args.fsync)}})
             try:
                 tiers.append(build_tier(tc))
+                retry.append(retry_policy(tc))
             except OSError as e:
                 raise ConfigError(f"cannot open the {tc.kind} tier: {e}") from e
         if not tiers:
             raise ConfigError("no storage tier: give --cpu-bytes > 0, a disk tier or --redis-url")
         self.budget = budget
-        self.store = BlobStore(tiers, write_queue_bytes=max(1, budget.write_queue), retry_after_s=cfg.retry_after_s)
+        self.store = BlobStore(tiers, write_queue_bytes=max(1, budget.write_queue), retry=retry)
         try:
             if args.durable and self.store.disk_level is None:
                 raise ConfigError("--durable needs a disk tier (drop --no-disk)")

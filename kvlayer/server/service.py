@@ -38,7 +38,7 @@ from kvlayer.rpc._gen import kvlayer_pb2 as pb
 from kvlayer.rpc._gen import kvlayer_pb2_grpc as pb_grpc
 from kvlayer.server.memory import ByteBudget, rss
 from kvlayer.server.metrics import ServerMetrics
-from kvlayer.server.store import BlobStore
+from kvlayer.storage.blobstore import BlobStore
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,9 @@ never see tensors and never decode; the tiered store encodes with each tier's co
 methods exist because every remote tier is latency-bound: implementations override them with a
 real batch (pipeline, stream); the defaults loop over the single-key methods.
 
-Contract: methods may raise ``TierError`` (or any exception) on I/O failure; the tiered store
-turns that into a miss. ``get`` returns None for a missing key, never a partial blob.
+Contract: methods may raise ``TierError`` (or any exception) on I/O failure; tiers keep no failure
+policy of their own: the blob store's per-tier breaker turns failures into misses / dropped writes.
+``get`` returns None for a missing key, never a partial blob.
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
+from pydantic import BaseModel, ConfigDict
+
 from kvlayer.codec.base import Buffer
+
+
+class TierOptions(BaseModel):
+    """The typed ``options`` of one tier kind (each tier module's ``Options``): unknown names and
+    bad values are rejected when the tier is built, as a ``ConfigError`` naming them."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 @dataclass

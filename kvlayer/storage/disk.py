@@ -20,7 +20,9 @@ from pathlib import Path
 from kvlayer.codec.base import Buffer
 from kvlayer.codec.buffers import POOL
 from kvlayer.codec.header import parse_header
+from kvlayer.config import TierConfig, default_cache_dir
 from kvlayer.errors import CorruptBlobError, TierError
+from kvlayer.storage.base import Tier, TierOptions
 from kvlayer.storage.lru import LocalTier
 
 log = logging.getLogger(__name__)
@@ -234,3 +236,12 @@ def _writer_alive(tmp: Path) -> bool:
 def _header_of(head: bytes, file_size: int) -> int:
     """Total blob length announced by a header prefix (validated except for the checksum)."""
     return parse_header(head, whole=False).total_len
+
+
+class Options(TierOptions):
+    fsync: bool = False  # fsync every blob before renaming it into place (durable, slower)
+
+
+def build(cfg: TierConfig, options: Options) -> Tier:
+    path = cfg.path or str(default_cache_dir() / "disk")
+    return DiskTier(path, cfg.capacity or (16 << 30), name=cfg.name, fsync=options.fsync)

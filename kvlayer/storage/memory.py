@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from kvlayer.codec.base import Buffer
+from kvlayer.config import TierConfig
+from kvlayer.storage.base import Tier, TierOptions
 from kvlayer.storage.lru import LocalTier
 
 
@@ -64,3 +66,11 @@ class MemoryTier(LocalTier):
             for k in self._lru.keys():
                 self._lru.remove(k)
             self._data.clear()
+
+
+class Options(TierOptions):
+    """A memory tier takes no options (its budget is the tier's ``capacity``)."""
+
+
+def build(cfg: TierConfig, options: Options) -> Tier:
+    return MemoryTier(cfg.name, cfg.capacity or (4 << 30))

@@ -11,8 +11,6 @@ the URL or from ``options`` (``username``, ``password``). Other options (all opt
     connections       parallel connections a big batch is split across (default 4)
     socket_timeout, connect_timeout   seconds (defaults 2.0, 0.5): a hung server costs at most that
     retries           redis-py retries of a failed command, exponential backoff (default 1)
-    backoff_s, backoff_max_s          the tier's own circuit breaker after connection failures:
-                      fail fast for backoff_s * 2**(failures-1), capped (defaults 0.05, 2.0)
     packer            "python" (default: sends values from memoryviews, no copy) or "hiredis"
                       (redis-py's default, which copies every value twice: 4-8x the client CPU per GB)
     ssl_*             passed to redis-py (ssl_ca_certs, ssl_certfile, ssl_keyfile, ssl_cert_reqs...)
@@ -37,8 +35,8 @@ caller's decode (the tiered store deletes what fails). A stored value that is ex
 starts with the manifest magic ``\\x00kvlPRT1`` would be read as a manifest; kvlayer blobs start
 with ``KVLB``, so only foreign values could.
 
-Failures raise ``TierError`` (the tiered store turns them into misses / dropped writes and counts
-them). Eviction is Redis's job: run it with ``maxmemory`` and ``maxmemory-policy allkeys-lru``;
+Failures raise ``TierError``; the store's breaker for this tier (``retry_after_s``, ``retry_max_s``,
+``retry_multiplier`` of its TierConfig) turns them into misses / dropped writes and counts them. Eviction is Redis's job: run it with ``maxmemory`` and ``maxmemory-policy allkeys-lru``;
 ``capacity`` only refuses single values larger than it, and pins are not enforced inside Redis
 (other processes share it). ``used_bytes`` is Redis's own ``used_memory`` (summed over Cluster
 primaries, cached for a second): the whole server, an approximation of this tier's share.
@@ -53,10 +51,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from redis.backoff import ExponentialBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.connection import (
@@ -69,9 +68,10 @@ from redis.retry import Retry
 from redis.utils import HIREDIS_AVAILABLE
 
 from kvlayer.codec.base import Buffer
-from kvlayer.config import TierConfig, parse_size
+from kvlayer.config import TierConfig
 from kvlayer.errors import ConfigError, TierError
-from kvlayer.storage.base import Tier, TierStats
+from kvlayer.storage.base import Tier, TierOptions, TierStats
+from kvlayer.units import parse_size
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -87,8 +87,6 @@ _NET_ERRORS: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.Tim
 _CLUSTER_DOWN: tuple[type[BaseException], ...] = (redis.exceptions.ClusterDownError, redis.exceptions.ClusterError,
                                                   redis.exceptions.RedisClusterException)
 
-OPTIONS = {"prefix", "ttl_s", "max_value_bytes", "connections", "socket_timeout", "connect_timeout", "retries",
-           "backoff_s", "backoff_max_s", "packer", "cluster", "nodes", "username", "password"}
 _SOCKET_READ_SIZE = 1 << 20
 _REPLY_WINDOW = 8 << 20  # bytes of GET replies a connection asks for per round trip
 
@@ -143,8 +141,6 @@ class RedisTier(Tier):
         socket_timeout: float = 2.0,
         connect_timeout: float = 0.5,
         retries: int = 1,
-        backoff_s: float = 0.05,
-        backoff_max_s: float = 2.0,
         packer: str = "python",
         username: str | None = None,
         password: str | None = None,
@@ -157,7 +153,7 @@ class RedisTier(Tier):
         bad = [k for k in ssl_options if not k.startswith("ssl_")]
         if bad:
             raise ConfigError(f"redis tier {name!r}: unknown option(s) {sorted(bad)}; "
-                              f"valid: {sorted(OPTIONS)} and ssl_* (passed to redis-py)")
+                              f"valid: {sorted(Options.model_fields)} and ssl_* (passed to redis-py)")
         if packer not in ("python", "hiredis"):
             raise ConfigError(f"redis tier {name!r}: packer must be 'python' or 'hiredis', got {packer!r}")
         self.ttl_ms = int(ttl_s * 1000) if ttl_s else None
@@ -166,11 +162,6 @@ class RedisTier(Tier):
             raise ConfigError(f"redis tier {name!r}: max_value_bytes must be >= 1024, got {max_value_bytes}")
         self.connections = max(1, int(connections))
         self.retries = max(0, int(retries))
-        self._backoff_s = float(backoff_s)
-        self._backoff_max_s = float(backoff_max_s)
-        self._fail_streak = 0
-        self._down_until = 0.0
-        self._breaker_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._mem_cache: tuple[float, int] = (0.0, 0)
@@ -247,30 +238,21 @@ class RedisTier(Tier):
 
     # ------------------------------------------------------------------ failure handling
     def healthy(self) -> bool:
-        return time.monotonic() >= self._down_until
+        """Whether the server (in a Cluster: some primary) answers a PING now."""
+        try:
+            self._call("ping", lambda: self._per_server(lambda r: r.ping()))
+        except TierError:
+            return False
+        return True
 
     def _call(self, op: str, fn: Callable[[], T]) -> T:
-        """Run ``fn``; connection trouble opens the breaker (fail fast, exponential backoff)."""
-        now = time.monotonic()
-        if now < self._down_until:
-            raise TierError(f"redis tier {self.name}: {op} skipped, server unreachable "
-                            f"(retry in {self._down_until - now:.2f}s)")
+        """Run ``fn``, turning redis-py's and the network's errors into ``TierError``."""
         try:
-            out = fn()
+            return fn()
         except (*_NET_ERRORS, *_CLUSTER_DOWN) as e:
-            with self._breaker_lock:
-                self._fail_streak += 1
-                delay = min(self._backoff_max_s, self._backoff_s * 2 ** (self._fail_streak - 1))
-                self._down_until = time.monotonic() + delay
             raise TierError(f"redis tier {self.name} ({self.url_redacted}): {op} failed: {type(e).__name__}: {e}") from e
         except redis.RedisError as e:
             raise TierError(f"redis tier {self.name}: {op} failed: {type(e).__name__}: {e}") from e
-        if self._fail_streak:
-            with self._breaker_lock:
-                if self._fail_streak:
-                    log.info("redis tier %s reachable again after %d failures", self.name, self._fail_streak)
-                self._fail_streak = 0
-        return out
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._pool_lock:
@@ -379,7 +361,7 @@ class RedisTier(Tier):
         Cluster nodes in parallel: ``bytes`` (or ints), None for a missing key or an error reply
         (e.g. WRONGTYPE). If some connections fail and others answer (a dead Cluster node), the
         failed keys read as ``_FAILED`` and the tier counts an error; only when all fail does it
-        raise (and back off)."""
+        raise."""
         # values: spread over connections; existence replies are tiny: one pipeline a node
         jobs = self._jobs(rkeys, self._groups_by_count if cmd == "GET" else lambda idx, k: [idx])
         results = self._fanout(jobs, lambda job: self._read_job(job[0], cmd, [rkeys[i] for i in job[1]]),
@@ -734,25 +716,49 @@ def _host_port(node: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def from_config(cfg: TierConfig) -> Tier:
-    """Build a RedisTier from a TierConfig (``url``, ``capacity``, ``options`` as documented above)."""
+_MOVED = {"backoff_s": "retry_after_s", "backoff_max_s": "retry_max_s"}  # now the store's breaker
+
+
+class Options(TierOptions):
+    """The options documented at the top of this module; ``ssl_*`` ones go to redis-py as they are."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prefix: str | None = None
+    ttl_s: float | None = Field(default=None, gt=0)
+    max_value_bytes: int = Field(default=64 << 20, ge=1024)
+    connections: int = Field(default=4, ge=1)
+    socket_timeout: float = Field(default=2.0, gt=0)
+    connect_timeout: float = Field(default=0.5, gt=0)
+    retries: int = Field(default=1, ge=0)
+    packer: Literal["python", "hiredis"] = "python"
+    cluster: bool | None = None
+    nodes: list[str] = Field(default_factory=list)
+    username: str | None = None
+    password: str | None = None
+
+    @field_validator("max_value_bytes", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int:
+        return parse_size(v)
+
+    @field_validator("nodes", mode="before")
+    @classmethod
+    def _nodes(cls, v: Any) -> Any:
+        return [n for n in v.split(",") if n] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _only_ssl_extras(self) -> Options:
+        bad = sorted(k for k in self.model_extra or {} if not k.startswith("ssl_"))
+        if bad:
+            moved = [f"{k} is now the tier's {_MOVED[k]}" for k in bad if k in _MOVED]
+            raise ValueError(f"unknown option(s) {bad}; valid: {sorted(type(self).model_fields)} and ssl_* "
+                             f"(passed to redis-py){'; ' + ', '.join(moved) if moved else ''}")
+        return self
+
+
+def build(cfg: TierConfig, options: Options) -> Tier:
+    """A RedisTier from a TierConfig (``url``, ``capacity``, ``options`` as documented above)."""
     if not cfg.url:
         raise ConfigError(f"tier {cfg.name!r} of kind 'redis' needs a url such as redis://127.0.0.1:6379/0")
-    opts = dict(cfg.options)
-    unknown = [k for k in opts if k not in OPTIONS and not k.startswith("ssl_")]
-    if unknown:
-        raise ConfigError(f"redis tier {cfg.name!r}: unknown option(s) {sorted(unknown)}; "
-                          f"valid: {sorted(OPTIONS)} and ssl_* (passed to redis-py)")
-    if "max_value_bytes" in opts:
-        try:
-            opts["max_value_bytes"] = parse_size(opts["max_value_bytes"])
-        except ValueError as e:
-            raise ConfigError(f"redis tier {cfg.name!r}: max_value_bytes: {e}") from None
-    if isinstance(opts.get("nodes"), str):
-        opts["nodes"] = [n for n in opts["nodes"].split(",") if n]
-    try:
-        return RedisTier(cfg.url, name=cfg.name, capacity_bytes=cfg.capacity, **opts)
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"redis tier {cfg.name!r}: bad option: {e}") from None
+    return RedisTier(cfg.url, name=cfg.name, capacity_bytes=cfg.capacity, **options.model_dump())  # ssl_* included

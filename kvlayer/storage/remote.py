@@ -1,16 +1,16 @@
 """The ``remote`` tier: a kvlayer cache server (``kvlayer serve``) reached over gRPC.
 
 The tier ships already-encoded blobs; the server verifies and stores them as they are. A dead or
-slow server must cost the engine little: every call has a short deadline, and after a connection
-failure the tier fails fast (raising ``TierError``, which the tiered store reads as a miss) for
-a backoff that doubles up to ``max_backoff_s`` until a call succeeds again; gRPC reconnects the
-channel underneath. Refusals by the server (too big, busy) are dropped writes, not failures.
+slow server must cost the engine little: every call has a short deadline and a failure raises
+``TierError``, which the store's breaker for this tier turns into a miss and a window in which
+the tier is skipped (``retry_*`` of its TierConfig); gRPC reconnects the channel underneath.
+Refusals by the server (too big, busy) are dropped writes, not failures.
 
 Options (``TierConfig.options`` / ``KVLayerConfig`` fields): ``auth_token``, ``tenant``,
 ``timeout_s`` (control calls, default 1 s), ``channels`` (TCP connections a big batch is split
 across, in parallel, like the Redis tier's connections; default 4),
 ``frame_bytes``, ``durable`` (acknowledge puts only once on the server's disk), ``tls_ca``,
-``max_backoff_s`` (default 2 s).
+``max_backoff_s`` (the channels' reconnect backoff cap, default 2 s), ``batch_keys``.
 """
 
 from __future__ import annotations
@@ -24,19 +24,17 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
+from pydantic import Field, field_validator
 
 from kvlayer.codec.base import Buffer
 from kvlayer.config import TierConfig
-from kvlayer.errors import TierError
+from kvlayer.errors import ConfigError, TierError
 from kvlayer.rpc.client import DEFAULT_FRAME_BYTES, KVLayerClient
-from kvlayer.storage.base import Tier, TierStats
+from kvlayer.storage.base import Tier, TierOptions, TierStats
+from kvlayer.units import parse_size
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# Codes that mean "the server is not reachable right now": back off.
-_DOWN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
-         grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 
 
 class RemoteTier(Tier):
@@ -52,9 +50,6 @@ class RemoteTier(Tier):
         self.batch_keys = max(1, int(batch_keys))
         self.client = KVLayerClient(url, token=auth_token, tenant=tenant, timeout_s=timeout_s, channels=channels,
                                     frame_bytes=frame_bytes, tls_ca=tls_ca, max_backoff_s=max_backoff_s)
-        self.max_backoff_s = max_backoff_s
-        self._backoff = 0.0
-        self._down_until = 0.0
         self._lock = threading.Lock()
         self._server_stats: tuple[float, Any] = (0.0, None)
         self.channels = max(1, int(channels))
@@ -62,26 +57,15 @@ class RemoteTier(Tier):
 
     # ------------------------------------------------------------------ failure handling
     def _call(self, op: str, fn: Callable[[], T]) -> T:
-        now = time.monotonic()
-        if now < self._down_until:
-            raise TierError(f"remote tier {self.url}: server unreachable, retrying in {self._down_until - now:.1f}s")
+        """Run ``fn``, turning gRPC errors and malformed replies into ``TierError``."""
         try:
-            out = fn()
+            return fn()
         except grpc.RpcError as e:
             code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
-            if code in _DOWN:
-                with self._lock:
-                    self._backoff = min(self.max_backoff_s, max(0.05, self._backoff * 2))
-                    self._down_until = time.monotonic() + self._backoff
             detail = e.details() if hasattr(e, "details") else str(e)
             raise TierError(f"remote tier {self.url}: {op} failed: {code.name if code else '?'}: {detail}") from None
         except ValueError as e:  # malformed stream from the server
             raise TierError(f"remote tier {self.url}: {op}: {e}") from None
-        if self._backoff:
-            with self._lock:
-                self._backoff = 0.0
-                self._down_until = 0.0
-        return out
 
     def _spans(self, n: int) -> list[tuple[int, int]]:
         """Slices of a batch: one per channel (big batches move in parallel), none over batch_keys."""
@@ -200,8 +184,24 @@ class RemoteTier(Tier):
         return f"RemoteTier(name={self.name!r}, url={self.url!r})"
 
 
-def from_config(cfg: TierConfig) -> Tier:
+class Options(TierOptions):
+    auth_token: str | None = None
+    tenant: str | None = None
+    timeout_s: float = Field(default=1.0, gt=0)
+    channels: int = Field(default=4, ge=1)
+    frame_bytes: int = Field(default=DEFAULT_FRAME_BYTES, ge=1)
+    durable: bool = False
+    tls_ca: str | None = None
+    max_backoff_s: float = Field(default=2.0, ge=0)
+    batch_keys: int = Field(default=64, ge=1)
+
+    @field_validator("frame_bytes", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int:
+        return parse_size(v)
+
+
+def build(cfg: TierConfig, options: Options) -> Tier:
     if not cfg.url:
-        raise TierError("remote tier needs a url")
-    opts = {k: v for k, v in cfg.options.items() if v is not None}
-    return RemoteTier(cfg.url, cfg.name, **opts)
+        raise ConfigError(f"tier {cfg.name!r} of kind 'remote' needs a url such as grpc://127.0.0.1:7070")
+    return RemoteTier(cfg.url, cfg.name, **options.model_dump())

@@ -74,6 +74,16 @@ def test_env_coercion():
     assert c.tier_configs()[0].capacity == 1 << 20
 
 
+def test_tiers_take_the_top_level_retry_policy_unless_they_set_their_own():
+    c = load_config(env={}, retry_after_s=1, retry_max_s=8, retry_multiplier=3,
+                    tiers=[{"kind": "memory"}, {"kind": "disk", "path": "/d", "retry_after_s": 0.5},
+                           {"kind": "disk", "name": "d2", "path": "/e", "retry_max_s": 60}])
+    got = [(t.retry_after_s, t.retry_max_s, t.retry_multiplier) for t in c.tier_configs()]
+    assert got == [(1, 8, 3), (0.5, None, 3), (1, 60, 3)]  # a tier's own window stays flat
+    assert [t.retry_after_s for t in KVLayerConfig(retry_after_s=2, disk_path="/d").tier_configs()] == [2, 2]
+    assert "retry_multiplier" in _err(retry_multiplier=0.5)
+
+
 def _err(**kw) -> str:
     with pytest.raises(ConfigError) as ei:
         load_config(env={}, **kw)
@@ -142,7 +152,7 @@ def test_file_errors(tmp_path):
 def test_tier_config_validation():
     with pytest.raises(ConfigError, match="needs a url"):
         load_config(env={}, tiers=[{"kind": "redis"}])
-    with pytest.raises(ConfigError, match="kind"):
+    with pytest.raises(ConfigError, match=r"tiers.0.kind: unknown tier kind 'tape'; choose from \['disk', 'memory'"):
         load_config(env={}, tiers=[{"kind": "tape"}])
     t = TierConfig(kind="disk", capacity="2MiB", codec="int8+lz4")
     assert t.name == "disk" and t.capacity == 2 << 20

@@ -14,6 +14,7 @@ import torch
 from kvlayer.codec import Codec, decode, get_codec
 from kvlayer.codec.header import FORMAT_VERSION
 from kvlayer.storage.base import Tier
+from kvlayer.storage.breaker import Breaker, RetryPolicy
 from kvlayer.storage.disk import DiskTier
 from kvlayer.storage.hierarchy import TieredStore
 from kvlayer.storage.memory import MemoryTier
@@ -249,6 +250,34 @@ def test_every_tier_broken_is_just_misses(closing):
     s.clear()
 
 
+def test_breaker_windows_grow_per_failure_in_a_row_and_a_success_closes_it():
+    b = Breaker(RetryPolicy(after_s=1.0, max_s=5.0, multiplier=2.0))
+    assert b.allow()
+    assert [b.failure() for _ in range(5)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+    assert not b.allow() and b.failures == 5
+    assert b.success() == 5 and b.failures == 0 and b.success() == 0
+    assert b.failure() == 1.0  # a new streak starts from after_s again
+    b.reset()
+    assert b.allow()
+    flat = Breaker(RetryPolicy(after_s=3.0))  # no max_s: a flat window
+    assert [flat.failure() for _ in range(3)] == [3.0, 3.0, 3.0]
+
+
+def test_each_tier_has_its_own_breaker_policy(closing):
+    """One store, two policies: the tier with a long window is skipped after its failure, the one
+    with a zero window is asked again on the next call."""
+    patient, eager = FlakyTier("patient"), FlakyTier("eager")
+    s = closing(_store([(patient, RAW), (eager, RAW)], retry=[RetryPolicy(3600), RetryPolicy(0)]))
+    patient.broken = eager.broken = True
+    assert s.lookup([key(1)]) == []
+    calls = (patient.calls, eager.calls)
+    assert s.get([key(1)]) == [None]
+    assert patient.calls == calls[0] and eager.calls == calls[1] + 1
+    st = s.stats()
+    assert [t["available"] for t in st["tiers"]] == [False, True]
+    assert st["store"]["tier_errors"] >= 2 and st["store"]["misses"] == 1
+
+
 # ---------------------------------------------------------------------------------- write queue
 def test_write_queue_is_bounded_and_drops_when_not_blocking(closing):
     cpu, slow = MemoryTier("cpu", 1 << 20), GatedTier()
@@ -463,10 +492,10 @@ def test_write_through_does_not_read_evicted_disk_blobs(tmp_path, closing):
     assert s.flush(timeout=30)
     st = disk.stats()
     assert st.evictions == 8
-    assert not s.wants_evicted(disk) and not s.wants_evicted(cpu)
+    assert not s.blobs.wants_evicted(disk) and not s.blobs.wants_evicted(cpu)
     s2 = closing(_store([(MemoryTier("c2", 1 << 20), RAW), (DiskTier(tmp_path / "e", 1 << 20), RAW)],
                         write_policy="on_demotion"))
-    assert s2.wants_evicted(s2.levels[0].tier) and not s2.wants_evicted(s2.levels[1].tier)
+    assert s2.blobs.wants_evicted(s2.levels[0].tier) and not s2.blobs.wants_evicted(s2.levels[1].tier)
 
 
 def test_on_demotion_applies_back_pressure_instead_of_losing_evicted_chunks(closing):

@@ -19,6 +19,9 @@ import torch
 
 from kvlayer.codec import decode, encode
 from kvlayer.codec.header import verify
+from kvlayer.config import TierConfig
+from kvlayer.errors import ConfigError
+from kvlayer.storage import build_tier
 from kvlayer.storage.base import EvictionGuard, Tier
 from kvlayer.storage.disk import DiskTier
 from kvlayer.storage.memory import MemoryTier
@@ -389,3 +392,23 @@ def test_startup_keeps_temp_files_of_a_live_writer(tmp_path):
         sleeper.wait(timeout=30)
     DiskTier(root, MiB)
     assert not live.exists()
+
+
+# ---------------------------------------------------------------------------------- typed options
+@pytest.mark.parametrize(("kind", "options", "named"), [
+    ("memory", {"fsync": True}, "options.fsync: unknown option"),  # memory takes none
+    ("disk", {"fsynk": True}, "options.fsynk: unknown option; valid options: fsync"),
+    ("disk", {"fsync": "maybe"}, "options.fsync: Input should be a valid boolean"),
+    ("remote", {"timeout": 1}, "options.timeout: unknown option; valid options: .*timeout_s"),
+    ("remote", {"channels": 0}, "options.channels: Input should be greater than or equal to 1"),
+])
+def test_bad_tier_options_are_config_errors_naming_them(kind, options, named, tmp_path):
+    """Every tier kind checks its options the same way (never a raw TypeError from a constructor)."""
+    cfg = TierConfig(kind=kind, path=str(tmp_path / "d"), url="grpc://127.0.0.1:1", options=options)
+    with pytest.raises(ConfigError, match=named):
+        build_tier(cfg)
+
+
+def test_tier_options_reach_the_tier(tmp_path):
+    t = build_tier(TierConfig(kind="disk", path=str(tmp_path / "d"), options={"fsync": "true"}))
+    assert isinstance(t, DiskTier) and t.fsync is True
