@@ -1,17 +1,17 @@
-// kvlayer CUDA codec kernels: KIVI int8/int4/int2 quantize/dequantize and fp8 (e4m3fn).
+// kvlayer CUDA codec kernels: KIVI int8/int4/int2 quantize and fp8 (e4m3fn) encode of a chunk
+// that lives on the GPU, so only the encoded payload crosses PCIe (kvlayer/codec/cuda.py).
 //
 // Same layouts and the same fp32 arithmetic as csrc/cpu/codec.cpp and the torch reference
-// (kvlayer/codec/quant.py, fp8.py): round half to even (__float2int_rn / rintf), no fused
-// multiply-add (__fmul_rn/__fadd_rn keep nvcc from contracting), canonical NaN. Encoding on the
-// GPU before the device-to-host copy cuts PCIe bytes by the compression ratio. Not wired into
-// Python yet: compiled by tests/test_codec_kernels.py when nvcc is found; parity on a GPU is a
-// follow-up (no GPU on the development machine).
+// (kvlayer/codec/quant.py, fp8.py), bit for bit: round half to even (rintf), no fused
+// multiply-add (__fmul_rn/__fadd_rn, and the library is built with --fmad=false), min/max + 0.0
+// (-0 -> +0, as `amin(...) + 0.0`), canonical NaN. Decoding stays on the CPU: blobs are read from
+// host tiers, and a decoded chunk is what the engine's scatter uploads.
 //
-// Work split: K (per channel) - one thread per (layer, token group, channel); V (per token) -
-// one thread per (layer, token, head, channel group). Codes are packed by the thread owning a
-// whole byte: int4/int2 K threads handle `per` adjacent channels.
+// Work split: K (per channel) - one thread per (layer, token group, byte of the packed row);
+// V (per token) - one thread per (layer, token, head, channel group), codes packed by pack_v.
 
 #include <cstdint>
+#include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
@@ -25,17 +25,6 @@ __device__ __forceinline__ float load(const void* p, int dt, size_t i) {
   if (dt == F16) return __half2float(reinterpret_cast<const __half*>(p)[i]);
   if (dt == BF16) return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p)[i]);
   return reinterpret_cast<const float*>(p)[i];
-}
-
-__device__ __forceinline__ void store(void* p, int dt, size_t i, float v) {
-  if (v != v) {  // canonical NaN bits, as torch and the CPU kernels write them
-    if (dt == F32) reinterpret_cast<uint32_t*>(p)[i] = 0x7FC00000u;
-    else reinterpret_cast<unsigned short*>(p)[i] = dt == F16 ? 0x7E00 : 0x7FC0;
-    return;
-  }
-  if (dt == F16) reinterpret_cast<__half*>(p)[i] = __float2half_rn(v);
-  else if (dt == BF16) reinterpret_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
-  else reinterpret_cast<float*>(p)[i] = v;
 }
 
 __device__ __forceinline__ float nan_min(float a, float v) { return (v < a || v != v) ? v : a; }
@@ -62,10 +51,6 @@ __device__ __forceinline__ void put_meta(bool half, void* scale, void* zero, siz
   }
   *z = zf;
   *inv = sf > 0.0f ? __fdiv_rn(1.0f, sf) : 0.0f;
-}
-
-__device__ __forceinline__ float get_meta(bool half, const void* p, size_t i) {
-  return half ? __half2float(reinterpret_cast<const __half*>(p)[i]) : reinterpret_cast<const float*>(p)[i];
 }
 
 __device__ __forceinline__ unsigned quant1(float x, float z, float inv, float qmax) {
@@ -98,6 +83,8 @@ __global__ void quant_k(const void* x, int dt, int L, int P, int T, int C, int b
         mn = nan_min(mn, v);
         mx = nan_max(mx, v);
       }
+      mn = __fadd_rn(mn, 0.0f);
+      mx = __fadd_rn(mx, 0.0f);
       put_meta(half, ks, kz, ((size_t)l * nkg + g) * C + c, mn, mx, qmax, &z[i], &inv[i]);
     }
     for (int t = t0; t < t1; ++t) {
@@ -132,6 +119,8 @@ __global__ void quant_v(const void* x, int dt, int L, int P, int T, int H, int D
       mn = nan_min(mn, v);
       mx = nan_max(mx, v);
     }
+    mn = __fadd_rn(mn, 0.0f);
+    mx = __fadd_rn(mx, 0.0f);
     float z, inv;
     put_meta(half, vs, vz, idx, mn, mx, qmax, &z, &inv);
     for (int c = c0; c < c1; ++c) q[lt * C + c] = (uint8_t)quant1(load(x, dt, row + c), z, inv, qmax);
@@ -151,34 +140,6 @@ __global__ void pack_v(const uint8_t* q, int L, int P, int T, int C, int bits, u
       if (c < C) b |= (unsigned)q[lt * C + c] << (bits * i);
     }
     codes[(((size_t)l * P + (P - 1)) * T + t) * rb + j] = (uint8_t)b;
-  }
-}
-
-// Dequantize: one thread per output element.
-__global__ void dequant(const void* ks, const void* kz, const void* vs, const void* vz, const uint8_t* codes, int dt,
-                        int L, int P, int T, int H, int D, int bits, int gk, int gv, void* out) {
-  const int C = H * D, per = 8 / bits, rb = (C * bits + 7) / 8;
-  const int nkg = (T + gk - 1) / gk, nvg = (D + gv - 1) / gv;
-  const bool half = dt == F16;
-  const size_t n = (size_t)L * P * T * C;
-  for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < n; idx += (size_t)gridDim.x * blockDim.x) {
-    const int c = idx % C;
-    const int t = (idx / C) % T;
-    const int p = (idx / ((size_t)C * T)) % P;
-    const int l = idx / ((size_t)C * T * P);
-    const uint8_t byte = codes[(((size_t)l * P + p) * T + t) * rb + c / per];
-    const float q = (float)((byte >> (bits * (c % per))) & ((1 << bits) - 1));
-    float s, z;
-    if (P == 2 && p == 0) {
-      const size_t mi = ((size_t)l * nkg + t / gk) * C + c;
-      s = get_meta(half, ks, mi);
-      z = get_meta(half, kz, mi);
-    } else {
-      const size_t mi = (((size_t)l * T + t) * H + c / D) * nvg + (c % D) / gv;
-      s = get_meta(half, vs, mi);
-      z = get_meta(half, vz, mi);
-    }
-    store(out, dt, idx, __fadd_rn(__fmul_rn(q, s), z));
   }
 }
 
@@ -202,15 +163,6 @@ __device__ __forceinline__ uint8_t f2e4m3(float f) {
     if (r == 0x7f) r = 0x7e;
   }
   return r | (uint8_t)(sign >> 24);
-}
-
-__device__ __forceinline__ float e4m3f(uint8_t c) {
-  const int e = (c >> 3) & 15, m = c & 7;
-  float a;
-  if (e == 15 && m == 7) a = __int_as_float(0x7FC00000);
-  else if (e == 0) a = ldexpf((float)m, -9);
-  else a = ldexpf(1.0f + (float)m / 8.0f, e - 7);
-  return (c & 0x80) ? -a : a;
 }
 
 // One block per (layer, plane, head): block-reduce amax, then encode the slice.
@@ -237,15 +189,6 @@ __global__ void fp8_encode(const void* x, int dt, int L, int P, int T, int H, in
   }
 }
 
-__global__ void fp8_decode(const float* scales, const uint8_t* codes, int dt, int L, int P, int T, int H, int D, void* out) {
-  const size_t n = (size_t)L * P * T * H * D;
-  for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < n; idx += (size_t)gridDim.x * blockDim.x) {
-    const int h = (idx / D) % H;
-    const size_t lp = idx / ((size_t)D * H * T);
-    store(out, dt, idx, __fmul_rn(e4m3f(codes[idx]), scales[lp * H + h]));
-  }
-}
-
 }  // namespace kvl
 
 extern "C" {
@@ -265,26 +208,10 @@ int kvl_cuda_quantize(const void* x, int dt, int L, int P, int T, int H, int D, 
   return (int)cudaGetLastError();
 }
 
-int kvl_cuda_dequantize(const void* ks, const void* kz, const void* vs, const void* vz, const uint8_t* codes, int dt,
-                        int L, int P, int T, int H, int D, int bits, int gk, int gv, void* out, cudaStream_t stream) {
-  const size_t n = (size_t)L * P * T * H * D;
-  if (n == 0) return 0;
-  kvl::dequant<<<blocks_for(n), 256, 0, stream>>>(ks, kz, vs, vz, codes, dt, L, P, T, H, D, bits, gk, gv, out);
-  return (int)cudaGetLastError();
-}
-
 int kvl_cuda_fp8_encode(const void* x, int dt, int L, int P, int T, int H, int D, float* scales, uint8_t* codes,
                         cudaStream_t stream) {
   if ((size_t)L * P * H == 0) return 0;
   kvl::fp8_encode<<<L * P * H, 256, 0, stream>>>(x, dt, L, P, T, H, D, scales, codes);
-  return (int)cudaGetLastError();
-}
-
-int kvl_cuda_fp8_decode(const float* scales, const uint8_t* codes, int dt, int L, int P, int T, int H, int D, void* out,
-                        cudaStream_t stream) {
-  const size_t n = (size_t)L * P * T * H * D;
-  if (n == 0) return 0;
-  kvl::fp8_decode<<<blocks_for(n), 256, 0, stream>>>(scales, codes, dt, L, P, T, H, D, out);
   return (int)cudaGetLastError();
 }
 

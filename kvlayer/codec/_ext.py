@@ -6,8 +6,8 @@ the GIL during calls. The kernels are bit-for-bit equal to the torch reference (
 choice changes speed only.
 
 Build: ``$CXX`` or ``g++``/``c++`` with ``-O3 -march=native -ffp-contract=off``, into
-``$KVLAYER_EXT_CACHE``, else ``$TORCH_EXTENSIONS_DIR/kvlayer``, else ``~/.cache/kvlayer/ext``
-(``$XDG_CACHE_HOME`` respected). The file name hashes the source, flags, compiler and CPU flags,
+``$KVLAYER_EXT_CACHE``, else ``$TORCH_EXTENSIONS_DIR/kvlayer``, else ``ext/`` in kvlayer's cache dir
+(``~/.cache/kvlayer``; see ``kvlayer.assets``). The file name hashes the source, flags, compiler and CPU flags,
 so a changed source or another CPU (``-march=native``) gets its own build; it is published with
 an atomic rename, so concurrent first uses are safe. ``KVLAYER_NO_EXT=1`` forces the torch path;
 no compiler, no sources (a non-editable install) or a failed build fall back to torch with the
@@ -24,23 +24,23 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-def _source() -> Path:
-    """csrc/cpu/codec.cpp of a source tree, else the copy a wheel ships as ``kvlayer/_csrc``."""
-    tree = Path(__file__).resolve().parents[2] / "csrc" / "cpu" / "codec.cpp"
-    if tree.exists():
-        return tree
-    return Path(__file__).resolve().parents[1] / "_csrc" / "codec.cpp"
+from kvlayer import assets
 
 
-SOURCE = _source()
+def source_dir(kind: str) -> Path:
+    """``csrc/<kind>`` (``cpu``, ``cuda``) of a source tree, else the copy a wheel ships as ``kvlayer/_csrc/<kind>``."""
+    tree = Path(__file__).resolve().parents[2] / "csrc" / kind
+    return tree if tree.is_dir() else Path(__file__).resolve().parents[1] / "_csrc" / kind
+
+
+SOURCE = source_dir("cpu") / "codec.cpp"
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-march=native", "-ffp-contract=off", "-fno-math-errno"]
 ABI_VERSION = 1
 _DT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
@@ -52,12 +52,13 @@ _override: list[str | None] = [None]
 
 
 def cache_dir() -> Path:
+    """Where compiled kernels go: ``$KVLAYER_EXT_CACHE``, else ``$TORCH_EXTENSIONS_DIR/kvlayer``,
+    else ``ext/`` in kvlayer's cache dir (``kvlayer.assets.cache_dir``)."""
     if os.environ.get("KVLAYER_EXT_CACHE"):
         return Path(os.environ["KVLAYER_EXT_CACHE"])
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         return Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "kvlayer"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "kvlayer" / "ext"
+    return assets.cache_dir() / "ext"
 
 
 def find_compiler() -> str | None:
@@ -85,6 +86,31 @@ def _compiler_id(cxx: str) -> str:
         return cxx
 
 
+def cached_build(stem: str, key_parts: list[bytes], command: Callable[[str], list[str]], what: str,
+                 force: bool = False) -> Path:
+    """Compile once into the cache: ``<cache_dir>/<stem>_<digest of key_parts>.so``.
+
+    ``command(tmp)`` is the compiler command writing ``tmp``; the result is published with an
+    atomic rename, so concurrent first uses are safe and a changed source gets its own file.
+    """
+    digest = hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:16]
+    out = cache_dir() / f"{stem}_{digest}.so"
+    if out.exists() and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.stem, suffix=".so.tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run(command(tmp), capture_output=True, text=True, timeout=900)
+        if r.returncode != 0:
+            raise RuntimeError(f"compiling {what} failed: {r.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
 def build(force: bool = False) -> Path:
     """Compile the kernels into the cache (or find the cached build); raise RuntimeError on failure."""
     if not SOURCE.exists():
@@ -92,23 +118,8 @@ def build(force: bool = False) -> Path:
     cxx = find_compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), _compiler_id(cxx).encode(), _cpu_flags().encode()]))
-    out = cache_dir() / f"kvlayer_codec_{key.hexdigest()[:16]}.so"
-    if out.exists() and not force:
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.stem, suffix=".so.tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        r = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
-        if r.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed: {r.stderr.strip()[-2000:]}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    key = [SOURCE.read_bytes(), " ".join(FLAGS).encode(), _compiler_id(cxx).encode(), _cpu_flags().encode()]
+    return cached_build("kvlayer_codec", key, lambda tmp: [cxx, *FLAGS, str(SOURCE), "-o", tmp], SOURCE.name, force)
 
 
 def _bind(lib: ctypes.CDLL) -> None:

@@ -82,8 +82,10 @@ class FP8Transform(Transform):
             raise ConfigError(f"codec 'fp8': unknown parameter(s) {sorted(unknown)}; it takes none")
 
     def encode(self, x: torch.Tensor) -> tuple[Buffer, dict[str, Any], int]:
-        from kvlayer.codec import _ext
+        from kvlayer.codec import _ext, cuda
 
+        if x.is_cuda and (gpu := cuda.fp8_encode(x.reshape(canonical_shape(tuple(x.shape))))) is not None:
+            return tensor_bytes(gpu), {}, 1  # a CUDA chunk is encoded on its GPU
         x = x.detach().cpu().contiguous()
         if x.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"fp8 takes fp16/bf16/fp32 chunks, got {x.dtype}")

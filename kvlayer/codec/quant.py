@@ -325,10 +325,14 @@ class _IntQuant(Transform):
         self.gv = _check_group("v_group_size", params.get("v_group_size", g))
 
     def encode(self, x: torch.Tensor) -> tuple[Buffer, dict[str, Any], int]:
-        x = x.detach().cpu().contiguous()
+        from kvlayer.codec import cuda
+
         lay = make_layout(tuple(x.shape), x.dtype, self.bits, self.gk, self.gv)
-        buf = torch.empty(lay.total, dtype=torch.uint8)
-        quantize_into(x, lay, buf)
+        buf = cuda.quantize(x, lay)  # a CUDA chunk is quantized on its GPU; None: on the CPU here
+        if buf is None:
+            x = x.detach().cpu().contiguous()
+            buf = torch.empty(lay.total, dtype=torch.uint8)
+            quantize_into(x, lay, buf)
         return tensor_bytes(buf), {"b": self.bits, "gk": self.gk, "gv": self.gv}, 1
 
     def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype, params: dict[str, Any]) -> torch.Tensor:

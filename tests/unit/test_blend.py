@@ -579,3 +579,29 @@ def test_calibration_with_document_context_prompts_open_with_it(llama):
     assert tuple(rec["settings"]["document_context"]) == (5, 6, 7)
     assert rec["errors"]["1"] <= 1e-6 < rec["errors"]["0"]  # exact at 1.0, so the context lines up
     assert rec["status"] == "ok" and rec["ratio"] == 1.0
+
+
+# ---------------------------------------------------------------------------- on a GPU (.ci/gpu)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (.ci/gpu runs it)")
+def test_runner_and_blend_run_on_the_gpu_like_on_the_cpu():
+    """The reference runner on a CUDA model: prompts run on the GPU, cached KV (CPU tiers) is
+    moved there, and the results match the CPU run; the weights fingerprint, hence every key,
+    does not depend on the device."""
+    import copy
+
+    cpu = _llama(seed=4)
+    gpu = copy.deepcopy(cpu).cuda()
+    assert Runner(gpu).fingerprint == Runner(cpu).fingerprint
+    docs = _docs(seed=30)
+    ids = np.concatenate([np.arange(3), docs["d1"], docs["d0"], np.arange(5)])
+    full_c, full_g = Runner(cpu).prefill(ids, logits_last=3), Runner(gpu).prefill(ids, logits_last=3)
+    assert full_g.kv.is_cuda and full_g.logits.is_cuda
+    torch.testing.assert_close(full_g.logits.cpu(), full_c.logits, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(full_g.kv.cpu(), full_c.kv, atol=1e-3, rtol=1e-3)
+    bc, bg = _blender(cpu, docs, lead_tokens=2), _blender(gpu, docs, lead_tokens=2)
+    rc, rg = bc.blend(ids, recompute_ratio=0.3), bg.blend(ids, recompute_ratio=0.3)
+    assert rg.mode == rc.mode == "blend" and rg.kv.is_cuda
+    assert rg.reused_tokens == rc.reused_tokens and rg.recomputed_tokens == rc.recomputed_tokens
+    torch.testing.assert_close(rg.logits.cpu(), rc.logits, atol=1e-2, rtol=1e-2)
+    exact = bg.blend(ids, recompute_ratio=1.0)  # recompute everything: the GPU's own full prefill
+    torch.testing.assert_close(exact.logits, full_g.logits[-1:], atol=1e-4, rtol=1e-4)
