@@ -1,9 +1,21 @@
 """The ``kvlayer serve`` process: flags, tier set-up, the gRPC server, signals and /metrics.
 
-Memory: ``--cpu-bytes`` is the budget for every blob byte the server holds in RAM. It is split
-between the CPU tier, the write-through queue to lower tiers and the in-flight upload buffers,
-so the resident size stays near (baseline interpreter) + budget however clients behave; a
-``MemoryGuard`` hands heap holes back to the OS when fragmentation would push RSS past that.
+Memory: ``--cpu-bytes`` is the budget for everything clients can make the server hold in RAM.
+It is split (``kvlayer.server.memory``) between the CPU tier, the write-through queue to lower
+tiers, the in-flight upload buffers, room for requests being received and decoded (one message
+of at most ``--frame-bytes`` + 64 KiB per handler thread, twice over), and the quota of pins,
+leases and documents (``--metadata-bytes``, per tenant ``--tenant-metadata-bytes``); each part
+refuses with RESOURCE_EXHAUSTED when full, so the resident size stays near (baseline
+interpreter) + budget however clients behave, and a ``MemoryGuard`` hands heap holes back to the
+OS when fragmentation would push RSS past that.
+
+Beside the budget, not in it: keys per request (``Limits.max_keys``), tokens per request
+(``Limits.max_tokens``) and RPCs in progress (``--max-concurrent-rpcs``, also the HTTP/2 streams
+one connection may open) are capped; gRPC transport state costs ~22 KiB per open connection
+(measured), and grpcio's Python server has no connection cap (it ignores
+``grpc.max_allowed_incoming_connections``), so connections are bounded by the open-file limit
+(``ulimit -n``) and idle ones are closed after ``--idle-timeout-s``. The LRU index of every tier
+costs a few hundred bytes per stored key that the tiers do not charge to their byte budgets.
 """
 
 from __future__ import annotations
@@ -78,6 +90,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="RAM for blobs being uploaded, part of --cpu-bytes (default 1/8 of it, 8MiB..512MiB)")
     g.add_argument("--write-queue-bytes", type=_size, default=None,
                    help="RAM for blobs queued for lower tiers, part of --cpu-bytes (default 1/8 of it, 8MiB..512MiB)")
+    g.add_argument("--metadata-bytes", type=_size, default=None,
+                   help="RAM for pins, leases and documents of all tenants, part of --cpu-bytes (default 1/16 of it, "
+                        "4MiB..256MiB); more are refused with RESOURCE_EXHAUSTED")
+    g.add_argument("--tenant-metadata-bytes", type=_size, default=None,
+                   help="the share of --metadata-bytes one tenant may hold (default: all of it, or an equal share "
+                        "per --tenant-token plus one)")
+    g.add_argument("--max-tenants", type=int, default=1024, help="tenants holding pins or documents at once (default 1024)")
+    g.add_argument("--idle-timeout-s", type=float, default=600.0,
+                   help="close connections idle this long (clients reconnect on their next call; default 600)")
     g.add_argument("--max-concurrent-rpcs", type=int, default=64,
                    help="RPCs in progress at once; more are refused with RESOURCE_EXHAUSTED (default 64)")
     g.add_argument("--workers", type=int, default=16, help="handler threads (default 16)")
@@ -102,7 +123,8 @@ class ServerApp:
         if not tcs:
             raise ConfigError("no storage tier: give --cpu-bytes > 0, a disk tier or --redis-url")
         budget = split_budget(cfg.cpu_bytes, args.inflight_bytes, args.write_queue_bytes,
-                              lower_tiers=len(tcs) > len(mem_tcs), workers=args.workers, frame_bytes=args.frame_bytes)
+                              lower_tiers=len(tcs) > len(mem_tcs), workers=args.workers, frame_bytes=args.frame_bytes,
+                              metadata=args.metadata_bytes)
         tiers, retry = [], []
         for tc in tcs:
             if tc.kind == "memory":
@@ -135,6 +157,7 @@ class ServerApp:
 
         from kvlayer.server.metrics import ServerMetrics
         from kvlayer.server.service import Auth, KVLayerServicer, Limits, add_to_server
+        from kvlayer.server.tenants import TenantLimits
         from kvlayer.storage.disk import DiskTier
 
         self.metrics = ServerMetrics(self.store.stats)
@@ -145,18 +168,26 @@ class ServerApp:
             if not sep or not t or not tok:
                 raise ConfigError(f"--tenant-token {tt!r}: expected TENANT=TOKEN")
             tenant_tokens[t] = tok
+        # One frame plus protobuf framing must fit a message; nothing larger is accepted or sent.
+        max_msg = max(1 << 20, args.frame_bytes) + (64 << 10)
+        share = budget.metadata // (len(tenant_tokens) + 1) if tenant_tokens else budget.metadata
+        tenant_limits = TenantLimits(metadata_bytes=budget.metadata, max_tenants=max(1, args.max_tenants),
+                                     tenant_bytes=min(budget.metadata, args.tenant_metadata_bytes or share))
         limits = Limits(max_blob_bytes=args.max_blob_bytes, max_request_bytes=args.max_request_bytes,
-                        inflight_bytes=budget.inflight, frame_bytes=args.frame_bytes)
+                        inflight_bytes=budget.inflight, frame_bytes=args.frame_bytes, max_message_bytes=max_msg,
+                        tenants=tenant_limits)
         disk = next((lv.tier for lv in self.store.levels if isinstance(lv.tier, DiskTier)), None)
         docs_path = str(disk.root / "documents.json") if disk is not None else None
         self.servicer = KVLayerServicer(self.store, limits=limits, auth=Auth(token or None, tenant_tokens),
                                         durable=args.durable, metrics=self.metrics, docs_path=docs_path)
-        # One frame plus protobuf framing must fit a message; nothing larger is accepted.
-        max_msg = max(4 << 20, args.frame_bytes + (64 << 10))
         options = [
             ("grpc.max_receive_message_length", max_msg),
             ("grpc.max_send_message_length", max_msg),
+            ("grpc.max_metadata_size", 16 << 10),
+            # Per connection. Safe only because no request can leave a stream open once its status
+            # is sent (see ``kvlayer.server.service``: handlers decode, grpcio never does).
             ("grpc.max_concurrent_streams", max(1, args.max_concurrent_rpcs)),
+            ("grpc.max_connection_idle_ms", max(1000, int(args.idle_timeout_s * 1000))),
             ("grpc.so_reuseport", 0),
         ]
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="kvlayer-rpc"),
@@ -189,9 +220,9 @@ class ServerApp:
             self.metrics_port = self.metrics.serve(a.host, 0 if a.metrics_port < 0 else a.metrics_port)
         tiers = ", ".join(f"{lv.tier.kind}:{lv.name}({lv.tier.capacity_bytes >> 20}MiB)" for lv in self.store.levels)
         log.info("kvlayer serve on %s:%d (tls=%s, auth=%s, durable=%s) tiers [%s]; in-flight %dMiB, queue %dMiB, "
-                 "frames %dMiB; metrics on port %s", a.host, self.port, bool(a.tls_cert), self.servicer.auth.enabled,
-                 a.durable, tiers, self.budget.inflight >> 20, self.budget.write_queue >> 20, self.budget.frames >> 20,
-                 self.metrics_port or "off")
+                 "frames %dMiB, metadata %dMiB; metrics on port %s", a.host, self.port, bool(a.tls_cert),
+                 self.servicer.auth.enabled, a.durable, tiers, self.budget.inflight >> 20, self.budget.write_queue >> 20,
+                 self.budget.frames >> 20, self.budget.metadata >> 20, self.metrics_port or "off")
         if a.host not in ("127.0.0.1", "localhost", "::1") and not self.servicer.auth.enabled:
             log.warning("serving on %s without --auth-token: anyone who can reach port %d can read, write and clear "
                         "this cache", a.host, self.port)

@@ -26,37 +26,41 @@ def rss() -> int:
 @dataclass
 class Budget:
     """How ``--cpu-bytes`` is spent. ``frames`` is not allocated up front: it is the room left
-    for what handler threads and gRPC hold transiently (a frame being built or received per
-    thread, transport buffers), which the other parts cannot count."""
+    for what handler threads and gRPC hold transiently (a request or frame being received,
+    decoded or built per thread, transport buffers), which the other parts cannot count.
+    ``metadata`` is the quota of pins, leases and documents (``kvlayer.server.tenants``)."""
 
     memory_tier: int
     write_queue: int
     inflight: int
     frames: int = 0
+    metadata: int = 0
 
     @property
     def total(self) -> int:
-        return self.memory_tier + self.write_queue + self.inflight + self.frames
+        return self.memory_tier + self.write_queue + self.inflight + self.frames + self.metadata
 
 
 def split_budget(cpu_bytes: int, inflight: int | None, queue: int | None, lower_tiers: bool,
-                 workers: int = 16, frame_bytes: int = 1 << 20) -> Budget:
+                 workers: int = 16, frame_bytes: int = 1 << 20, metadata: int | None = None) -> Budget:
     """Raises ``ConfigError`` when the parts leave no room for the CPU tier."""
 
-    def part(v: int | None) -> int:
-        return v if v is not None else max(8 << 20, min(512 << 20, cpu_bytes // 8))
+    def part(v: int | None, share: int, lo: int, hi: int) -> int:
+        return v if v is not None else max(lo, min(hi, cpu_bytes // share))
 
-    if cpu_bytes == 0:  # no CPU tier: buffers only (64 MiB each unless given)
-        return Budget(0, (queue or 64 << 20) if lower_tiers else 0, inflight or 64 << 20)
-    inf = part(inflight)
-    q = part(queue) if lower_tiers else 0
+    if cpu_bytes == 0:  # no CPU tier: buffers only (64 MiB each, 16 MiB of metadata, unless given)
+        return Budget(0, (queue or 64 << 20) if lower_tiers else 0, inflight or 64 << 20,
+                      metadata=16 << 20 if metadata is None else metadata)
+    inf = part(inflight, 8, 8 << 20, 512 << 20)
+    q = part(queue, 8, 8 << 20, 512 << 20) if lower_tiers else 0
+    meta = part(metadata, 16, 4 << 20, 256 << 20)
     frames = min(workers * 2 * frame_bytes, cpu_bytes // 4)
-    mem = cpu_bytes - inf - q - frames
+    mem = cpu_bytes - inf - q - frames - meta
     if mem <= 0:
         raise ConfigError(f"--cpu-bytes {cpu_bytes} leaves no room for the CPU tier after in-flight ({inf}), "
-                          f"write queue ({q}) and frame ({frames}) buffers; raise it or lower --inflight-bytes, "
-                          "--write-queue-bytes, --workers")
-    return Budget(mem, q, inf, frames)
+                          f"write queue ({q}), frame ({frames}) and metadata ({meta}) buffers; raise it or lower "
+                          "--inflight-bytes, --write-queue-bytes, --metadata-bytes, --workers")
+    return Budget(mem, q, inf, frames, meta)
 
 
 class ByteBudget:

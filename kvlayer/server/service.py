@@ -2,12 +2,22 @@
 
 Tenancy: every key a client names is stored as ``<tenant prefix><key>`` (the prefix is 16 hex
 chars of a SHA-256 of the tenant name), so one tenant's keys can never address another's chunks;
-leases and documents are labelled with their tenant too.
+leases and documents belong to their tenant too (``kvlayer.server.tenants``).
+
+Decoding: grpcio hands every handler the request's raw bytes; the handler authenticates first and
+decodes after, so a request without a valid token costs a metadata check and nothing else, and a
+message that does not parse is answered INVALID_ARGUMENT by our code. (grpcio's own deserializer
+path, taken when a message class is registered, answers an unparsable message INTERNAL and never
+finishes the call: the HTTP/2 stream stays open, ~18 KiB each stays allocated, and once
+``grpc.max_concurrent_streams`` of them pile up on one connection every later call on it is
+refused with UNAVAILABLE. ``tests/integration/test_server_fuzz.py`` drives that path.)
 
 Limits: a blob larger than ``max_blob_bytes`` or a request moving more than
 ``max_request_bytes`` is refused with RESOURCE_EXHAUSTED; the bytes of blobs being received are
 reserved from a shared in-flight budget first (so memory stays bounded however many clients
 upload at once), and a request that cannot get its reservation in time is refused the same way.
+Pins and documents are charged to the tenant quota; keys and tokens per request are capped.
+INTERNAL means a bug of ours and is logged with its trace.
 """
 
 from __future__ import annotations
@@ -16,19 +26,19 @@ import contextlib
 import functools
 import hashlib
 import hmac
-import json
 import logging
+import math
 import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from kvlayer.codec.header import verify
 from kvlayer.errors import CorruptBlobError
@@ -38,6 +48,7 @@ from kvlayer.rpc._gen import kvlayer_pb2 as pb
 from kvlayer.rpc._gen import kvlayer_pb2_grpc as pb_grpc
 from kvlayer.server.memory import ByteBudget, rss
 from kvlayer.server.metrics import ServerMetrics
+from kvlayer.server.tenants import QuotaExceeded, TenantLimits, TenantRegistry
 from kvlayer.storage.blobstore import BlobStore
 
 log = logging.getLogger(__name__)
@@ -47,7 +58,7 @@ KEY_RE = re.compile(r"^[0-9a-f]{16,112}$")
 TENANT_RE = re.compile(r"^[A-Za-z0-9_.:@/-]{1,128}$")
 TENANT_HEADER = "x-kvlayer-tenant"
 DEFAULT_TENANT = "default"
-_SEP = "\x00"
+_SERVICE = pb.DESCRIPTOR.services_by_name["KVLayer"]
 
 
 def tenant_prefix(tenant: str) -> str:
@@ -70,7 +81,11 @@ class Limits:
     inflight_bytes: int = 256 << 20
     inflight_wait_s: float = 10.0
     frame_bytes: int = 1 << 20
-    max_keys: int = 100_000
+    max_keys: int = 100_000  # keys named by one request
+    max_tokens: int = 1 << 20  # tokens of one TokenPrefix (the keys of 4096 chunks of 256)
+    max_chunk_size: int = 1 << 16
+    max_message_bytes: int = 4 << 20  # what the gRPC server accepts and sends (responses are cut to fit)
+    tenants: TenantLimits = field(default_factory=TenantLimits)
 
 
 @dataclass
@@ -104,6 +119,9 @@ def _rpc_scope(servicer: KVLayerServicer, name: str, context: grpc.ServicerConte
     except Abort as e:
         code = e.code
         context.abort(e.code, e.message)
+    except QuotaExceeded as e:
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED
+        context.abort(code, str(e))
     except grpc.RpcError:  # the client went away / cancelled mid-stream; grpc knows, nothing to report
         code = grpc.StatusCode.CANCELLED
         raise
@@ -115,17 +133,37 @@ def _rpc_scope(servicer: KVLayerServicer, name: str, context: grpc.ServicerConte
         servicer._observe(name, code, t0)
 
 
+def _decoder(name: str) -> Callable[[Any], Any]:
+    """Raw request bytes -> the RPC's request message; a message that does not parse is the
+    client's error (INVALID_ARGUMENT), never ours. Client-streaming RPCs parse their own frames."""
+    method = _SERVICE.methods_by_name[name]
+    if method.client_streaming:
+        return lambda raw: raw
+    cls = getattr(pb, method.input_type.name)
+
+    def decode(raw: Any) -> Any:
+        if isinstance(raw, cls):  # called in-process with a message (tests)
+            return raw
+        try:
+            return cls.FromString(raw)
+        except (DecodeError, TypeError, ValueError) as e:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {cls.__name__}: {e}") from None
+
+    return decode
+
+
 def _rpc(name: str, *, streaming_response: bool = False,
          needs_auth: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Auth + tenant resolution, status mapping and metrics around one handler."""
+    """Auth + tenant resolution, then decoding, status mapping and metrics around one handler."""
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        decode = _decoder(name)
         if streaming_response:
             @functools.wraps(fn)
             def gen_wrapper(self: KVLayerServicer, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 with _rpc_scope(self, name, context):
                     caller = self._caller(context) if needs_auth else None
-                    yield from fn(self, request, context, caller)
+                    yield from fn(self, decode(request), context, caller)
 
             return gen_wrapper
 
@@ -133,7 +171,7 @@ def _rpc(name: str, *, streaming_response: bool = False,
         def wrapper(self: KVLayerServicer, request: Any, context: grpc.ServicerContext) -> Any:
             with _rpc_scope(self, name, context):
                 caller = self._caller(context) if needs_auth else None
-                return fn(self, request, context, caller)
+                return fn(self, decode(request), context, caller)
             return None  # unreachable in practice: a handled error aborts the RPC
 
         return wrapper
@@ -153,11 +191,7 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
         self.started = time.time()
         self.draining = False
         self.memory_guard: Any = None  # set by the app: RSS figures in Stats
-        self._docs: dict[tuple[str, str], list[str]] = {}
-        self._docs_lock = threading.Lock()
-        # Documents survive a restart when the server has a disk tier (a small JSON file).
-        self._docs_path = Path(docs_path) if docs_path else None
-        self._load_docs()
+        self.tenants = TenantRegistry(store.pins, self.limits.tenants, docs_path)
         self._ctr_lock = threading.Lock()
         self.counters: dict[str, int] = {"bytes_in": 0, "bytes_out": 0, "blobs_in": 0, "blobs_out": 0,
                                          "get_misses": 0, "rejected": 0}
@@ -207,16 +241,15 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
                 tenant, admin = owner, False
         return Caller(tenant, tenant_prefix(tenant), admin)
 
-    def _check_keys(self, keys: Iterable[str]) -> list[str]:
-        out = list(keys)
-        if len(out) > self.limits.max_keys:
-            raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{len(out)} keys in one request; the limit is {self.limits.max_keys}")
-        for k in out:
+    def _check_keys(self, keys: Sequence[str]) -> list[str]:
+        if len(keys) > self.limits.max_keys:
+            raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{len(keys)} keys in one request; the limit is {self.limits.max_keys}")
+        for k in keys:
             if not KEY_RE.match(k):
                 raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad key {k[:80]!r}: expected 16-112 lowercase hex chars")
-        return out
+        return list(keys)
 
-    def _target_keys(self, target: pb.Target, caller: Caller, *, allow_doc: bool = True) -> tuple[list[str], str, list[tuple[int, int]] | None]:
+    def _target_keys(self, target: pb.Target, caller: Caller) -> tuple[list[str], str, list[tuple[int, int]] | None]:
         """(tenant-internal keys, doc id or "", chunk bounds for a token prefix)."""
         which = target.WhichOneof("what")
         if which == "keys":
@@ -224,47 +257,30 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
         if which == "prefix":
             keys, bounds = self._prefix_keys(target.prefix)
             return [caller.prefix + k for k in keys], "", bounds
-        if which == "doc_id" and allow_doc:
-            with self._docs_lock:
-                dkeys = self._docs.get((caller.tenant, target.doc_id))
+        if which == "doc_id":
+            dkeys = self.tenants.document(caller.tenant, target.doc_id)
             if dkeys is None:
-                raise Abort(grpc.StatusCode.NOT_FOUND, f"unknown document {target.doc_id!r}; register it first")
-            return list(dkeys), target.doc_id, None
+                raise Abort(grpc.StatusCode.NOT_FOUND, f"unknown document {target.doc_id[:80]!r}; register it first")
+            return dkeys, target.doc_id, None
         raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "target must name keys, a token prefix or a document")
 
     def _prefix_keys(self, p: pb.TokenPrefix, *, document: bool = False) -> tuple[list[str], list[tuple[int, int]]]:
+        lim = self.limits
         if len(p.namespace) != 32:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "namespace must be the 32-byte KVSpec namespace digest")
         cs = p.chunk_size or 256
-        if len(p.tokens) > self.limits.max_keys * cs:
-            raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many tokens in one request")
+        if cs > lim.max_chunk_size:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"chunk_size {cs} is above the server's limit {lim.max_chunk_size}")
+        n = len(p.tokens)
+        if n > lim.max_tokens or -(-n // cs) > lim.max_keys:
+            raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"{n} tokens in one request; the limit is {lim.max_tokens} tokens and {lim.max_keys} chunks")
         toks = list(p.tokens)
         if document:
             keys = document_keys(bytes(p.namespace), toks, cs)
             return keys, chunk_bounds(len(toks), cs)
         keys = prefix_keys(bytes(p.namespace), toks, cs, full_only=p.full_only)
         return keys, chunk_bounds(len(toks), cs, full_only=p.full_only)
-
-    def _load_docs(self) -> None:
-        if self._docs_path is None or not self._docs_path.exists():
-            return
-        try:
-            data = json.loads(self._docs_path.read_text())
-            self._docs = {(d["tenant"], d["doc_id"]): [str(k) for k in d["keys"]] for d in data["documents"]}
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("documents file %s unreadable (%s); starting without documents", self._docs_path, e)
-
-    def _save_docs(self) -> None:
-        """Called with the docs lock held; atomic replace, so a crash leaves the old or new file."""
-        if self._docs_path is None:
-            return
-        docs = [{"tenant": t, "doc_id": d, "keys": ks} for (t, d), ks in self._docs.items()]
-        tmp = self._docs_path.with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps({"version": 1, "documents": docs}))
-            os.replace(tmp, self._docs_path)
-        except OSError as e:
-            log.warning("cannot save documents to %s: %s", self._docs_path, e)
 
     # ------------------------------------------------------------------ health / stats
     @_rpc("Health", needs_auth=False)
@@ -284,6 +300,7 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
             s["server"]["rss_baseline_bytes"] = guard.baseline
             s["server"]["malloc_trims"] = guard.trims
         s["server"]["inflight_limit"] = self.budget.limit
+        s["server"].update(self.tenants.usage())
         return s
 
     @_rpc("Stats")
@@ -423,20 +440,21 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
     # ------------------------------------------------------------------ pins / eviction
     @_rpc("Pin")
     def Pin(self, request: pb.PinRequest, context: grpc.ServicerContext, caller: Caller) -> pb.PinResponse:
+        ttl = request.ttl_s
+        if not math.isfinite(ttl) or ttl < 0:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"ttl_s must be a finite number of seconds >= 0 (0 = no "
+                                                          f"expiry), not {ttl!r}")
         keys, doc, _ = self._target_keys(request.target, caller)
-        label = caller.tenant + _SEP + (f"doc:{doc}" if doc else "")
-        lease = self.store.pins.pin(keys, ttl_s=request.ttl_s or None, label=label)
+        lease = self.tenants.pin(caller.tenant, keys, ttl or None, doc_id=doc)
         return pb.PinResponse(lease_id=lease, num_keys=len(keys))
 
     @_rpc("Unpin")
     def Unpin(self, request: pb.UnpinRequest, context: grpc.ServicerContext, caller: Caller) -> pb.UnpinResponse:
         which = request.WhichOneof("what")
         if which == "doc_id":
-            return pb.UnpinResponse(released=self.store.pins.unpin_label(caller.tenant + _SEP + f"doc:{request.doc_id}"))
+            return pb.UnpinResponse(released=self.tenants.unpin_document(caller.tenant, request.doc_id))
         if which == "lease_id":
-            mine = any(le.lease_id == request.lease_id and le.label.startswith(caller.tenant + _SEP)
-                       for le in self.store.pins.leases())
-            return pb.UnpinResponse(released=int(mine and self.store.pins.unpin(request.lease_id)))
+            return pb.UnpinResponse(released=self.tenants.unpin(caller.tenant, request.lease_id))
         raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "give a lease_id or a doc_id")
 
     @_rpc("Evict")
@@ -452,25 +470,18 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
                 raise Abort(grpc.StatusCode.PERMISSION_DENIED, "clearing all tenants needs the admin token")
             n = len(self.store.keys_with_prefix(""))
             self.store.clear()
-            with self._docs_lock:
-                self._docs.clear()
-                self._save_docs()
+            self.tenants.clear_all()
             return pb.ClearResponse(removed=n)
         n = self.store.delete_prefix(caller.prefix)
-        for le in self.store.pins.leases():
-            if le.label.startswith(caller.tenant + _SEP):
-                self.store.pins.unpin(le.lease_id)
-        with self._docs_lock:
-            for dk in [d for d in self._docs if d[0] == caller.tenant]:
-                del self._docs[dk]
-            self._save_docs()
+        self.tenants.clear_tenant(caller.tenant)
         return pb.ClearResponse(removed=n)
 
     @_rpc("RegisterDocument")
     def RegisterDocument(self, request: pb.RegisterDocumentRequest, context: grpc.ServicerContext,
                          caller: Caller) -> pb.RegisterDocumentResponse:
-        if not request.doc_id:
-            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "doc_id must not be empty")
+        max_id = self.limits.tenants.max_doc_id_chars
+        if not request.doc_id or len(request.doc_id) > max_id:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"doc_id must be 1-{max_id} characters")
         which = request.WhichOneof("what")
         if which == "keys":
             keys = self._check_keys(request.keys.keys)
@@ -478,17 +489,23 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
             keys, _ = self._prefix_keys(request.tokens, document=True)
         else:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "give the document's keys or tokens")
-        with self._docs_lock:
-            self._docs[(caller.tenant, request.doc_id)] = [caller.prefix + k for k in keys]
-            self._save_docs()
+        self.tenants.register_document(caller.tenant, request.doc_id, [caller.prefix + k for k in keys])
         return pb.RegisterDocumentResponse(num_keys=len(keys))
 
     @_rpc("Keys")
     def Keys(self, request: pb.KeysRequest, context: grpc.ServicerContext, caller: Caller) -> pb.KeysResponse:
+        """At most ``limit`` keys (0 = 1,000,000), and no more than fit in one message."""
         limit = request.limit or 1_000_000
         keys = sorted(self.store.keys_with_prefix(caller.prefix))
         plen = len(caller.prefix)
-        return pb.KeysResponse(keys=[k[plen:] for k in keys[:limit]], truncated=len(keys) > limit)
+        room = self.limits.max_message_bytes - 1024
+        out: list[str] = []
+        for k in keys[:limit]:
+            room -= len(k) - plen + 3  # tag, length, the key
+            if room < 0:
+                break
+            out.append(k[plen:])
+        return pb.KeysResponse(keys=out, truncated=len(out) < len(keys))
 
 
 def _serialize_frame(x: Any) -> bytes:
@@ -496,23 +513,19 @@ def _serialize_frame(x: Any) -> bytes:
 
 
 def add_to_server(servicer: KVLayerServicer, server: grpc.Server) -> None:
-    """Register every RPC of the proto; Put and Get move raw frames (see ``wire``), the rest use
-    the generated message classes."""
+    """Register every RPC of the proto. Requests reach the handlers as raw bytes (no
+    ``request_deserializer``): the handlers authenticate, then decode (``_decoder``). Get answers
+    with raw frames built by ``wire``, the rest with the generated message classes."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
-    svc = pb.DESCRIPTOR.services_by_name["KVLayer"]
-    for m in svc.methods:
-        req, resp = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
+    for m in _SERVICE.methods:
+        resp = getattr(pb, m.output_type.name)
         fn = getattr(servicer, m.name)
-        if m.name == "Put":
-            handlers[m.name] = grpc.stream_unary_rpc_method_handler(
-                fn, request_deserializer=wire.identity, response_serializer=resp.SerializeToString)
-        elif m.name == "Get":
-            handlers[m.name] = grpc.unary_stream_rpc_method_handler(
-                fn, request_deserializer=req.FromString, response_serializer=_serialize_frame)
+        if m.client_streaming and not m.server_streaming:
+            handlers[m.name] = grpc.stream_unary_rpc_method_handler(fn, response_serializer=resp.SerializeToString)
+        elif m.server_streaming and not m.client_streaming:
+            handlers[m.name] = grpc.unary_stream_rpc_method_handler(fn, response_serializer=_serialize_frame)
         elif not m.client_streaming and not m.server_streaming:
-            handlers[m.name] = grpc.unary_unary_rpc_method_handler(
-                fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString)
-        else:  # pragma: no cover - a new streaming RPC needs its own handler here
+            handlers[m.name] = grpc.unary_unary_rpc_method_handler(fn, response_serializer=resp.SerializeToString)
+        else:  # pragma: no cover - a bidirectional RPC needs its own handler here
             raise NotImplementedError(m.name)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(svc.full_name, handlers),))
-
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE.full_name, handlers),))

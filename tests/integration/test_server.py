@@ -209,6 +209,64 @@ def test_malformed_requests_get_invalid_argument_and_server_keeps_serving(kvlaye
         assert c.stats().counters["inflight_bytes"] == 0 and c.exists([key(5, "bad")]) == [False]
 
 
+def test_one_channel_survives_malformed_traffic(kvlayer_server) -> None:
+    """Undecodable requests used to leave their HTTP/2 stream open (grpcio's deserializer path):
+    after max_concurrent_streams (64) of them every call on the connection got UNAVAILABLE."""
+    good = blob(7, tag="wedge")
+    with kvlayer_server.client(channels=1) as c:
+        ch = c._channels[0]
+        raw = {m: ch.unary_unary(f"/kvlayer.v1.KVLayer/{m}", request_serializer=lambda x: x,
+                                 response_deserializer=lambda x: x)
+               for m in ("Health", "Stats", "Lookup", "Exists", "Pin", "Unpin", "Evict", "RegisterDocument", "Keys")}
+        raw_get = ch.unary_stream("/kvlayer.v1.KVLayer/Get", request_serializer=lambda x: x,
+                                  response_deserializer=lambda x: x)
+        codes = set()
+        for i in range(200):  # 3x the server's streams per connection
+            name = list(raw)[i % len(raw)]
+            codes.add(code_of(lambda n=name, i=i: raw[n](b"\xff\xff\xff" + bytes([i % 256]), timeout=10)))
+            if i % 10 == 0:
+                codes.add(code_of(lambda: list(raw_get(b"\x0a\x05ab", timeout=10))))
+        assert codes == {grpc.StatusCode.INVALID_ARGUMENT}
+        # the same connection still serves every kind of call
+        assert c.health().status == pb.HealthResponse.SERVING
+        assert c.put([(key(1, "wedge"), good)]) == [True]
+        assert bytes(c.get([key(1, "wedge")])[0]) == bytes(good)
+        assert c.exists([key(1, "wedge")]) == [True] and c.evict(keys=[key(1, "wedge")]) == 1
+
+
+def test_pins_and_documents_are_bounded_per_tenant(kvlayer_server_factory) -> None:
+    srv = kvlayer_server_factory("--auth-token", "adm", "--tenant-token", "a=ta", "--tenant-token", "b=tb",
+                                 "--metadata-bytes", "1MiB", disk=False)  # a third of it per tenant
+    ks = [key(i, "quota") for i in range(1000)]  # ~257 KB of pins or document per 1000 keys
+    with srv.client(token="ta") as a, srv.client(token="tb") as b, srv.client(token="adm") as adm:
+        lease = a.pin(keys=ks).lease_id
+        with pytest.raises(grpc.RpcError) as ei:
+            a.pin(keys=ks)
+        assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "quota" in ei.value.details()
+        assert b.pin(keys=ks).num_keys == 1000  # another tenant has its own share
+        assert a.unpin(lease) == 1
+        a.pin(keys=ks, ttl_s=0.2)  # the room came back; an expiring lease gives it back on its own
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                a.pin(keys=ks)
+                break
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                time.sleep(0.1)
+        for bad in (float("nan"), float("inf"), -1.0):
+            assert code_of(lambda t=bad: a.pin(keys=ks[:1], ttl_s=t)) == grpc.StatusCode.INVALID_ARGUMENT
+        # documents share the quota; replacing a document gives its old keys back first
+        assert code_of(lambda: a.register_document("d", keys=ks)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert a.clear() == 0
+        assert a.register_document("d", keys=ks) == 1000 and a.register_document("d", keys=ks) == 1000
+        assert code_of(lambda: a.register_document("x" * 300, keys=ks[:1])) == grpc.StatusCode.INVALID_ARGUMENT
+        counters = adm.stats().counters
+        assert 0 < counters["metadata_bytes"] <= counters["metadata_limit"] == 1 << 20
+        assert a.clear() == 0 and b.clear() == 0
+        assert adm.stats().counters["metadata_bytes"] == 0
+
+
 def test_oversized_unauthenticated_and_wrong_tenant(kvlayer_server_factory, tmp_path: Path) -> None:
     sock = tmp_path / "kvl.sock"
     srv = kvlayer_server_factory("--auth-token", "s3cret", "--tenant-token", "team-a=tok-a", "--max-blob-bytes", "1MiB",
