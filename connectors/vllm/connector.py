@@ -5,8 +5,10 @@
         "kv_connector_extra_config":{"chunk_size":256,"cpu_bytes":"4GiB","disk_path":"/var/cache/kv"}}'
 
 vLLM builds one instance per role: the scheduler side decides (lookup, pins, per-request state),
-the worker side copies blocks. Configuration errors fail at start-up with a clear message; at run
-time nothing raises into the engine: store failures become misses, recomputes or dropped saves.
+the worker side copies blocks; in one process the two share their engine's KVCache (``pair.py``).
+Configuration errors fail at start-up with a clear message; at run time every call from vLLM goes
+through the connector's ``FailureGuard`` (``kvlayer.connectors.core``), so nothing raises into the
+engine: store failures become misses, recomputes or dropped saves.
 """
 
 from __future__ import annotations

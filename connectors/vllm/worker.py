@@ -19,8 +19,8 @@ import torch
 
 from kvlayer.engine import KVCache
 
-from ..core import FailureGuard
-from .layout import Adapter, Layout, LayoutError, make_adapter, probe_layout, table_layout
+from ..core import FailureGuard, LayoutError
+from .layout import Adapter, Layout, make_adapter, probe_layout, table_layout
 from .metadata import ConnectorMeta, KVLayerWorkerMeta, LoadOp
 from .stats import WorkerCounters
 
