@@ -255,6 +255,10 @@ def test_fuzz_every_rpc_then_server_is_up_exact_and_within_budget(kvlayer_server
         [enc(k0, len(ok), memoryview(ok)[:10], False), enc(key(1, "put"), len(ok), memoryview(ok), False)],
         [enc("Z" * 64, len(ok), memoryview(ok), True)],  # bad key
     ]
+    tiny = bytes(encode(torch.zeros(1, 1, 1, 1, 1).half(), "raw"))  # the smallest valid blob
+    absurd = [(key(i % 1500, "tiny"), tiny) for i in range(3000)]  # 3000 blobs, each key twice, one stream
+    record("Put absurd", lambda: chans[2].put(absurd))
+    record("Put durable", lambda: chans[2].call("Put", iter([enc(key(2, "put"), len(ok), memoryview(ok), True)])))
     for frames in lying:
         for md in (ADMIN, BAD_AUTH[0]):
             record("Put lying", lambda f=frames, md=md: chans[0].call("Put", iter(f), md))
