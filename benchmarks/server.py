@@ -34,17 +34,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(REPO))
+import torch
+from _common import REPO, emit_json, markdown_table, write_results
 
-import torch  # noqa: E402
-from _common import emit_json, markdown_table, write_results  # noqa: E402
-
-from kvlayer.codec import get_codec  # noqa: E402
-from kvlayer.storage import MemoryTier, TieredStore  # noqa: E402
-from kvlayer.storage.base import Tier  # noqa: E402
+from kvlayer.codec import get_codec
+from kvlayer.storage import MemoryTier, TieredStore
+from kvlayer.storage.base import Tier
 
 TOKENS = 256
 
@@ -69,7 +64,7 @@ def start_kvlayer(tmp: Path, cpu_bytes: int) -> tuple[subprocess.Popen[bytes], s
     ready = tmp / "ready.json"
     cmd = [sys.executable, "-m", "kvlayer.server", "serve", "--port", "0", "--ready-file", str(ready), "--no-disk",
            "--cpu-bytes", str(cpu_bytes), "--metrics-port", "0", "--log-level", "WARNING"]
-    p = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    p = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
     deadline = time.monotonic() + 120
     while not ready.exists():
         if p.poll() is not None or time.monotonic() > deadline:

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit_json, write_results
 
-from _common import emit_json, write_results  # noqa: E402
-
-from kvlayer import bench  # noqa: E402
+from kvlayer import bench
 
 
 def main() -> int:
