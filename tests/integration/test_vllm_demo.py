@@ -6,14 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from tests.integration.test_vllm import engine_env  # noqa: E402
+from tests.conftest import REPO
+from tests.integration.test_vllm import engine_env
 
 pytestmark = pytest.mark.vllm
 
