@@ -45,9 +45,6 @@ FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-march=native", "-ffp-contrac
 ABI_VERSION = 1
 _DT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_state: dict[str, Any] = {}
 _override: list[str | None] = [None]
 
 
@@ -139,28 +136,49 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.kvl_unshuffle.restype = None
 
 
+class LazyLibrary:
+    """A compiled kernel library, opened once per process on first use. ``get()`` is None, and
+    ``reason`` says why, when it cannot be: ``disable_env`` set, no compiler, a failed build."""
+
+    def __init__(self, opener: Callable[[], tuple[ctypes.CDLL, Path]], disable_env: str) -> None:
+        self._opener, self._disable_env = opener, disable_env
+        self._lock = threading.Lock()
+        self._tried = False
+        self.lib: ctypes.CDLL | None = None
+        self.path = ""
+        self.reason = "not loaded yet"
+
+    def get(self) -> ctypes.CDLL | None:
+        if self._tried:
+            return self.lib
+        with self._lock:
+            if not self._tried:
+                try:
+                    if os.environ.get(self._disable_env, "") not in ("", "0"):
+                        raise RuntimeError(f"disabled by {self._disable_env}")
+                    lib, path = self._opener()
+                    self.lib, self.path = lib, str(path)
+                except (RuntimeError, OSError, subprocess.SubprocessError, AttributeError) as e:
+                    self.reason = str(e)
+                self._tried = True
+        return self.lib
+
+
+def _open() -> tuple[ctypes.CDLL, Path]:
+    path = build()
+    lib = ctypes.CDLL(str(path))
+    _bind(lib)
+    if lib.kvl_abi_version() != ABI_VERSION:
+        raise RuntimeError("kernel ABI version mismatch")
+    return lib, path
+
+
+LIBRARY = LazyLibrary(_open, "KVLAYER_NO_EXT")
+
+
 def load() -> ctypes.CDLL | None:
     """The kernel library, building it on first call; None (reason in ``backend_info``) if unavailable."""
-    global _lib
-    if _lib is not None or _state.get("tried"):
-        return _lib
-    with _lock:
-        if _lib is not None or _state.get("tried"):
-            return _lib
-        try:
-            if os.environ.get("KVLAYER_NO_EXT", "") not in ("", "0"):
-                raise RuntimeError("disabled by KVLAYER_NO_EXT")
-            path = build()
-            lib = ctypes.CDLL(str(path))
-            _bind(lib)
-            if lib.kvl_abi_version() != ABI_VERSION:
-                raise RuntimeError("kernel ABI version mismatch")
-            _state["path"] = str(path)
-            _lib = lib
-        except (RuntimeError, OSError, subprocess.SubprocessError, AttributeError) as e:
-            _state["reason"] = str(e)
-        _state["tried"] = True
-    return _lib
+    return LIBRARY.get()
 
 
 def _active() -> ctypes.CDLL | None:
@@ -168,7 +186,7 @@ def _active() -> ctypes.CDLL | None:
         return None
     lib = load()
     if lib is None and _override[0] == "cpp":
-        raise RuntimeError(f"C++ codec kernels unavailable: {_state.get('reason')}")
+        raise RuntimeError(f"C++ codec kernels unavailable: {LIBRARY.reason}")
     return lib
 
 
@@ -176,8 +194,8 @@ def backend_info() -> dict[str, Any]:
     """Which codec backend runs: ``{"backend": "cpp"|"torch", "path"|"reason": ...}``."""
     lib = load()
     if lib is None:
-        return {"backend": "torch", "reason": _state.get("reason", "unknown")}
-    return {"backend": "cpp", "path": _state["path"], "compiler": _compiler_id(find_compiler() or "")}
+        return {"backend": "torch", "reason": LIBRARY.reason}
+    return {"backend": "cpp", "path": LIBRARY.path, "compiler": _compiler_id(find_compiler() or "")}
 
 
 @contextmanager

@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import subprocess
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +34,6 @@ log = logging.getLogger(__name__)
 FLAGS = ["-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17", "--fmad=false"]
 _DT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_state: dict[str, Any] = {}
 
 
 def sources() -> list[Path]:
@@ -100,38 +96,32 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.kvl_cuda_fp8_encode.restype = i
 
 
+def _open() -> tuple[ctypes.CDLL, Path]:
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device")
+    try:
+        path = build()
+        lib = ctypes.CDLL(str(path))
+        _bind(lib)
+    except (RuntimeError, OSError, subprocess.SubprocessError, AttributeError) as e:
+        log.warning("kvlayer CUDA kernels unavailable, GPU chunks are encoded on the CPU: %s", e)
+        raise
+    return lib, path
+
+
+LIBRARY = _ext.LazyLibrary(_open, "KVLAYER_NO_CUDA")
+
+
 def library() -> ctypes.CDLL | None:
     """The CUDA library, built on first call in this process; None (reason in :func:`cuda_info`) if unusable."""
-    global _lib
-    if _lib is not None or _state.get("tried"):
-        return _lib
-    with _lock:
-        if _lib is not None or _state.get("tried"):
-            return _lib
-        try:
-            if os.environ.get("KVLAYER_NO_CUDA", "") not in ("", "0"):
-                raise RuntimeError("disabled by KVLAYER_NO_CUDA")
-            if not torch.cuda.is_available():
-                raise RuntimeError("no CUDA device")
-            path = build()
-            lib = ctypes.CDLL(str(path))
-            _bind(lib)
-            _state["path"] = str(path)
-            _lib = lib
-        except (RuntimeError, OSError, subprocess.SubprocessError, AttributeError) as e:
-            _state["reason"] = str(e)
-            if torch.cuda.is_available():  # a GPU without its kernels is worth a warning
-                log.warning("kvlayer CUDA kernels unavailable, GPU chunks are encoded on the CPU: %s", e)
-        _state["tried"] = True
-    return _lib
+    return LIBRARY.get()
 
 
 def cuda_info() -> dict[str, Any]:
-    """``{"backend": "cuda", "path": ...}`` or ``{"backend": None, "reason": ...}``."""
-    lib = library()
-    if lib is None:
-        return {"backend": None, "reason": _state.get("reason", "unknown")}
-    return {"backend": "cuda", "path": _state["path"], "arch": device_arch()}
+    """``{"backend": "cuda", "path": ..., "arch": ...}`` or ``{"backend": None, "reason": ...}``."""
+    if library() is None:
+        return {"backend": None, "reason": LIBRARY.reason}
+    return {"backend": "cuda", "path": LIBRARY.path, "arch": device_arch()}
 
 
 def check(rc: int, what: str) -> None:
