@@ -129,10 +129,7 @@ def _levels(cache: Any) -> list[Any]:
 def _revive(cache: Any) -> None:
     """Close every tier's circuit breaker again after an injected fault."""
     for lv in _levels(cache):
-        if hasattr(lv, "breaker"):
-            lv.breaker.reset()
-        else:
-            lv.down_until = 0.0
+        lv.breaker.reset()
 
 
 def _snap(conn: Any) -> dict[str, Any]:
