@@ -131,6 +131,13 @@ class KVLayerConfig(BaseModel):
     def _size(cls, v: Any) -> int:
         return parse_size(v)
 
+    @field_validator("chunk_size", mode="before")
+    @classmethod
+    def _not_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # pydantic's lax mode reads True as 1
+            raise ValueError("must be a number of tokens, not a bool")
+        return v
+
     @field_validator("cpu_codec", "disk_codec", "redis_codec", "server_codec")
     @classmethod
     def _codec(cls, v: str) -> str:
@@ -266,8 +273,13 @@ def load_config(
     merged.update(config_from_env(env))
     merged.update({k: v for k, v in (cli or {}).items() if v is not None})
     merged.update(kwargs)
+    return make_config(merged)
+
+
+def make_config(settings: Mapping[str, Any]) -> KVLayerConfig:
+    """Validate ``settings``; any bad value is one ``ConfigError`` naming every bad setting."""
     try:
-        return KVLayerConfig(**merged)
+        return KVLayerConfig(**settings)
     except ValidationError as e:
         raise ConfigError(_format_error(e)) from None
     except ConfigError as e:

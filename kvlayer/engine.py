@@ -5,6 +5,10 @@
     hit = cache.lookup(tokens).hit_tokens       # moves no data
     n, kv2 = cache.retrieve(tokens)             # first n tokens' KV, bit-exact for lossless codecs
 
+Token ids enter only through ``kvlayer.keys.token_array``: floats, bools and strings are refused
+(``TypeError`` naming the argument), never cast, since ``[500.7]`` keyed as ``[500]`` would serve
+another prompt's KV.
+
 Chunks are keyed by content (``kvlayer.keys``): the same model + tokens give the same keys in any
 process. Documents (``put_document``) are keyed by their own tokens (and the fixed context they
 were computed after, if any) only, so they can be reused at any position (CacheBlend) and pinned
@@ -22,9 +26,9 @@ import numpy as np
 import torch
 
 from kvlayer.codec import get_codec
-from kvlayer.config import KVLayerConfig, load_config
-from kvlayer.errors import KVLayerError, SpecMismatchError, UsageError
-from kvlayer.keys import TokenIds, chunk_bounds, document_keys, prefix_keys
+from kvlayer.config import KVLayerConfig, load_config, make_config
+from kvlayer.errors import DocumentNotFound, KVLayerError, SpecMismatchError, UsageError
+from kvlayer.keys import TokenIds, chunk_bounds, document_keys, prefix_keys, token_array
 from kvlayer.malloc import tune_for_blobs
 from kvlayer.spec import KVSpec
 from kvlayer.storage import TieredStore, build_tier, retry_policy
@@ -68,7 +72,7 @@ class KVCache:
         if config is None:
             config = load_config(**overrides)
         elif overrides:
-            config = KVLayerConfig(**{**config.model_dump(), **overrides})
+            config = make_config({**config.model_dump(), **overrides})
         self.spec = spec
         self.config = config
         self.chunk_size = config.chunk_size
@@ -95,10 +99,11 @@ class KVCache:
 
     # ------------------------------------------------------------------ keys
     def keys(self, tokens: TokenIds, *, full_only: bool = False) -> list[str]:
-        return prefix_keys(self.namespace, tokens, self.chunk_size, full_only=full_only)
+        return prefix_keys(self.namespace, token_array(tokens), self.chunk_size, full_only=full_only)
 
     def document_keys(self, tokens: TokenIds, *, context: TokenIds | None = None) -> list[str]:
-        return document_keys(self.namespace, tokens, self.chunk_size, context=context)
+        ctx = None if context is None else token_array(context, "context")
+        return document_keys(self.namespace, token_array(tokens), self.chunk_size, context=ctx)
 
     # ------------------------------------------------------------------ where chunks are
     @property
@@ -123,6 +128,7 @@ class KVCache:
     # ------------------------------------------------------------------ prefix API
     def lookup(self, tokens: TokenIds, *, keys: list[str] | None = None) -> LookupResult:
         """Longest cached prefix (whole chunks; a partial last chunk counts if stored as such)."""
+        tokens = token_array(tokens)
         keys = self.keys(tokens) if keys is None else keys
         tiers = self._store.lookup(keys)
         bounds = chunk_bounds(len(tokens), self.chunk_size)
@@ -134,6 +140,7 @@ class KVCache:
         """Store the KV of ``tokens`` (``kv`` covers at least ``len(tokens)`` tokens on dim 2) under
         their prefix keys, or under ``keys`` (one per chunk, e.g. a document's).
         Returns the number of chunks written (already cached chunks are skipped)."""
+        tokens = token_array(tokens)
         n = len(tokens)
         # Checked up front, not per written chunk: a wrong tensor must fail even when every chunk
         # is already cached (it was silently accepted then).
@@ -162,8 +169,10 @@ class KVCache:
         return self._store.put(list(keys), list(chunks), block=block)
 
     def retrieve_chunks(self, keys: Sequence[str]) -> list[torch.Tensor | None]:
-        """Chunks by key (None = miss). Raw CPU hits are zero-copy views of the stored blob: copy
-        before modifying one in place, or the stored chunk fails its checksum and is dropped."""
+        """Chunks by key (None = miss), for connectors that copy them straight into the engine's
+        cache. Read-only: raw CPU hits are zero-copy views of the stored blob, so a write into one
+        changes the stored chunk, which then fails its checksum and is dropped from every tier.
+        Copy before modifying (``retrieve`` does)."""
         out = self._store.get(list(keys))
         for i, c in enumerate(out):
             if c is not None and (c.dim() != 5 or c.shape[:2] != self.spec.chunk_shape(0)[:2]
@@ -176,8 +185,10 @@ class KVCache:
     def retrieve(self, tokens: TokenIds, *, max_tokens: int | None = None,
                  keys: list[str] | None = None) -> tuple[int, torch.Tensor | None]:
         """KV of the longest retrievable prefix: (n_tokens, tensor [layers, 2, n, heads, dim]).
-        ``keys`` overrides the prefix keys (a document's). A one-chunk result may view the stored
-        blob (see ``retrieve_chunks``): treat it as read-only."""
+        ``keys`` overrides the prefix keys (a document's). The tensor is the caller's own memory
+        (never a view of a stored blob), so writing into it changes nothing stored; connectors
+        that only copy chunks out use ``retrieve_chunks`` and skip this copy."""
+        tokens = token_array(tokens)
         limit = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
         keys = self.keys(tokens) if keys is None else keys
         bounds = chunk_bounds(len(tokens), self.chunk_size)
@@ -192,7 +203,7 @@ class KVCache:
             n = e
         if not parts:
             return 0, None
-        return n, (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+        return n, (parts[0].clone() if len(parts) == 1 else torch.cat(parts, dim=2))
 
     # ------------------------------------------------------------------ documents
     def put_document(self, doc_id: str, tokens: TokenIds, kv: torch.Tensor, *, context: TokenIds | None = None,
@@ -212,15 +223,15 @@ class KVCache:
         return doc
 
     def _document(self, doc_id: str, tokens: TokenIds, context: TokenIds | None, meta: dict[str, Any]) -> Document:
-        toks = np.asarray(tokens, dtype=np.int64)
-        ctx = np.asarray([] if context is None else context, dtype=np.int64)
+        toks = token_array(tokens)
+        ctx = token_array([] if context is None else context, "context")
         return Document(doc_id, toks, self.document_keys(toks, context=ctx), dict(meta), ctx)
 
     def document(self, doc_id: str) -> Document:
         try:
             return self._docs[doc_id]
         except KeyError:
-            raise KeyError(f"unknown document {doc_id!r}; register it with put_document first") from None
+            raise DocumentNotFound(f"unknown document {doc_id!r}; register it with put_document first") from None
 
     def documents(self) -> list[Document]:
         return list(self._docs.values())
@@ -244,7 +255,7 @@ class KVCache:
         if doc_id is not None:
             return list(self.document(doc_id).keys), f"doc:{doc_id}"
         if tokens is not None:
-            return self.keys(tokens), ""
+            return self.keys(tokens), ""  # refuses non-integer token ids
         return list(keys or []), ""
 
     def pin(self, tokens: TokenIds | None = None, *, doc_id: str | None = None, keys: Sequence[str] | None = None,

@@ -12,10 +12,24 @@ class ConfigError(KVLayerError, ValueError):
 
 
 class CorruptBlobError(KVLayerError, ValueError):
-    """A stored blob failed validation (magic, version, header, length or checksum).
+    """A stored blob failed validation (magic, version, header, length, checksum or key).
 
     Raised by decoding only; the store treats it as a miss and deletes the blob.
     """
+
+
+class MisplacedBlobError(CorruptBlobError):
+    """A valid blob read under a key it was not encoded for (moved or copied there).
+
+    The store treats it like corruption (a miss plus a delete), counted as ``misplaced``.
+    """
+
+
+class DocumentNotFound(KVLayerError, KeyError):
+    """No document is registered under this id (a ``KeyError`` too, as it always was)."""
+
+    def __str__(self) -> str:  # KeyError's repr-quotes its message
+        return str(self.args[0]) if self.args else ""
 
 
 class TierError(KVLayerError):

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kvlayer.errors import SpecMismatchError
@@ -37,6 +40,25 @@ def dtype_from_name(name: str) -> torch.dtype:
         raise SpecMismatchError(f"unsupported KV dtype {name!r}; expected one of {sorted(_DTYPES)}") from None
 
 
+def _whole(name: str, value: object) -> int:
+    """An integer field: ints, numpy ints, integral floats and digit strings; nothing rounded."""
+    if isinstance(value, bool | np.bool_):
+        raise SpecMismatchError(f"KVSpec.{name} must be an integer, got the bool {value!r}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+        return int(float(value))
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)
+    raise SpecMismatchError(f"KVSpec.{name} must be an integer, got {type(value).__name__} {value!r}")
+
+
+def _flag(name: str, value: object) -> bool:
+    if isinstance(value, bool | np.bool_) or (isinstance(value, numbers.Integral) and int(value) in (0, 1)):
+        return bool(value)
+    raise SpecMismatchError(f"KVSpec.{name} must be True or False, got {type(value).__name__} {value!r}")
+
+
 @dataclass(frozen=True)
 class KVSpec:
     """Shape and identity of one TP shard's KV cache.
@@ -58,10 +80,15 @@ class KVSpec:
 
     def __post_init__(self) -> None:
         # Normalise types: the namespace is the JSON of these fields, so num_layers=np.int64(4),
-        # "4" and 4 must serialise alike (numpy ints even made json.dumps raise).
+        # "4" and 4 must serialise alike (numpy ints even made json.dumps raise). Nothing is
+        # rounded: num_layers=2.7 would name another model's shapes.
         for name in ("num_layers", "num_kv_heads", "head_dim", "tp_rank", "tp_size"):
-            object.__setattr__(self, name, int(getattr(self, name)))
-        object.__setattr__(self, "is_mla", bool(self.is_mla))
+            object.__setattr__(self, name, _whole(name, getattr(self, name)))
+        object.__setattr__(self, "is_mla", _flag("is_mla", self.is_mla))
+        for name in ("model", "dtype", "salt"):
+            if not isinstance(getattr(self, name), str):
+                raise SpecMismatchError(f"KVSpec.{name} must be a string, got {type(getattr(self, name)).__name__} "
+                                        f"{getattr(self, name)!r}")
         object.__setattr__(self, "extra", tuple((str(k), str(v)) for k, v in self.extra))
         if not self.model:
             raise SpecMismatchError("KVSpec.model must be a non-empty model fingerprint")

@@ -5,6 +5,8 @@ A leaf module: it imports nothing from kvlayer, so everything may use it.
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 
 _UNITS = {
@@ -15,10 +17,15 @@ _UNITS = {
 
 
 def parse_size(value: int | float | str) -> int:
-    """``"4GiB"`` -> 4294967296; plain numbers are bytes."""
-    if isinstance(value, bool):
-        raise ValueError("a size must be a number of bytes or a string like '4GiB'")
-    if isinstance(value, int | float):
+    """``"4GiB"`` -> 4294967296; plain numbers are bytes (a fraction of a byte is dropped).
+
+    Raises ValueError for anything else (negative, NaN, infinite, bools, unknown units), which the
+    config turns into a ``ConfigError`` naming the setting."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | str):
+        raise ValueError(f"a size must be a number of bytes or a string like '4GiB', got {type(value).__name__}")
+    if isinstance(value, numbers.Real):
+        if not math.isfinite(value):
+            raise ValueError(f"a size must be a finite number of bytes, got {value}")
         if value < 0:
             raise ValueError(f"size must be >= 0, got {value}")
         return int(value)

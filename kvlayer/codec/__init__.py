@@ -73,7 +73,9 @@ class Codec:
     def __repr__(self) -> str:
         return f"Codec({self.name!r}, {self.transform.params})"
 
-    def encode(self, x: torch.Tensor) -> memoryview:
+    def encode(self, x: torch.Tensor, *, key: str | None = None) -> memoryview:
+        """One blob of ``x`` bound to ``key`` (the store always names it; None: unbound, which
+        only ``decode`` without a key accepts)."""
         payload, tparams, typesize = self.transform.encode(x)
         params: dict[str, Any] = {}
         if tparams:
@@ -82,13 +84,14 @@ class Codec:
             payload, cparams = self.compressor.compress(payload, typesize)
             params["c"] = cparams
         pay_len = memoryview(payload).nbytes
-        head = _hdr.pack_header(self.name, tuple(x.shape), x.dtype, params, pay_len)
+        head = _hdr.pack_header(self.name, tuple(x.shape), x.dtype, params, pay_len, key)
         return _hdr.assemble(head, payload)
 
 
-def decode(blob: Buffer) -> torch.Tensor:
-    """Validate and decode a blob produced by any codec; the codec is read from the header."""
-    hdr = _hdr.verify(blob)
+def decode(blob: Buffer, *, key: str | None = None) -> torch.Tensor:
+    """Validate and decode a blob produced by any codec; the codec is read from the header. With
+    ``key``, a blob not encoded for it raises ``MisplacedBlobError`` (a ``CorruptBlobError``)."""
+    hdr = _hdr.verify(blob, key)
     return decode_verified(blob, hdr)
 
 
@@ -120,8 +123,8 @@ def get_codec(name: str = "raw", **params: Any) -> Codec:
     return c
 
 
-def encode(x: torch.Tensor, codec: str = "raw", **params: Any) -> memoryview:
-    return get_codec(codec, **params).encode(x)
+def encode(x: torch.Tensor, codec: str = "raw", *, key: str | None = None, **params: Any) -> memoryview:
+    return get_codec(codec, **params).encode(x, key=key)
 
 
 def available_codecs() -> list[str]:

@@ -2,15 +2,26 @@
 
 Layout (little-endian)::
 
-    magic "KVLB" | version u8 | dtype u8 | ndim u8 | name_len u8 | shape u32 x ndim
-    | codec name (utf-8) | params_len u16 | params (JSON) | payload_len u64 | checksum u64 | payload
+    magic "KVLB" | version u8 | dtype u8 | ndim u8 | name_len u8 | key digest (32 bytes)
+    | shape u32 x ndim | codec name (utf-8) | params_len u16 | params (JSON) | payload_len u64
+    | checksum u64 | payload
 
 The checksum is xxh3-64 over every header byte before it plus the payload, so a flipped bit
 anywhere (shape, codec, parameters or data) is caught.
+
+The key digest binds a blob to the key it was encoded for (``sha256(key)``; all zeros = unbound,
+what ``encode`` without a key writes): a valid blob moved or copied under another key (a buggy
+client, a restore gone wrong, a hostile writer on a shared tier) passes its checksum, so every
+read that knows its key also compares these 32 bytes (``MisplacedBlobError``). The namespace
+needs no field of its own: every kvlayer key is already ``sha256(namespace || d_i)``, so a blob
+bound to a key is bound to its model and shard too. The digest sits at a fixed offset, so the
+check costs a 32-byte compare, never a pass over the payload. Version 1 blobs had no digest and
+are refused (README, "Upgrading").
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import warnings
@@ -21,10 +32,15 @@ import torch
 import xxhash
 
 from kvlayer.codec.buffers import POOL
-from kvlayer.errors import CorruptBlobError
+from kvlayer.errors import CorruptBlobError, MisplacedBlobError
 
 MAGIC = b"KVLB"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Where the key digest lives in every blob: right after the fixed fields.
+KEY_DIGEST_AT = 8
+KEY_DIGEST_LEN = 32
+#: The key digest of a blob encoded without a key: no reader that names a key accepts it.
+UNBOUND = bytes(KEY_DIGEST_LEN)
 MAX_NDIM = 8
 MAX_DIM = 1 << 30
 
@@ -37,7 +53,7 @@ _DTYPE_CODES: dict[torch.dtype, int] = {
 }
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
 
-_FIXED = struct.Struct("<4sBBBB")
+_FIXED = struct.Struct("<4sBBBB32s")
 _TAIL = struct.Struct("<QQ")
 
 
@@ -50,6 +66,7 @@ class BlobHeader:
     payload_len: int
     header_len: int
     checksum: int
+    key_digest: bytes = UNBOUND
 
     @property
     def total_len(self) -> int:
@@ -63,15 +80,23 @@ def dtype_code(dtype: torch.dtype) -> int:
         raise ValueError(f"dtype {dtype} cannot be stored; supported: {sorted(map(str, _DTYPE_CODES))}") from None
 
 
-def pack_header(codec: str, shape: tuple[int, ...], dtype: torch.dtype, params: dict[str, Any], payload_len: int) -> bytes:
-    """Header bytes *without* the trailing checksum (it is computed over these plus the payload)."""
+def key_digest(key: str) -> bytes:
+    """The 32 bytes a blob stored under ``key`` carries: sha256 of the key's text."""
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def pack_header(codec: str, shape: tuple[int, ...], dtype: torch.dtype, params: dict[str, Any], payload_len: int,
+                key: str | None = None) -> bytes:
+    """Header bytes *without* the trailing checksum (it is computed over these plus the payload),
+    bound to ``key`` (None: unbound, readable only where no key is named, e.g. codec tests)."""
     name = codec.encode("utf-8")
     pjson = json.dumps(params, sort_keys=True, separators=(",", ":")).encode("utf-8") if params else b""
     if len(shape) > MAX_NDIM or len(name) > 255 or len(pjson) > 0xFFFF:
         raise ValueError("header field too large")
     return b"".join(
         (
-            _FIXED.pack(MAGIC, FORMAT_VERSION, dtype_code(dtype), len(shape), len(name)),
+            _FIXED.pack(MAGIC, FORMAT_VERSION, dtype_code(dtype), len(shape), len(name),
+                        UNBOUND if key is None else key_digest(key)),
             struct.pack(f"<{len(shape)}I", *shape),
             name,
             struct.pack("<H", len(pjson)),
@@ -96,11 +121,8 @@ def parse_header(blob: bytes | bytearray | memoryview, *, whole: bool = True) ->
     try:
         if len(mv) < _FIXED.size:
             raise CorruptBlobError(f"blob too short ({len(mv)} bytes) to hold a header")
-        magic, version, dcode, ndim, name_len = _FIXED.unpack_from(mv, 0)
-        if magic != MAGIC:
-            raise CorruptBlobError("bad magic: not a kvlayer blob")
-        if version != FORMAT_VERSION:
-            raise CorruptBlobError(f"blob format version {version} is not supported (this build reads {FORMAT_VERSION})")
+        magic, version, dcode, ndim, name_len, kdig = _FIXED.unpack_from(mv, 0)
+        _check_version(magic, version)
         if dcode not in _CODE_DTYPES:
             raise CorruptBlobError(f"unknown dtype code {dcode}")
         if ndim > MAX_NDIM:
@@ -129,16 +151,51 @@ def parse_header(blob: bytes | bytearray | memoryview, *, whole: bool = True) ->
         raise CorruptBlobError(f"malformed header: {e}") from None
     if whole and len(mv) != off + payload_len:
         raise CorruptBlobError(f"blob length {len(mv)} != header {off} + payload {payload_len}: truncated or padded")
-    return BlobHeader(name, tuple(shape), _CODE_DTYPES[dcode], params, payload_len, off, csum)
+    return BlobHeader(name, tuple(shape), _CODE_DTYPES[dcode], params, payload_len, off, csum, kdig)
 
 
-def verify(blob: bytes | bytearray | memoryview) -> BlobHeader:
-    """Parse the header and check the checksum; raise CorruptBlobError on any mismatch."""
+def _check_version(magic: bytes, version: int) -> None:
+    if magic != MAGIC:
+        raise CorruptBlobError("bad magic: not a kvlayer blob")
+    if version == 1:
+        raise CorruptBlobError("blob format version 1 (kvlayer before blobs were bound to their keys) is no "
+                               f"longer read; this build reads version {FORMAT_VERSION}: the blob is dropped and "
+                               "its KV is recomputed (README, 'Upgrading')")
+    if version != FORMAT_VERSION:
+        raise CorruptBlobError(f"blob format version {version} is not supported (this build reads {FORMAT_VERSION})")
+
+
+def _check_key(found: bytes, key: str, unbound_ok: bool) -> None:
+    if found == key_digest(key) or (unbound_ok and found == UNBOUND):
+        return
+    what = "without a key" if found == UNBOUND else f"for another key (key digest {found.hex()[:16]}...)"
+    raise MisplacedBlobError(f"the blob under key {key[:16]}... was encoded {what}; a blob is valid only "
+                             "under the key it was encoded for")
+
+
+def check_key(blob: bytes | bytearray | memoryview, key: str, *, unbound_ok: bool = False) -> None:
+    """Raise ``MisplacedBlobError`` unless ``blob`` was encoded for ``key`` (magic and version
+    are checked too, nothing else): 40 header bytes read, the payload never touched."""
+    mv = memoryview(blob)
+    if mv.nbytes < _FIXED.size:
+        raise CorruptBlobError(f"blob too short ({mv.nbytes} bytes) to hold a header")
+    magic, version, *_, found = _FIXED.unpack_from(mv, 0)
+    _check_version(magic, version)
+    _check_key(found, key, unbound_ok)
+
+
+def verify(blob: bytes | bytearray | memoryview, key: str | None = None, *, unbound_ok: bool = False) -> BlobHeader:
+    """Parse the header and check the checksum, then, given ``key``, that the blob was encoded
+    for it (``unbound_ok``: a blob encoded without a key passes too, as the server keeps its
+    clients' blobs). Raises ``CorruptBlobError`` (``MisplacedBlobError`` for the key) on any
+    mismatch. The checksum comes first, so a flipped bit in the digest reads as corruption."""
     hdr = parse_header(blob)
     mv = memoryview(blob)
     got = checksum(mv[: hdr.header_len - 8], mv[hdr.header_len :])
     if got != hdr.checksum:
         raise CorruptBlobError("checksum mismatch: blob corrupted")
+    if key is not None:
+        _check_key(hdr.key_digest, key, unbound_ok)
     return hdr
 
 

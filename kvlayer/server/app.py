@@ -114,7 +114,9 @@ class ServerApp:
 
     def __init__(self, args: argparse.Namespace) -> None:
         """Raises ``ConfigError`` (the CLI prints it and exits 2) for anything that stops a start."""
+        from kvlayer.server.service import client_key
         from kvlayer.storage import BlobStore, build_tier, retry_policy
+        from kvlayer.storage.blobstore import Formats
 
         self.args = args
         cli: dict[str, Any] = {"cpu_bytes": args.cpu_bytes, "disk_bytes": args.disk_bytes, "redis_url": args.redis_url,
@@ -143,7 +145,8 @@ class ServerApp:
         if not tiers:
             raise ConfigError("no storage tier: give --cpu-bytes > 0, a disk tier or --redis-url")
         self.budget = budget
-        self.store = BlobStore(tiers, write_queue_bytes=max(1, budget.write_queue), retry=retry)
+        self.store = BlobStore(tiers, formats=Formats(key_of=client_key),  # blobs are bound to clients' keys
+                               write_queue_bytes=max(1, budget.write_queue), retry=retry)
         try:
             if args.durable and self.store.disk_level is None:
                 raise ConfigError("--durable needs a disk tier (drop --no-disk)")

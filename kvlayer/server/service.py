@@ -65,6 +65,11 @@ def tenant_prefix(tenant: str) -> str:
     return hashlib.sha256(b"kvlayer-tenant\x00" + tenant.encode("utf-8")).hexdigest()[:16]
 
 
+def client_key(stored: str) -> str:
+    """The client's key of a stored key (``tenant_prefix`` + key): what its blob is bound to."""
+    return stored[16:]
+
+
 class Abort(Exception):
     """Raised inside a handler to end the RPC with a status code and a clear message."""
 
@@ -382,7 +387,7 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
                 off += len(data)
                 if off == len(buf):
                     try:
-                        verify(buf)
+                        verify(buf, client_key(key), unbound_ok=True)  # a blob bound to another key is refused
                     except CorruptBlobError as e:
                         raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"blob {key[16:32]}... is not a valid kvlayer blob: {e}") from None

@@ -44,6 +44,7 @@ class TierStats:
     evictions: int = 0
     errors: int = 0
     corrupt: int = 0
+    misplaced: int = 0
     dropped_writes: int = 0
 
     def as_dict(self) -> dict[str, int | str]:

@@ -6,7 +6,8 @@ blobs; ``kvlayer.storage.hierarchy`` gives each level its own codec).
 
 - ``locate``/``lookup`` find where each key lives without moving data (existence checks only).
 - ``get_many`` reads the hottest tier holding each key, opens the blob (``Formats.open``: a
-  corrupt blob is deleted and read as a miss) and promotes hits from lower tiers to the hottest.
+  corrupt blob, or one encoded for another key, is deleted and read as a miss) and promotes hits
+  from lower tiers to the hottest.
 - ``put`` writes the hottest tier (with ``durable``, every tier down to the first disk tier)
   synchronously; lower tiers get the blob write-through, from one background writer with a
   bounded byte budget, or when the hotter tier evicts it (``on_demotion``). The writer drains up to
@@ -29,8 +30,8 @@ from functools import partial
 from typing import Any, Literal, TypedDict, TypeVar
 
 from kvlayer.codec.base import Buffer
-from kvlayer.codec.header import verify
-from kvlayer.errors import ConfigError, CorruptBlobError
+from kvlayer.codec.header import check_key, verify
+from kvlayer.errors import ConfigError, CorruptBlobError, MisplacedBlobError
 from kvlayer.storage.base import EvictionGuard, Tier
 from kvlayer.storage.breaker import Breaker, RetryPolicy
 from kvlayer.storage.pins import PinRegistry
@@ -60,6 +61,8 @@ class StoreCounters:
     misses: int = 0
     promotions: int = 0
     corrupt: int = 0
+    #: valid blobs read under a key they were not encoded for (moved or copied), deleted
+    misplaced: int = 0
     tier_errors: int = 0
     queued_writes: int = 0
     dropped_writes: int = 0
@@ -80,19 +83,32 @@ class Payload:
 
 
 class Formats:
-    """What the bytes in each level mean. This default: every level holds the same blob, and blobs
-    from lower levels are verified (header and checksum) before they are served or promoted; the
-    hottest level's are the caller's to verify (the codecs check on decode)."""
+    """What the bytes in each level mean. This default: every level holds the same blob (the
+    server keeps its clients' blobs byte for byte). Every read checks that the blob was encoded
+    for its key (40 header bytes); blobs from lower levels are verified whole (header and
+    checksum) before they are served or promoted, the hottest level's checksum is the caller's to
+    verify (the codecs check on decode). Blobs encoded without a key pass: whoever reads them
+    under a key refuses them.
 
-    def open(self, blob: Buffer, level: int) -> Any:
-        """The value ``get_many`` returns for ``blob`` read from ``level``; raises
-        ``CorruptBlobError`` for a blob that must be deleted and read as a miss."""
+    ``key_of``: the key a blob stored under a store key was encoded for (the server stores
+    ``<tenant prefix><client key>`` and strips the prefix); the identity by default."""
+
+    def __init__(self, key_of: Callable[[str], str] | None = None) -> None:
+        self.key_of = key_of or (lambda key: key)
+
+    def open(self, blob: Buffer, level: int, key: str) -> Any:
+        """The value ``get_many`` returns for ``blob`` read from ``level`` under ``key``; raises
+        ``CorruptBlobError`` (``MisplacedBlobError``: encoded for another key) for a blob that
+        must be deleted and read as a miss."""
         if level > 0:
-            verify(blob)
+            verify(blob, self.key_of(key), unbound_ok=True)
+        else:
+            check_key(blob, self.key_of(key), unbound_ok=True)
         return blob
 
-    def blob_for(self, payload: Payload, level: int) -> Buffer | None:
-        """The blob ``level`` stores for ``payload``; None if there is none (a corrupt source)."""
+    def blob_for(self, payload: Payload, level: int, key: str) -> Buffer | None:
+        """The blob ``level`` stores under ``key`` for ``payload``; None if there is none (a
+        corrupt source)."""
         return payload.blob
 
 
@@ -251,11 +267,12 @@ class BlobStore(EvictionGuard):
                     rest.append(i)
                     continue
                 try:
-                    value = self.formats.open(blob, depth)
+                    value = self.formats.open(blob, depth, keys[i])
                 except CorruptBlobError as e:
-                    log.warning("tier %s: corrupt blob %s (%s); deleted", lv.name, keys[i][:16], e)
-                    lv.tier.count(corrupt=1)
-                    self._count(corrupt=1)
+                    what = "misplaced" if isinstance(e, MisplacedBlobError) else "corrupt"
+                    log.warning("tier %s: %s blob %s (%s); deleted", lv.name, what, keys[i][:16], e)
+                    lv.tier.count(**{what: 1})
+                    self._count(**{what: 1})
                     self._safe(lv, "delete", partial(lv.tier.delete, keys[i]), False)
                     rest.append(i)
                     continue
@@ -276,7 +293,7 @@ class BlobStore(EvictionGuard):
 
     def _promote(self, key: str, payload: Payload) -> None:
         top = self.levels[0]
-        new = self.formats.blob_for(payload, 0)
+        new = self.formats.blob_for(payload, 0, key)
         if new is not None and self._safe(top, "put", partial(top.tier.put, key, new), False):
             self._count(promotions=1)
 
@@ -305,7 +322,7 @@ class BlobStore(EvictionGuard):
             self._tls.block = False
         for i in range(1, last + 1):
             lv = self.levels[i]
-            b = self.formats.blob_for(source(), i)
+            b = self.formats.blob_for(source(), i, key)
             ok = b is not None and self._safe(lv, "put", partial(lv.tier.put, key, b), False)
         below = len(self.levels) - (last + 1)
         if below > 0 and self.write_policy == "write_through":
@@ -378,7 +395,7 @@ class BlobStore(EvictionGuard):
                 continue
             items: dict[str, Buffer] = {}  # a key queued twice is written once (the newest)
             for j in jobs:
-                blob = self.formats.blob_for(batch[j].payload, idx)
+                blob = self.formats.blob_for(batch[j].payload, idx, batch[j].key)
                 if blob is None:
                     skip.add(j)
                     self._count(dropped_writes=1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -21,14 +22,14 @@ from kvlayer.codec.base import Buffer
 from kvlayer.codec.buffers import POOL
 from kvlayer.codec.header import parse_header
 from kvlayer.config import TierConfig, default_cache_dir
-from kvlayer.errors import CorruptBlobError, TierError
+from kvlayer.errors import ConfigError, CorruptBlobError, TierError
 from kvlayer.storage.base import Tier, TierOptions
 from kvlayer.storage.lru import LocalTier
 
 log = logging.getLogger(__name__)
 _KEY_RE = re.compile(r"^[0-9a-f]{16,128}$")
 _SUFFIX = ".kvb"
-_MAX_HEADER = 8 + 4 * 8 + 255 + 2 + 0xFFFF + 16  # fixed part, shape, name, params, lengths
+_MAX_HEADER = 8 + 32 + 4 * 8 + 255 + 2 + 0xFFFF + 16  # fixed part, key digest, shape, name, params, lengths
 
 
 class DiskTier(LocalTier):
@@ -40,7 +41,7 @@ class DiskTier(LocalTier):
         self.root = Path(path).expanduser()
         self.fsync = fsync
         self._tmp = self.root / "tmp"
-        self._tmp.mkdir(parents=True, exist_ok=True)
+        _check_dir(self.root, name)
         self._seq = 0
         self._seq_lock = threading.Lock()
         # Keys accounted in the index whose file is still being written: not evictable, and a
@@ -215,6 +216,22 @@ class DiskTier(LocalTier):
             pass
         return had
 
+
+
+def _check_dir(root: Path, name: str) -> None:
+    """Create ``root``/tmp and prove a file can be written there, at construction: a path that is
+    a file, or a directory this process cannot write, must stop start-up with a ``ConfigError``
+    naming the setting, not fail every later write (each a dropped chunk)."""
+    where = f"disk_path {str(root)!r} (the disk tier {name!r})"
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{where} is a file, not a directory; name a directory kvlayer may create or use")
+    try:
+        (root / "tmp").mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=root / "tmp", prefix=".probe.")
+        os.close(fd)
+        Path(probe).unlink(missing_ok=True)  # another process's start-up may have removed it
+    except OSError as e:
+        raise ConfigError(f"{where} cannot be written: {e.strerror or e}") from None
 
 
 def _writer_alive(tmp: Path) -> bool:

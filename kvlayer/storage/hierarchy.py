@@ -4,9 +4,10 @@
   lower tier only where its codec differs (decoding the queued blob once per write, however many
   tiers need it). A lossy hottest codec queues a copy of the tensor instead, so lower tiers are
   encoded from the original, not from the lossy blob.
-- ``get`` decodes (verifying header and checksum: a corrupt blob is deleted and read as a miss);
-  a raw CPU hit is a view of the stored blob, no copy. Hits from lower tiers are promoted in the
-  hottest tier's codec.
+- ``get`` decodes (verifying header, checksum and that the blob was encoded for its key: a
+  corrupt or misplaced blob is deleted and read as a miss); a raw CPU hit is a view of the stored
+  blob, no copy. Hits from lower tiers are promoted in the hottest tier's codec.
+- Every blob is encoded for its key (``Codec.encode(..., key=)``), at every level.
 
 Everything else (tiers, pins, the write queue, failure isolation, lookups) is the blob store's.
 """
@@ -35,15 +36,17 @@ def _same(a: Codec, b: Codec) -> bool:
 
 
 class TierCodecs(Formats):
-    """Each level's blobs are its own codec's encoding of a chunk tensor."""
+    """Each level's blobs are its own codec's encoding of a chunk tensor, bound to its key: a blob
+    encoded for another key (or for none) is never decoded as this key's chunk."""
 
     def __init__(self, codecs: Sequence[Codec]) -> None:
+        super().__init__()
         self.codecs = list(codecs)
 
-    def open(self, blob: Buffer, level: int) -> torch.Tensor:
-        return decode(blob)
+    def open(self, blob: Buffer, level: int, key: str) -> torch.Tensor:
+        return decode(blob, key=key)
 
-    def blob_for(self, payload: Payload, level: int) -> Buffer | None:
+    def blob_for(self, payload: Payload, level: int, key: str) -> Buffer | None:
         codec = self.codecs[level]
         if payload.blob is not None and _same(self.codecs[payload.src], codec):
             return payload.blob
@@ -51,10 +54,10 @@ class TierCodecs(Formats):
             if payload.blob is None:
                 return None
             try:
-                payload.data = decode(payload.blob)
+                payload.data = decode(payload.blob, key=key)
             except CorruptBlobError:
                 return None
-        return codec.encode(payload.data)
+        return codec.encode(payload.data, key=key)
 
 
 class TieredStore:
@@ -86,7 +89,7 @@ class TieredStore:
         top = self.codecs.codecs[0]
         stored = 0
         for key, t in zip(keys, tensors, strict=True):
-            blob = top.encode(t)
+            blob = top.encode(t, key=key)
             stored += self.blobs.put(key, blob, block=block, payload=partial(self._payload, t, blob))
         return stored
 

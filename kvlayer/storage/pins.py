@@ -4,12 +4,29 @@ releasing a lease twice is a no-op, so counts never go negative."""
 
 from __future__ import annotations
 
+import math
+import numbers
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from kvlayer.errors import UsageError
+
+
+def check_ttl(ttl_s: float | None) -> float | None:
+    """``ttl_s`` if it is a lease lifetime (a finite number of seconds > 0), None for no expiry
+    (None or 0); anything else raises ``UsageError`` naming ``ttl_s``: a NaN lease never expired
+    and a negative one had expired before it was made."""
+    if ttl_s is None:
+        return None
+    if isinstance(ttl_s, bool) or not isinstance(ttl_s, numbers.Real):
+        raise UsageError(f"ttl_s must be a number of seconds or None, got {type(ttl_s).__name__} {ttl_s!r}")
+    if not math.isfinite(ttl_s) or ttl_s < 0:
+        raise UsageError(f"ttl_s must be a finite number of seconds >= 0 (0 or None: no expiry), got {ttl_s}")
+    return float(ttl_s) if ttl_s else None
 
 
 @dataclass
@@ -28,8 +45,10 @@ class PinRegistry:
         self._next_expiry: float | None = None
 
     def pin(self, keys: Iterable[str], ttl_s: float | None = None, label: str = "") -> str:
+        """A new lease on ``keys``; ``ttl_s``: seconds until it expires (None or 0: never)."""
+        ttl = check_ttl(ttl_s)
+        exp = None if ttl is None else time.monotonic() + ttl
         lease_id = uuid.uuid4().hex
-        exp = time.monotonic() + ttl_s if ttl_s else None
         ks = tuple(keys)  # once: an iterator read twice pinned nothing
         with self._lock:
             self._leases[lease_id] = Lease(lease_id, ks, exp, label)

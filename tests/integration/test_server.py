@@ -78,7 +78,7 @@ def test_kvcache_round_trip_through_remote_tier_is_bit_exact(kvlayer_server, cod
     with kvlayer_server.client() as c:
         raw = c.get(keys)
         assert all(b is not None for b in raw)
-        assert bytes(raw[0]) == bytes(encode(kv[:, :, :64].contiguous(), codec))  # the client's blob, byte for byte
+        assert bytes(raw[0]) == bytes(encode(kv[:, :, :64].contiguous(), codec, key=keys[0]))  # the client's blob, byte for byte
 
 
 def test_multi_megabyte_blobs_stream_in_frames(kvlayer_server) -> None:
