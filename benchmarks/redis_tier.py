@@ -35,19 +35,14 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+import redis
+import torch
+from _common import emit_json, markdown_table, time_gbps, write_results
 
-import redis  # noqa: E402
-import torch  # noqa: E402
-from _common import emit_json, markdown_table, time_gbps, write_results  # noqa: E402
-
-from kvlayer.codec import get_codec  # noqa: E402
+from kvlayer.codec import get_codec
 from kvlayer.storage import TieredStore  # noqa: E402
 from kvlayer.storage.redis import RedisTier  # noqa: E402
 
@@ -97,7 +92,7 @@ def main() -> int:
     if args.url:
         url = args.url
     else:
-        from tests.fixtures.redis_server import RedisServer
+        from kvlayer.testing import RedisServer
 
         server = RedisServer().start()
         url = server.url
