@@ -17,6 +17,17 @@ os.environ.setdefault("KVLAYER_EXT_CACHE", str(REPO / ".cache" / "ext"))
 os.environ.setdefault("KVLAYER_CACHE_DIR", str(REPO / ".cache"))  # models: .cache/models, as CI caches them
 
 
+# Files whose tests start engines or hammer servers for a minute or more: marked ``slow`` so
+# ``pytest -m "not slow"`` is the quick loop while editing (CI runs everything).
+_SLOW_FILES = {"test_server_stress.py", "test_server_fuzz.py", "test_vllm_demo.py", "test_codec_quality.py"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("vllm") is not None or item.path.name in _SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def spec():
     from kvlayer import KVSpec
