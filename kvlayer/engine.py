@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvlayer import docrecords
 from kvlayer.codec import get_codec
 from kvlayer.config import KVLayerConfig, load_config, make_config
-from kvlayer.errors import DocumentNotFound, KVLayerError, SpecMismatchError, UsageError
+from kvlayer.errors import CorruptBlobError, DocumentNotFound, KVLayerError, SpecMismatchError, UsageError
 from kvlayer.keys import TokenIds, chunk_bounds, document_keys, prefix_keys, token_array
 from kvlayer.malloc import tune_for_blobs
 from kvlayer.spec import KVSpec
@@ -246,7 +247,39 @@ class KVCache:
         if doc is None:
             return 0
         self._store.pins.unpin_label(f"doc:{doc_id}")
+        self._store.delete([docrecords.record_key(self.namespace, doc_id)], force=True)
         return self._store.delete(doc.keys) if evict else 0
+
+    def publish_document(self, doc_id: str) -> str:
+        """Write a registered document's record (id, tokens, context, chunk keys) into the store,
+        so that other processes on the same shared tiers find it (``sync_documents``). Returns its key."""
+        doc = self.document(doc_id)
+        key = docrecords.record_key(self.namespace, doc_id)
+        self._store.put([key], [docrecords.encode(doc_id, doc.tokens, doc.context, doc.keys, doc.meta)])
+        return key
+
+    def sync_documents(self) -> list[str]:
+        """Register every document whose record is in the store and not yet known here (one key
+        scan per tier); records that do not decode are skipped. Returns the ids added."""
+        keys = sorted(self._store.blobs.keys_with_prefix(docrecords.record_prefix(self.namespace)))
+        known = {docrecords.record_key(self.namespace, d) for d in self._docs}
+        todo = [k for k in keys if k not in known]
+        added = []
+        for key, blob in zip(todo, self._store.get(todo), strict=True):
+            try:
+                rec = None if blob is None else docrecords.decode(blob)
+            except CorruptBlobError as e:
+                log.warning("document record %s skipped: %s", key[:16], e)
+                rec = None
+            if rec is None:
+                continue
+            doc = self._document(rec["id"], rec["tokens"], rec["context"], dict(rec.get("meta") or {}))
+            if doc.keys != rec["keys"]:
+                log.warning("document record %r lists other chunk keys than its tokens give; skipped", rec["id"])
+                continue
+            self._docs[doc.doc_id] = doc
+            added.append(doc.doc_id)
+        return added
 
     # ------------------------------------------------------------------ control
     def _target_keys(self, tokens: TokenIds | None, doc_id: str | None, keys: Sequence[str] | None) -> tuple[list[str], str]:
