@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 from kvlayer.errors import KVLayerError
 
 if TYPE_CHECKING:
+    from .blend_connector import KVLayerBlendConnector
     from .connector import KVLayerConnector
 
-__all__ = ["KVLayerConnector", "connector_of"]
+__all__ = ["KVLayerBlendConnector", "KVLayerConnector", "connector_of"]
 
 
 def __getattr__(name: str) -> Any:
@@ -23,6 +24,10 @@ def __getattr__(name: str) -> Any:
         from .connector import KVLayerConnector
 
         return KVLayerConnector
+    if name == "KVLayerBlendConnector":
+        from .blend_connector import KVLayerBlendConnector
+
+        return KVLayerBlendConnector
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -16,6 +16,7 @@ from kvlayer.errors import ConfigError
 from kvlayer.spec import KVSpec
 
 from ..core import AdapterOptions, engine_spec, split_extra_config
+from .blend_config import BlendOptions
 
 
 class ConnectorOptions(AdapterOptions):
@@ -29,6 +30,8 @@ class ConnectorOptions(AdapterOptions):
     recompute_on_load_failure: bool = True
     #: Safety TTL of the pins that hold chunks between lookup and load.
     pin_ttl_s: float = Field(default=600.0, gt=0)
+    #: CacheBlend (``KVLayerBlendConnector``): ``{"enabled": true, ...}``, see ``blend_config``.
+    blend: BlendOptions = Field(default_factory=BlendOptions)
 
 
 def parse_extra_config(extra: dict[str, Any] | None, env: dict[str, str] | None = None

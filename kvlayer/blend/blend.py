@@ -92,8 +92,10 @@ class Blender:
     """Blended prefill of one model over the documents registered in one KVCache."""
 
     def __init__(self, model: Any, cache: KVCache, config: BlendConfig | None = None, *,
-                 calibration: CalibrationStore | None = None) -> None:
-        self.runner = Runner(model)
+                 calibration: CalibrationStore | None = None, runner: Runner | None = None) -> None:
+        """``runner`` replaces ``Runner(model)`` (an engine's own modules, e.g. vLLM's; ``model``
+        is then ignored)."""
+        self.runner = runner if runner is not None else Runner(model)
         self.cache = cache
         self.config = config or BlendConfig()
         self.calibration = calibration or CalibrationStore()
@@ -159,8 +161,10 @@ class Blender:
         return want, "calibrated"
 
     def blend(self, tokens: Any, *, spans: Iterable[tuple[str, int]] | None = None, logits_last: int = 1,
-              recompute_ratio: float | None = None) -> BlendResult:
-        """Blended prefill of ``tokens``; ``spans`` = explicit (doc_id, start) placements."""
+              recompute_ratio: float | None = None, prefix: tuple[int, torch.Tensor] | None = None) -> BlendResult:
+        """Blended prefill of ``tokens``; ``spans`` = explicit (doc_id, start) placements;
+        ``prefix`` = (tokens, exact KV) already known to the caller (an engine's own cached
+        blocks), used instead of a prefix lookup in the store."""
         t0 = time.perf_counter()
         ids = np.asarray(tokens, dtype=np.int64)
         n = len(ids)
@@ -170,8 +174,8 @@ class Blender:
             return self._full(ids, logits_last, reason, t0)
         cfg = self.config
         limit = n - logits_last  # the scored tail is always computed
-        prefix_len, prefix_kv = 0, None
-        if cfg.use_prefix_cache and limit > 0:
+        prefix_len, prefix_kv = prefix if prefix is not None and prefix[0] > 0 else (0, None)
+        if prefix is None and cfg.use_prefix_cache and limit > 0:
             prefix_len, prefix_kv = self.cache.retrieve(ids, max_tokens=limit)
             if prefix_kv is None:
                 prefix_len = 0
