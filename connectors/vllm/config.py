@@ -7,9 +7,9 @@ Precedence (lowest first): a kvlayer config file (``"config_file"`` in the extra
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, NonNegativeInt
+from pydantic import Field, NonNegativeFloat, NonNegativeInt
 
 from kvlayer.config import KVLayerConfig
 from kvlayer.errors import ConfigError
@@ -32,6 +32,26 @@ class ConnectorOptions(AdapterOptions):
     pin_ttl_s: float = Field(default=600.0, gt=0)
     #: CacheBlend (``KVLayerBlendConnector``): ``{"enabled": true, ...}``, see ``blend_config``.
     blend: BlendOptions = Field(default_factory=BlendOptions)
+    #: How hits load. "auto": synchronously (inside the step) when every claimed chunk is in
+    #: process memory, else in the background while the batch keeps running (vLLM's async path);
+    #: "always" / "never" force one way.
+    async_loads: Literal["auto", "always", "never"] = "auto"
+    #: An async load still running after this many seconds is abandoned: its blocks are recomputed
+    #: and its pin released (a hung tier costs one deadline, never a stuck request).
+    load_deadline_s: float = Field(default=2.0, gt=0)
+    #: Threads that fetch and decode async loads (a hung tier holds one each until it answers).
+    load_threads: int = Field(default=4, ge=1)
+    #: Claim a hit only where its estimated load time beats recomputing it (running estimates of
+    #: each tier's load latency/bandwidth and of the engine's prefill time at the request's length).
+    load_or_recompute: bool = True
+    #: A tier whose hits were declined gets one load again after this many seconds, so its
+    #: estimate follows a tier that became fast again.
+    estimate_refresh_s: float = Field(default=30.0, gt=0)
+    #: Save and reuse the last partial chunk of a request at vLLM block granularity.
+    partial_chunks: bool = True
+    #: Test only: seconds added per chunk read from the named tier (makes a tier slower than
+    #: recompute, or keeps a load in flight long enough to stop its server).
+    test_tier_delay_s: dict[str, NonNegativeFloat] = Field(default_factory=dict)
 
 
 def parse_extra_config(extra: dict[str, Any] | None, env: dict[str, str] | None = None

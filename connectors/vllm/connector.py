@@ -81,7 +81,7 @@ class KVLayerConnector(KVConnectorBase_V1):
         else:
             layer_names = list(kv_cache_config.kv_cache_groups[0].layer_names)
             self.worker = WorkerSide(self.cache, block_size=self.block_size, num_blocks=int(kv_cache_config.num_blocks),
-                                     layer_names=layer_names, guard=self.guard)
+                                     layer_names=layer_names, guard=self.guard, options=self.options)
             self.pair.worker = self.worker
         self._closed = False
         log.info("kvlayer connector (%s): chunk %d tokens, tiers %s, namespace %s", role.name, self.config.chunk_size,
@@ -91,6 +91,11 @@ class KVLayerConnector(KVConnectorBase_V1):
         """Counters of this connector and, when vLLM runs both in this process, of its other half
         (scheduler / worker), plus the store's stats: ``{"connector": {...}, "store": {...}, ...}``."""
         return self.pair.stats()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every save queued so far is in the store (the worker of this process)."""
+        worker = self.worker or self.pair.worker
+        return worker.flush(timeout) if worker is not None else self.cache.flush(timeout)
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -112,13 +117,19 @@ class KVLayerConnector(KVConnectorBase_V1):
         self.guard.call(f"mapping the {backend} KV cache layout", lambda: worker.register(kv_caches, ctx, backend),
                         None, then="the connector stays inactive", on_error=inactive, level=logging.ERROR)
 
+    def bind_connector_metadata(self, connector_metadata: Any) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        worker = self.worker
+        if worker is not None and isinstance(connector_metadata, ConnectorMeta):
+            self.guard.call("step timing", lambda: worker.begin_step(connector_metadata), None)
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         worker, meta = self.worker, self._worker_meta()
         if worker is not None and meta is not None:
             self.guard.call("start_load_kv", lambda: worker.start_load(meta), None, then="its blocks are recomputed")
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete in start_load_kv, before the forward pass
+        return  # synchronous loads complete in start_load_kv, before the forward pass
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         return  # whole chunks are saved after the step, in wait_for_save
@@ -133,6 +144,13 @@ class KVLayerConnector(KVConnectorBase_V1):
             return None
         meta = self._get_connector_metadata()
         return meta if isinstance(meta, ConnectorMeta) else None
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        worker = self.worker
+        if worker is None:
+            return None, None
+        nothing: tuple[set[str] | None, set[str] | None] = (None, None)
+        return self.guard.call("get_finished", lambda: worker.get_finished(finished_req_ids), nothing)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.take_load_errors() if self.worker is not None else set()
@@ -156,7 +174,8 @@ class KVLayerConnector(KVConnectorBase_V1):
         if sched is not None:
             self.guard.call("update_state_after_alloc",
                             lambda: sched.update_state_after_alloc(request, blocks, num_external_tokens), None,
-                            then="nothing is loaded for the request")
+                            then="nothing is loaded for the request",
+                            on_error=lambda _e: sched.abandon_claim(request, num_external_tokens))
 
     def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int) -> dict[CacheHitSource, int]:
         sched = self.scheduler
@@ -189,18 +208,20 @@ class KVLayerConnector(KVConnectorBase_V1):
             self.guard.call("worker report", lambda: sched.on_worker_meta(report), None, then="report ignored")
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """True keeps the request's blocks until the worker has gathered its last partial chunk
+        (``save_generated``); ``get_finished`` then reports it in ``finished_sending``."""
         sched = self.scheduler
-        if sched is not None:
-            self.guard.call("request_finished", lambda: sched.request_finished(request), None)
-        return False, None
+        if sched is None:
+            return False, None
+        return self.guard.call("request_finished", lambda: sched.request_finished(request, block_ids), False), None
 
     def reset_cache(self) -> bool | None:
         """``LLM.reset_prefix_cache(reset_connector=True)``: empty kvlayer's store too."""
         def reset() -> bool:
             self.cache.clear()
-            if self.scheduler is not None and self.scheduler.remote is not None:
-                # the worker's own store lives in another process and is not cleared from here
-                self.scheduler.remote.clear()
+            if self.scheduler is not None:
+                # the worker's own store may live in another process and is not cleared from here
+                self.scheduler.index.clear()
             return True
 
         return self.guard.call("reset", reset, False, then="store kept")

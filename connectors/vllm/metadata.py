@@ -10,14 +10,19 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 
 @dataclass
 class LoadOp:
-    """Load ``keys`` (consecutive chunks) into ``blocks[i]``, skipping the first ``skips[i]``
-    blocks of chunk i (vLLM's own prefix cache already holds them)."""
+    """Load ``keys`` (consecutive chunks, ``sizes[i]`` tokens each: the last may be a partial
+    chunk) into ``blocks[i]``, skipping the first ``skips[i]`` blocks of chunk i (vLLM's own
+    prefix cache already holds them). ``tiers[i]`` is where the lookup found chunk i.
+    ``background``: vLLM waits for it asynchronously (``get_finished`` reports it done)."""
 
     req_id: str
     keys: list[str]
     blocks: list[list[int]]
     skips: list[int]
     lease: str | None = None
+    sizes: list[int] = field(default_factory=list)
+    tiers: list[str] = field(default_factory=list)
+    background: bool = False
 
 
 @dataclass
@@ -25,12 +30,18 @@ class SaveOp:
     req_id: str
     key: str
     blocks: list[int]
+    #: the request has finished and vLLM keeps its blocks until ``get_finished`` reports this
+    #: request in ``finished_sending`` (``request_finished`` returned True)
+    finished: bool = False
 
 
 @dataclass
 class ConnectorMeta(KVConnectorMetadata):
     loads: list[LoadOp] = field(default_factory=list)
     saves: list[SaveOp] = field(default_factory=list)
+    #: tokens and attention work this step computes (the worker times the step: prefill model)
+    step_tokens: int = 0
+    step_attention: float = 0.0
 
 
 @dataclass
@@ -40,10 +51,18 @@ class KVLayerWorkerMeta(KVConnectorWorkerMetadata):
 
     stored: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    #: queued saves that reached the store (a shared store then answers for them itself)
+    landed: list[str] = field(default_factory=list)
+    #: timed reads: (tier, chunks, seconds), for the load-or-recompute estimates
+    loads: list[tuple[str, int, float]] = field(default_factory=list)
+    #: timed forward passes: (tokens, attention work, seconds)
+    steps: list[tuple[int, float, float]] = field(default_factory=list)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         if not isinstance(other, KVLayerWorkerMeta):
             return self
         # with several TP ranks a chunk is loadable only when every rank stored its shard
-        theirs = set(other.stored)
-        return KVLayerWorkerMeta([k for k in self.stored if k in theirs], sorted(set(self.missing) | set(other.missing)))
+        theirs, landed = set(other.stored), set(other.landed)
+        return KVLayerWorkerMeta([k for k in self.stored if k in theirs], sorted(set(self.missing) | set(other.missing)),
+                                 [k for k in self.landed if k in landed], self.loads + other.loads,
+                                 self.steps + other.steps)

@@ -55,6 +55,9 @@ class ConnectorPair:
             out["layout"] = w.adapter.layout.describe()
             out["load_seconds"] = w.load_seconds
             out["save_seconds"] = w.save_seconds
+        if w is not None:
+            out["inflight_loads"] = w.inflight()  # background loads not yet reported to vLLM
+            out["queued_save_bytes"] = w.saves.pending_bytes
         out["store"] = self.cache.stats()
         return out
 

@@ -1,10 +1,15 @@
-"""Scheduler-side state: what to load for a request, what to save after each step.
+"""Scheduler-side state: what to load for a request, how, and what to save after each step.
 
 Per request we keep the chained chunk keys of its tokens, its block ids, how many leading chunks
 are already in the store or queued, and at most one load plan. A load plan holds a pin lease on
 its chunks from allocation until the worker has loaded them, so an eviction cannot turn a claimed
 hit into a failed load. Every piece of state is dropped when the request finishes, is aborted or
 is preempted (a preempted request is looked up afresh when it resumes).
+
+A lookup claims the leading run of stored full chunks, then at most one partial chunk (the tokens
+after them, at vLLM block granularity: one extra ``locate`` of at most ``blocks_per_chunk - 1``
+keys). It claims only as much as loads faster than it recomputes (``estimate.py``), and loads in
+the background (vLLM's async path) unless every claimed chunk is in process memory.
 """
 
 from __future__ import annotations
@@ -13,18 +18,37 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from kvlayer.engine import KVCache
-from kvlayer.keys import bind, chain_hash
+from kvlayer.keys import bind, chain_hash, token_array
 
 from ..core import FailureGuard
 from .config import ConnectorOptions
+from .estimate import Estimates, step_attention
 from .metadata import ConnectorMeta, LoadOp, SaveOp
 from .stats import SchedulerCounters
 
 log = logging.getLogger("kvlayer.vllm")
+
+#: Tier name of chunks only the worker's report vouches for (queued saves; in multi-process mode
+#: the worker's own CPU tier): loaded synchronously.
+WORKER = "worker"
+PARTIAL_TAG = b"kvlayer/partial-chunk/v1"
+
+
+def partial_key(namespace: bytes, parent: bytes, tokens: Sequence[int]) -> str:
+    """Key of a partial chunk: ``tokens`` (fewer than a chunk) after the chain link ``parent``
+    (``b""`` for the first chunk). Never a full chunk's key: those hash exactly 64 bytes
+    (``namespace || d_i``), this hashes ``24 + 32 + 1 + len(parent) + 4 * len(tokens)`` bytes,
+    never 64; the parent's length comes first, so two (parent, tokens) never hash the same bytes.
+    (``kvlayer.keys`` gives a partial last chunk a chain link of its own, but bound like a full
+    one: a chunk i > 0 of ``chunk_size - 8`` tokens hashes as many bytes as a first chunk, so
+    crafted token ids could make the two equal. Hence a key of its own here.)"""
+    data = token_array(tokens).astype("<u4").tobytes()
+    return hashlib.sha256(PARTIAL_TAG + namespace + bytes([len(parent)]) + parent + data).hexdigest()
 
 
 @dataclass
@@ -35,6 +59,8 @@ class LoadPlan:
     end_token: int  # exclusive; at most len(prompt) - 1, may end inside a block
     tiers: list[str]
     lease: str | None = None
+    sizes: list[int] = field(default_factory=list)  # tokens of each chunk (the last may be partial)
+    background: bool = False
     emitted: bool = False
 
 
@@ -43,13 +69,17 @@ class ReqState:
     req_id: str
     request: Any
     keys: list[str] = field(default_factory=list)  # full chunks of the tokens seen so far
-    parent: bytes = b""  # d_i of the last full chunk (the token chain, kvlayer.keys.token_chain)
+    chain: list[bytes] = field(default_factory=list)  # d_i of each full chunk (kvlayer.keys.token_chain)
     namespace: bytes = b""  # what keys are bound to: the cache's namespace, salted per request
     stored_chunks: int = 0  # leading chunks that are in the store or queued for saving
     block_ids: list[int] = field(default_factory=list)
     hit_tokens: int = 0
+    hit_keys: list[str] = field(default_factory=list)  # claimed chunks, the last maybe partial
     hit_tiers: list[str] = field(default_factory=list)
+    hit_sizes: list[int] = field(default_factory=list)
+    hit_async: bool = False
     load: LoadPlan | None = None
+    partial_saved: bool = False
     # multimodal / LoRA / embeddings, or a request that opted out with
     # SamplingParams(extra_args={"kv_transfer_params": {"kvlayer_skip": True}}): never load or save
     skip: bool = False
@@ -57,7 +87,8 @@ class ReqState:
 
 class SchedulerSide:
     """The scheduler-side connector's state and decisions; vLLM's calls arrive through
-    ``KVLayerConnector``, which guards them (nothing here needs to catch for the engine's sake)."""
+    ``KVLayerConnector``, which guards them (nothing here needs to catch for the engine's sake,
+    except where a lost async plan would leave a request waiting forever)."""
 
     def __init__(self, cache: KVCache, options: ConnectorOptions, *, block_size: int, remote_worker: bool = False,
                  guard: FailureGuard | None = None) -> None:
@@ -68,38 +99,53 @@ class SchedulerSide:
         self.block_size = block_size
         self.chunk_size = cache.chunk_size
         self.blocks_per_chunk = self.chunk_size // block_size
+        self.estimates = Estimates(refresh_s=options.estimate_refresh_s)
+        self._kinds = {t.name: t.kind for t in cache.config.tier_configs()}
         self._reqs: dict[str, ReqState] = {}
         self._lock = threading.Lock()
-        # Worker in another process: its CPU tier is invisible from here, so keep an index of
-        # the keys it reports as stored (bounded; a stale entry costs one recompute).
-        self.remote: OrderedDict[str, None] | None = None
-        if remote_worker:
-            self.remote = OrderedDict()
-            chunk_bytes = max(1, cache.spec.bytes_per_token() * self.chunk_size)
-            budget = sum(t.capacity for t in cache.config.tier_configs() if t.kind in ("memory", "disk"))
-            self._remote_cap = max(4096, budget // chunk_bytes)
+        self._async_new: list[str] = []  # async plans made this step (their requests are not scheduled)
+        self._orphans: list[LoadOp] = []  # async loads that cannot run: the worker reports them failed
+        self._finish_saves: list[SaveOp] = []  # saves of finished requests whose blocks vLLM keeps for us
+        # Keys the worker reported: queued saves not yet in the store (the store answers for them once
+        # they land) or, with the worker in another process, what its own store holds (invisible
+        # from here). Bounded; a stale entry costs one recompute.
+        self.remote_worker = remote_worker
+        self.index: OrderedDict[str, None] = OrderedDict()
+        chunk_bytes = max(1, cache.spec.bytes_per_token() * self.chunk_size)
+        budget = sum(t.capacity for t in cache.config.tier_configs() if t.kind in ("memory", "disk"))
+        self._index_cap = max(4096, budget // chunk_bytes)
 
+    # ------------------------------------------------------------------ worker reports
     def on_worker_meta(self, meta: Any) -> None:
-        if self.remote is None or meta is None:
+        if meta is None:
             return
+        for tier, chunks, seconds in getattr(meta, "loads", ()):
+            self.estimates.add_load(tier, chunks, seconds)
+        for tokens, attention, seconds in getattr(meta, "steps", ()):
+            self.estimates.add_step(tokens, attention, seconds)
         with self._lock:
             for k in getattr(meta, "missing", ()):
-                self.remote.pop(k, None)
+                self.index.pop(k, None)
             for k in getattr(meta, "stored", ()):
-                self.remote[k] = None
-                self.remote.move_to_end(k)
-            while len(self.remote) > self._remote_cap:
-                self.remote.popitem(last=False)
+                self.index[k] = None
+                self.index.move_to_end(k)
+            if not self.remote_worker:  # one shared store: it answers for what has landed
+                for k in getattr(meta, "landed", ()):
+                    self.index.pop(k, None)
+            while len(self.index) > self._index_cap:
+                self.index.popitem(last=False)
 
-    def _lookup(self, keys: list[str]) -> list[str]:
-        """Tier names of the leading run of keys the worker can load."""
+    def _where(self, keys: list[str]) -> list[str | None]:
+        """Per key, the tier the worker can load it from (None = nowhere)."""
         if not keys:
             return []
         where = self.cache.locate(keys)
+        return [w if w is not None or k not in self.index else WORKER for k, w in zip(keys, where, strict=True)]
+
+    def _leading(self, keys: list[str]) -> list[str]:
+        """Tier names of the leading run of keys the worker can load."""
         out: list[str] = []
-        for k, w in zip(keys, where, strict=True):
-            if w is None and self.remote is not None and k in self.remote:
-                w = "worker"
+        for w in self._where(keys):
             if w is None:
                 break
             out.append(w)
@@ -112,13 +158,16 @@ class SchedulerSide:
             return self.cache.namespace
         return hashlib.sha256(self.cache.namespace + b"vllm-cache-salt:" + str(salt).encode()).digest()
 
-    def _extend_keys(self, st: ReqState, tokens: list[int]) -> None:
+    def _extend_keys(self, st: ReqState, tokens: Sequence[int]) -> None:
         """Extend the chained keys over every full chunk of ``tokens`` (incremental)."""
         c = self.chunk_size
         while (len(st.keys) + 1) * c <= len(tokens):
             i = len(st.keys)
-            st.parent = chain_hash(st.parent, tokens[i * c:(i + 1) * c])
-            st.keys.append(bind(st.namespace, st.parent))
+            st.chain.append(chain_hash(st.chain[-1] if st.chain else b"", tokens[i * c:(i + 1) * c]))
+            st.keys.append(bind(st.namespace, st.chain[-1]))
+
+    def _partial_key(self, st: ReqState, chunk: int, tokens: Sequence[int]) -> str:
+        return partial_key(st.namespace, st.chain[chunk - 1] if chunk > 0 else b"", tokens)
 
     def _state(self, request: Any) -> ReqState:
         st = self._reqs.get(request.request_id)
@@ -139,19 +188,68 @@ class SchedulerSide:
                 return 0, False
             prompt = list(request.prompt_token_ids or [])
             self._extend_keys(st, prompt)
-            full = len(prompt) // self.chunk_size
-            tiers = self._lookup(st.keys[:full]) if full > 0 else []
+            c = self.chunk_size
+            full = len(prompt) // c
+            tiers = self._leading(st.keys[:full]) if full > 0 else []
             self.counters.add(lookups=1)
-            st.hit_tiers = tiers
+            st.stored_chunks = max(st.stored_chunks, len(tiers))
+            keys, sizes = st.keys[:len(tiers)], [c] * len(tiers)
+            part = self._probe_partial(st, prompt, len(tiers)) if self.options.partial_chunks else None
+            if part is not None:
+                keys.append(part[0])
+                tiers.append(part[1])
+                sizes.append(part[2])
+            n = self._decide(st, tiers, sizes, num_computed_tokens, len(prompt))
+            st.hit_keys, st.hit_tiers, st.hit_sizes = keys[:n], tiers[:n], sizes[:n]
             # Never claim the last prompt token (vLLM must compute at least one). The claim may end
             # inside a block: the worker loads that whole block and vLLM then overwrites the slots
             # of the tokens it computes itself.
-            st.hit_tokens = min(len(tiers) * self.chunk_size, len(prompt) - 1)
-            st.stored_chunks = max(st.stored_chunks, len(tiers))
+            st.hit_tokens = min(sum(st.hit_sizes), len(prompt) - 1)
             new = st.hit_tokens - num_computed_tokens
             if new <= 0 or new < self.options.min_hit_tokens:
+                st.hit_async = False
                 return 0, False
-            return new, False
+            first = num_computed_tokens // c
+            mode = self.options.async_loads
+            st.hit_async = mode == "always" or (mode == "auto" and any(
+                self._kinds.get(t, "memory") != "memory" for t in st.hit_tiers[first:] if t != WORKER))
+            return new, st.hit_async
+
+    def _probe_partial(self, st: ReqState, prompt: list[int], chunk: int) -> tuple[str, str, int] | None:
+        """The longest stored partial chunk at ``chunk`` within the prompt: (key, tier, tokens)."""
+        bs, c = self.block_size, self.chunk_size
+        most = min(self.blocks_per_chunk - 1, (len(prompt) - chunk * c) // bs)
+        if most < 1:
+            return None
+        counts = list(range(most, 0, -1))
+        keys = [self._partial_key(st, chunk, prompt[chunk * c:chunk * c + k * bs]) for k in counts]
+        for k, key, tier in zip(counts, keys, self._where(keys), strict=True):
+            if tier is not None:
+                return key, tier, k * bs
+        return None
+
+    def _decide(self, st: ReqState, tiers: list[str], sizes: list[int], computed: int, prompt_len: int) -> int:
+        """How many of the found chunks to claim: all, unless load-or-recompute says fewer."""
+        c = self.chunk_size
+        first = computed // c
+        bounds = [(max(i * c, computed), min(i * c + sizes[i], prompt_len - 1)) for i in range(first, len(tiers))]
+        if not self.options.load_or_recompute or not bounds or bounds[0][0] >= bounds[0][1]:
+            return len(tiers)
+        claim = self.estimates.best_claim(tiers[first:], bounds)
+        fmt = "%.4f"
+        est = (fmt % claim.load_s if claim.load_s is not None else "?",
+               fmt % claim.recompute_s if claim.recompute_s is not None else "?")
+        if claim.chunks < len(bounds):
+            declined = bounds[-1][1] - (bounds[claim.chunks - 1][1] if claim.chunks else bounds[0][0])
+            self.counters.add(declined_hits=1, declined_tokens=declined)
+            log.debug("request %s: declined %d of %d chunks from %s: load %s s vs recompute %s s", st.req_id,
+                      len(bounds) - claim.chunks, len(bounds), sorted(set(tiers[first:])), *est)
+        else:
+            if claim.probe:
+                self.counters.add(probe_hits=1)
+            log.debug("request %s: claims %d chunks from %s: load %s s vs recompute %s s%s", st.req_id, len(bounds),
+                      sorted(set(tiers[first:])), *est, " (refreshing the estimate)" if claim.probe else "")
+        return first + claim.chunks
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         with self._lock:
@@ -161,18 +259,41 @@ class SchedulerSide:
             except (AttributeError, IndexError):
                 pass
             if num_external_tokens <= 0 or st.skip:
-                return
+                return  # also the second call after an async load, with the request's new blocks
             end = st.hit_tokens
             start = end - num_external_tokens
-            if start < 0 or start % self.block_size or end > len(st.keys) * self.chunk_size:
+            if start < 0 or start % self.block_size or end > sum(st.hit_sizes):
                 log.warning("request %s: unexpected external range [%d, %d); not loading", st.req_id, start, end)
+                if st.hit_async:
+                    self._orphan(st, max(0, start), end)
                 return
-            first, last = start // self.chunk_size, -(-end // self.chunk_size)
-            keys = st.keys[first:last]
+            c = self.chunk_size
+            first, last = start // c, -(-end // c)
+            keys = st.hit_keys[first:last]
             self._release_load(st)
             lease = self.cache.pin(keys=keys, ttl_s=self.options.pin_ttl_s)
-            st.load = LoadPlan(first, keys, start, end, st.hit_tiers[first:last], lease)
-            self.counters.add(hit_tokens=num_external_tokens, hit_requests=1)
+            st.load = LoadPlan(first, keys, start, end, st.hit_tiers[first:last], lease, st.hit_sizes[first:last],
+                               st.hit_async)
+            if st.hit_async:
+                self._async_new.append(st.req_id)
+            partial = int(st.hit_sizes[last - 1] < c)
+            self.counters.add(hit_tokens=num_external_tokens, hit_requests=1, async_hits=int(st.hit_async),
+                              partial_hits=partial)
+
+    def abandon_claim(self, request: Any, num_external_tokens: int) -> None:
+        """``update_state_after_alloc`` failed: an async claim must still be reported (as failed),
+        or vLLM would wait for it forever."""
+        with self._lock:
+            st = self._reqs.get(request.request_id)
+            if st is not None and st.hit_async and num_external_tokens > 0 and (st.load is None or not st.load.emitted):
+                self._release_load(st)
+                self._orphan(st, max(0, st.hit_tokens - num_external_tokens), st.hit_tokens)
+
+    def _orphan(self, st: ReqState, start: int, end: int) -> None:
+        """An async load that will not run: the worker reports its blocks failed and the request done."""
+        bs = self.block_size
+        blocks = st.block_ids[start // bs:-(-end // bs)]
+        self._orphans.append(LoadOp(st.req_id, [], [blocks], [0], background=True))
 
     def hit_sources(self, request: Any, num_external_tokens: int) -> dict[str, int]:
         """Tokens of the planned load per tier name."""
@@ -183,60 +304,91 @@ class SchedulerSide:
         c, plan = self.chunk_size, st.load
         for i, tier in enumerate(plan.tiers):
             ci = plan.first_chunk + i
-            n = min(plan.end_token, (ci + 1) * c) - max(plan.start_token, ci * c)
+            n = min(plan.end_token, ci * c + plan.sizes[i]) - max(plan.start_token, ci * c)
             out[tier] = out.get(tier, 0) + max(0, n)
         return out
 
     def build_connector_meta(self, so: Any) -> ConnectorMeta:
         meta = ConnectorMeta()
         with self._lock:
-            num_sched = so.num_scheduled_tokens
-            # A request preempted and re-admitted in the same step already has a fresh plan.
-            for req_id in getattr(so, "preempted_req_ids", None) or ():
-                self.counters.add(preemptions=1)
-                if req_id not in num_sched:
-                    self._drop(req_id)
-            for req_id in getattr(so, "finished_req_ids", None) or ():
-                self._drop(req_id)
-            for nr in so.scheduled_new_reqs:
-                st = self._reqs.get(nr.req_id)
-                if st is None or st.skip:
-                    continue
-                st.block_ids = list(nr.block_ids[0]) if nr.block_ids else st.block_ids
-                self._emit(st, meta, nr.num_computed_tokens + num_sched.get(nr.req_id, 0))
-            cr = so.scheduled_cached_reqs
-            resumed: set[str] = getattr(cr, "resumed_req_ids", set()) or set()
-            for i, req_id in enumerate(cr.req_ids):
+            # First what must reach the worker whatever else fails: a lost async load or finished
+            # save would leave a request waiting, or its blocks held, forever.
+            for req_id in self._async_new:
                 st = self._reqs.get(req_id)
-                if st is None or st.skip:
-                    continue
-                nb = cr.new_block_ids[i]
-                if nb is not None and len(nb) > 0:
-                    if req_id in resumed:
-                        st.block_ids = list(nb[0])
-                    else:
-                        st.block_ids.extend(nb[0])
-                self._emit(st, meta, cr.num_computed_tokens[i] + num_sched.get(req_id, 0))
+                if st is not None and st.load is not None and not st.load.emitted:
+                    self._emit_load(st, meta)
+            meta.loads.extend(self._orphans)
+            meta.saves.extend(self._finish_saves)
+            self._async_new, self._orphans, self._finish_saves = [], [], []
+            try:
+                self._plan_step(so, meta)
+            except Exception as e:
+                self.guard.record("planning the step", e, then="no saves this step")
         return meta
+
+    def _plan_step(self, so: Any, meta: ConnectorMeta) -> None:
+        num_sched = so.num_scheduled_tokens
+        meta.step_tokens = int(getattr(so, "total_num_scheduled_tokens", 0) or 0)
+        # A request preempted and re-admitted in the same step already has a fresh plan.
+        for req_id in getattr(so, "preempted_req_ids", None) or ():
+            self.counters.add(preemptions=1)
+            if req_id not in num_sched:
+                self._drop(req_id)
+        for req_id in getattr(so, "finished_req_ids", None) or ():
+            self._drop(req_id)
+        for nr in so.scheduled_new_reqs:
+            n = num_sched.get(nr.req_id, 0)
+            meta.step_attention += step_attention(nr.num_computed_tokens, n)
+            st = self._reqs.get(nr.req_id)
+            if st is None or st.skip:
+                continue
+            st.block_ids = list(nr.block_ids[0]) if nr.block_ids else st.block_ids
+            self._emit(st, meta, nr.num_computed_tokens + n)
+        cr = so.scheduled_cached_reqs
+        resumed: set[str] = getattr(cr, "resumed_req_ids", set()) or set()
+        for i, req_id in enumerate(cr.req_ids):
+            n = num_sched.get(req_id, 0)
+            meta.step_attention += step_attention(cr.num_computed_tokens[i], n)
+            st = self._reqs.get(req_id)
+            if st is None or st.skip:
+                continue
+            nb = cr.new_block_ids[i]
+            if nb is not None and len(nb) > 0:
+                if req_id in resumed:
+                    st.block_ids = list(nb[0])
+                else:
+                    st.block_ids.extend(nb[0])
+            self._emit(st, meta, cr.num_computed_tokens[i] + n)
+
+    def _emit_load(self, st: ReqState, meta: ConnectorMeta) -> None:
+        plan = st.load
+        assert plan is not None
+        plan.emitted = True
+        bpc, bs, c = self.blocks_per_chunk, self.block_size, self.chunk_size
+        blocks: list[list[int]] = []
+        skips: list[int] = []
+        want = []
+        for j, size in enumerate(plan.sizes):
+            ci = plan.first_chunk + j
+            stop = min(ci * bpc + -(-size // bs), -(-plan.end_token // bs))  # the last chunk may load only in part
+            want.append(stop - ci * bpc)
+            blocks.append(st.block_ids[ci * bpc:stop])
+            skips.append(max(0, (plan.start_token - ci * c) // bs))
+        if [len(b) for b in blocks] == want:
+            meta.loads.append(LoadOp(st.req_id, plan.keys, blocks, skips, plan.lease, list(plan.sizes),
+                                     list(plan.tiers), plan.background))
+            return
+        # cannot happen with vLLM's allocation; never load into the wrong blocks
+        log.warning("request %s: missing blocks for its load; skipped", st.req_id)
+        if plan.background:
+            self._orphan(st, plan.start_token, plan.end_token)
+            meta.loads.extend(self._orphans)
+            self._orphans = []
 
     def _emit(self, st: ReqState, meta: ConnectorMeta, computed_after: int) -> None:
         bpc, bs, c = self.blocks_per_chunk, self.block_size, self.chunk_size
-        plan = st.load
-        if plan is not None and not plan.emitted:
-            plan.emitted = True
-            blocks: list[list[int]] = []
-            skips: list[int] = []
-            want = []
-            for j in range(len(plan.keys)):
-                ci = plan.first_chunk + j
-                stop = min((ci + 1) * bpc, -(-plan.end_token // bs))  # the last chunk may load only in part
-                want.append(stop - ci * bpc)
-                blocks.append(st.block_ids[ci * bpc:stop])
-                skips.append(max(0, (plan.start_token - ci * c) // bs))
-            if [len(b) for b in blocks] == want:
-                meta.loads.append(LoadOp(st.req_id, plan.keys, blocks, skips, plan.lease))
-            else:  # cannot happen with vLLM's allocation; never load into the wrong blocks
-                log.warning("request %s: missing blocks for its load; skipped", st.req_id)
+        if st.load is not None and not st.load.emitted:
+            self._emit_load(st, meta)
         tokens = st.request.all_token_ids if self.options.save_generated else st.request.prompt_token_ids
         limit = min(computed_after, len(tokens or []))
         if limit // c > len(st.keys):
@@ -245,10 +397,48 @@ class SchedulerSide:
         for ci in range(st.stored_chunks, upto):
             meta.saves.append(SaveOp(st.req_id, st.keys[ci], st.block_ids[ci * bpc:(ci + 1) * bpc]))
         st.stored_chunks = max(st.stored_chunks, upto)
+        # The prompt's last partial chunk, once its whole blocks are computed (with save_generated,
+        # at the end instead: request_finished).
+        if self.options.partial_chunks and not self.options.save_generated and not st.partial_saved:
+            n = len(tokens or [])
+            full = n // c
+            k = min((n - full * c) // bs, len(st.block_ids) - full * bpc)
+            if k >= 1 and limit >= full * c + k * bs and len(st.keys) >= full:
+                st.partial_saved = True
+                key = self._partial_key(st, full, list(tokens[full * c:full * c + k * bs]))
+                if st.load is None or key not in st.load.keys:
+                    meta.saves.append(SaveOp(st.req_id, key, st.block_ids[full * bpc:full * bpc + k]))
+                    self.counters.add(partial_saves=1)
 
-    def request_finished(self, request: Any) -> None:
+    def request_finished(self, request: Any, block_ids: Sequence[int] = ()) -> bool:
+        """Drop the request's state. Returns True when vLLM must keep its blocks until the worker
+        has gathered its last partial chunk (``save_generated``): reported in ``finished_sending``."""
         with self._lock:
+            st = self._reqs.get(request.request_id)
+            save = None
+            if st is not None and not st.skip and self.options.save_generated and self.options.partial_chunks:
+                save = self._finish_save(st, request, list(block_ids))
             self._drop(request.request_id)
+            if save is None:
+                return False
+            # queued only once nothing can fail any more: True must reach vLLM with it
+            self._finish_saves.append(save)
+            self.counters.add(partial_saves=1)
+            return True
+
+    def _finish_save(self, st: ReqState, request: Any, block_ids: list[int]) -> SaveOp | None:
+        if int(getattr(request, "num_output_tokens", 0) or 0) <= 0:
+            return None  # never computed a step (e.g. aborted while its load was in flight)
+        bpc, bs, c = self.blocks_per_chunk, self.block_size, self.chunk_size
+        tokens = list(request.all_token_ids)
+        done = min(int(request.num_computed_tokens), len(tokens))
+        self._extend_keys(st, tokens[:done])
+        full = done // c
+        k = min((done - full * c) // bs, len(block_ids) - full * bpc)
+        if k < 1 or len(st.keys) < full:
+            return None
+        key = self._partial_key(st, full, tokens[full * c:full * c + k * bs])
+        return SaveOp(st.req_id, key, block_ids[full * bpc:full * bpc + k], finished=True)
 
     def _release_load(self, st: ReqState) -> None:
         if st.load is not None and st.load.lease:
@@ -257,8 +447,13 @@ class SchedulerSide:
 
     def _drop(self, req_id: str) -> None:
         st = self._reqs.pop(req_id, None)
-        if st is not None:
-            self._release_load(st)
+        if st is None:
+            return
+        if st.load is not None and st.load.background and not st.load.emitted:
+            self._orphan(st, st.load.start_token, st.load.end_token)
+        self._release_load(st)
+        if req_id in self._async_new:
+            self._async_new.remove(req_id)
 
     def num_requests(self) -> int:
         return len(self._reqs)

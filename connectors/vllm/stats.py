@@ -13,6 +13,12 @@ class SchedulerCounters(Counters):
     lookups: int = 0
     hit_requests: int = 0
     hit_tokens: int = 0  # tokens claimed from kvlayer (beyond vLLM's own prefix hit)
+    async_hits: int = 0  # hit requests whose load runs in the background (vLLM's async path)
+    partial_hits: int = 0  # hit requests whose claim ends with a partial chunk
+    partial_saves: int = 0  # partial chunks planned for saving
+    declined_hits: int = 0  # lookups whose hit was claimed only in part or not at all: recompute wins
+    declined_tokens: int = 0
+    probe_hits: int = 0  # hits claimed only to refresh a stale load estimate
     preemptions: int = 0  # requests vLLM preempted (their state was dropped)
 
 
@@ -22,7 +28,12 @@ class WorkerCounters(Counters):
     loaded_tokens: int = 0  # token slots written by loads (whole blocks)
     load_errors: int = 0  # chunks that failed to load (their blocks were recomputed)
     error_blocks: int = 0
+    async_loads: int = 0  # loads run in the background
+    abandoned_loads: int = 0  # async loads past their deadline: recomputed, pin released
+    cancelled_loads: int = 0  # async loads of requests that finished (aborted) meanwhile
+    late_loads: int = 0  # abandoned or cancelled loads whose read came back afterwards (discarded)
     saved_chunks: int = 0  # chunks handed to the store
     skipped_saves: int = 0  # already stored (e.g. by another request in the batch)
     save_errors: int = 0
     dropped_saves: int = 0  # saves refused because the background save queue was full
+    finished_saves: int = 0  # saves of finished requests whose blocks vLLM kept until gathered

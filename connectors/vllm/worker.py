@@ -1,18 +1,31 @@
 """Worker side: copy whole blocks between vLLM's paged cache and kvlayer chunks.
 
-Loads run in ``start_load_kv`` (before the forward pass: the scheduler marks them synchronous);
-a chunk that cannot be read (missing, corrupt, tier down) marks its blocks and every later block
-of that request as failed, which vLLM then recomputes. Saves run in ``wait_for_save`` after the
-forward pass: the hottest tier takes the chunk synchronously (a memcpy), slower tiers get it from
-the store's bounded background writer, which drops and counts instead of blocking.
+Synchronous loads (chunks in process memory) run in ``start_load_kv``, before the forward pass.
+Background loads (vLLM's async path: the request waits, the batch keeps running) are fetched and
+decoded on ``load_threads`` threads, copied into the request's blocks by the same thread (nothing
+else touches a waiting request's blocks), and reported done by ``get_finished``; one still
+running at its deadline is abandoned there: its blocks are reported failed (vLLM recomputes
+them), its pin released, and whatever its read returns later is discarded. A chunk that cannot be
+read (missing, corrupt, tier down) marks its blocks and every later block of that request as
+failed, which vLLM then recomputes.
+
+Saves: the step only gathers the chunk out of vLLM's blocks (``wait_for_save``, after the forward
+pass); encoding and tier writes run on one background thread (``saves.SaveQueue``). A finished
+request's last partial chunk is gathered in the next step from blocks vLLM keeps for us until
+``get_finished`` reports the request in ``finished_sending``.
+
+Every read is timed per tier and every forward pass per token count; the scheduler side turns
+those into its load-or-recompute estimates (``estimate.py``).
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,11 +33,32 @@ import torch
 from kvlayer.engine import KVCache
 
 from ..core import FailureGuard, LayoutError
+from .config import ConnectorOptions
 from .layout import Adapter, Layout, make_adapter, probe_layout, table_layout
 from .metadata import ConnectorMeta, KVLayerWorkerMeta, LoadOp
+from .saves import SaveQueue
 from .stats import WorkerCounters
 
 log = logging.getLogger("kvlayer.vllm")
+
+#: How long an idle step (nothing scheduled, loads in flight) waits for a load to finish, so the
+#: engine loop does not spin on the cores the loads need.
+IDLE_WAIT_S = 0.005
+
+
+class State(enum.Enum):
+    PENDING = "pending"  # reading
+    WRITING = "writing"  # copying into vLLM's blocks: no longer abandonable
+    DONE = "done"
+    ABANDONED = "abandoned"  # deadline or request gone: the read's result is discarded
+
+
+@dataclass
+class BackgroundLoad:
+    op: LoadOp
+    deadline: float
+    state: State = State.PENDING
+    errors: set[int] = field(default_factory=set)
 
 
 class WorkerSide:
@@ -32,27 +66,33 @@ class WorkerSide:
     ``KVLayerConnector``, which guards them."""
 
     def __init__(self, cache: KVCache, *, block_size: int, num_blocks: int, layer_names: list[str],
-                 guard: FailureGuard | None = None) -> None:
+                 guard: FailureGuard | None = None, options: ConnectorOptions | None = None) -> None:
         self.cache = cache
+        self.options = options or ConnectorOptions()
         self.counters = WorkerCounters()
         self.guard = guard or FailureGuard(log, "vLLM worker")
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.layer_names = layer_names
         self.adapter: Adapter | None = None
+        #: test only: seconds added per chunk read from a tier (``test_tier_delay_s``; mutable)
+        self.delays: dict[str, float] = dict(self.options.test_tier_delay_s)
+        self._lock = threading.Condition()
         self._errors: set[int] = set()
         self._stored: list[str] = []
         self._missing: list[str] = []
+        self._samples: list[tuple[str, int, float]] = []
+        self._steps: list[tuple[int, float, float]] = []
+        self._background: dict[str, BackgroundLoad] = {}
+        self._sent: set[str] = set()
+        self._loader: ThreadPoolExecutor | None = None
+        self._step: tuple[float, ConnectorMeta] | None = None
+        self._idle = False  # the current step runs no forward pass
+        self._sync_load_s = 0.0
         self.load_seconds = 0.0
         self.save_seconds = 0.0
-        # The hottest tier takes saves synchronously; when that is not process memory (e.g. only
-        # Redis or a remote server is configured), saves go to one background thread instead,
-        # with a byte bound: beyond it they are dropped and counted, never waited for.
-        self._async_saves = not cache.top_tier_in_process
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvlayer-save") if self._async_saves else None
-        self._pending = 0
-        self._pending_lock = threading.Lock()
-        self._pending_limit = int(cache.config.write_queue_bytes)
+        self.saves = SaveQueue(cache, limit_bytes=int(cache.config.write_queue_bytes), guard=self.guard,
+                               counters=self.counters)
 
     # ------------------------------------------------------------------ setup
     def register(self, kv_caches: dict[str, torch.Tensor], forward_context: dict[str, Any], backend: str) -> Layout:
@@ -79,105 +119,230 @@ class WorkerSide:
         log.info("kvlayer: %d KV layers, layout %s", len(caches), layout.describe())
         return layout
 
+    # ------------------------------------------------------------------ step timing
+    def begin_step(self, meta: ConnectorMeta) -> None:
+        self._step = (time.perf_counter(), meta)
+        self._idle = meta.step_tokens == 0
+        self._sync_load_s = 0.0
+
+    def _end_step(self) -> None:
+        """Time the forward pass (minus synchronous loads) for the prefill model."""
+        if self._step is None:
+            return
+        t0, meta = self._step
+        self._step = None
+        if meta.step_tokens > 0:
+            seconds = time.perf_counter() - t0 - self._sync_load_s
+            with self._lock:
+                self._steps.append((meta.step_tokens, meta.step_attention, seconds))
+
     # ------------------------------------------------------------------ load
     def start_load(self, meta: ConnectorMeta) -> None:
-        if self.adapter is None or not meta.loads:
+        if not meta.loads:
             return
         t0 = time.perf_counter()
         for op in meta.loads:
-            self._load_guarded(op)
-        self.load_seconds += time.perf_counter() - t0
+            if op.background:
+                self._submit(op)
+            else:
+                self._load_guarded(op)
+        dt = time.perf_counter() - t0
+        self._sync_load_s += dt
+        self.load_seconds += dt
 
     def _load_guarded(self, op: LoadOp) -> None:
-        """Load one request's chunks; whatever fails is recomputed, and the pin always goes."""
-        self.guard.call("load", lambda: self._load_one(op), None, then="its blocks are recomputed",
-                        on_error=lambda _e: self._fail(op, 0))
+        """Load one request's chunks now; whatever fails is recomputed, and the pin always goes."""
+        self.guard.call("load", lambda: self._fail(op, self._scatter(op, self._read(op))), None,
+                        then="its blocks are recomputed", on_error=lambda _e: self._fail(op, 0))
+        self._unpin(op)
+
+    def _unpin(self, op: LoadOp) -> None:
         lease = op.lease
         if lease:
             self.guard.call("unpin", lambda: self.cache.unpin(lease), 0, then="the pin expires by its TTL")
 
-    def _load_one(self, op: LoadOp) -> None:
-        assert self.adapter is not None
-        chunks = self.cache.retrieve_chunks(op.keys)
-        c = self.cache.chunk_size
+    def _read(self, op: LoadOp) -> list[torch.Tensor | None]:
+        """The op's chunks (None from the first one that cannot be read), each run of chunks from
+        one tier read and timed on its own."""
+        out: list[torch.Tensor | None] = []
+        tiers = op.tiers or ["?"] * len(op.keys)
+        i = 0
+        while i < len(op.keys):
+            j = i
+            while j < len(op.keys) and tiers[j] == tiers[i]:
+                j += 1
+            keys = op.keys[i:j]
+            self.saves.wait(keys, self.options.load_deadline_s)  # a chunk still queued for saving
+            t0 = time.perf_counter()
+            delay = self.delays.get(tiers[i], 0.0)
+            if delay:
+                time.sleep(delay * len(keys))
+            got = self.cache.retrieve_chunks(keys)
+            if all(c is not None for c in got):
+                with self._lock:
+                    self._samples.append((tiers[i], len(keys), time.perf_counter() - t0))
+            out.extend(got)
+            if any(c is None for c in got):
+                break
+            i = j
+        return out + [None] * (len(op.keys) - len(out))
+
+    def _scatter(self, op: LoadOp, chunks: list[torch.Tensor | None]) -> int:
+        """Copy the chunks into the op's blocks; returns the index of the first chunk that failed
+        (``len(op.keys)`` if none did)."""
+        if self.adapter is None:
+            return 0
         for i, chunk in enumerate(chunks):
-            if chunk is None or chunk.shape[2] != c:
-                self._missing.extend(op.keys[i:])
-                self._fail(op, i)
-                return
+            size = op.sizes[i] if op.sizes else self.cache.chunk_size
+            if chunk is None or chunk.shape[2] != size:
+                with self._lock:
+                    self._missing.extend(op.keys[i:])
+                return i
             skip = op.skips[i]
             blocks = op.blocks[i][skip:]
             if blocks:
                 bs = self.block_size
                 self.adapter.scatter(blocks, chunk[:, :, skip * bs:(skip + len(blocks)) * bs])
             self.counters.add(loaded_chunks=1, loaded_tokens=len(blocks) * self.block_size)
+        return len(op.keys)
+
+    def _failed_blocks(self, op: LoadOp, first: int) -> list[int]:
+        return [b for i in range(first, len(op.blocks)) for b in op.blocks[i][op.skips[i]:]]
 
     def _fail(self, op: LoadOp, first: int) -> None:
-        bad = [b for i in range(first, len(op.blocks)) for b in op.blocks[i][op.skips[i]:]]
-        self._errors.update(bad)
+        """Report the blocks of chunks ``first`` onwards as failed (vLLM recomputes them)."""
+        bad = self._failed_blocks(op, first)
+        if not bad:
+            return
+        with self._lock:
+            self._errors.update(bad)
         self.counters.add(load_errors=len(op.blocks) - first, error_blocks=len(bad))
 
+    # ------------------------------------------------------------------ background loads
+    def _submit(self, op: LoadOp) -> None:
+        job = BackgroundLoad(op, time.monotonic() + self.options.load_deadline_s)
+        self.counters.add(async_loads=1)
+        with self._lock:
+            self._background[op.req_id] = job
+        if self.adapter is None or not op.keys:  # inactive connector, or a plan that cannot run
+            self._finish(job, 0)
+            return
+        if self._loader is None:
+            self._loader = ThreadPoolExecutor(self.options.load_threads, thread_name_prefix="kvlayer-load")
+        self._loader.submit(self._run, job)
+
+    def _run(self, job: BackgroundLoad) -> None:
+        chunks: list[torch.Tensor | None] = self.guard.call("background load", lambda: self._read(job.op),
+                                                            [None] * len(job.op.keys), then="its blocks are recomputed")
+        with self._lock:
+            if job.state is not State.PENDING:
+                self.counters.add(late_loads=1)
+                return
+            job.state = State.WRITING
+        first = self.guard.call("background load", lambda: self._scatter(job.op, chunks), 0,
+                                then="its blocks are recomputed")
+        self._finish(job, first)
+
+    def _finish(self, job: BackgroundLoad, first: int) -> None:
+        bad = self._failed_blocks(job.op, first)
+        if bad:
+            self.counters.add(load_errors=len(job.op.blocks) - first, error_blocks=len(bad))
+        with self._lock:
+            job.errors = set(bad)
+            job.state = State.DONE
+            self._lock.notify_all()
+        self._unpin(job.op)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """(finished requests whose delayed save is gathered, requests whose background load is
+        over: done, failed, past its deadline, or of a request that finished meanwhile)."""
+        idle = self._idle
+        recving: set[str] = set()
+        gone: list[BackgroundLoad] = []
+        with self._lock:
+            if idle and self._background and not any(j.state is State.DONE for j in self._background.values()):
+                nearest = min(j.deadline for j in self._background.values()) - time.monotonic()
+                self._lock.wait(max(0.0, min(IDLE_WAIT_S, nearest)))
+            now = time.monotonic()
+            for req_id, job in list(self._background.items()):
+                if job.state is State.DONE:
+                    self._errors.update(job.errors)
+                elif job.state is State.PENDING and (req_id in finished_req_ids or now >= job.deadline):
+                    job.state = State.ABANDONED
+                    gone.append(job)
+                    if req_id in finished_req_ids:
+                        self.counters.add(cancelled_loads=1)
+                    else:  # recomputed by vLLM
+                        bad = self._failed_blocks(job.op, 0)
+                        self._errors.update(bad)
+                        self.counters.add(abandoned_loads=1, load_errors=len(job.op.blocks), error_blocks=len(bad))
+                else:
+                    continue
+                del self._background[req_id]
+                recving.add(req_id)
+            sending, self._sent = self._sent, set()
+        for job in gone:
+            self._unpin(job.op)
+        if gone:
+            log.info("kvlayer: %d background load(s) abandoned (deadline %.1f s or request finished); recomputed",
+                     len(gone), self.options.load_deadline_s)
+        return sending or None, recving or None
+
+    def inflight(self) -> int:
+        with self._lock:
+            return len(self._background)
+
     def take_worker_meta(self) -> KVLayerWorkerMeta | None:
-        if not self._stored and not self._missing:
+        landed, dropped = self.saves.take_reports()
+        with self._lock:
+            meta = KVLayerWorkerMeta(self._stored, self._missing + dropped, landed, self._samples, self._steps)
+            self._stored, self._missing, self._samples, self._steps = [], [], [], []
+        if not (meta.stored or meta.missing or meta.landed or meta.loads or meta.steps):
             return None
-        meta = KVLayerWorkerMeta(self._stored, self._missing)
-        self._stored, self._missing = [], []
         return meta
 
     def take_load_errors(self) -> set[int]:
-        out, self._errors = self._errors, set()
+        with self._lock:
+            out, self._errors = self._errors, set()
         return out
 
     # ------------------------------------------------------------------ save
     def save(self, meta: ConnectorMeta) -> None:
-        if self.adapter is None or not meta.saves:
+        self._end_step()
+        if not meta.saves:
             return
         t0 = time.perf_counter()
         # a failed save is a future miss, nothing more
         self.guard.call("save", lambda: self._save(meta), None, then="a future miss",
                         on_error=lambda _e: self.counters.add(save_errors=1))
+        finished = {op.req_id for op in meta.saves if op.finished}
+        if finished:  # gathered (or failed): vLLM may free their blocks now
+            with self._lock:
+                self._sent |= finished
+            self.counters.add(finished_saves=len(finished))
         self.save_seconds += time.perf_counter() - t0
 
     def _save(self, meta: ConnectorMeta) -> None:
-        assert self.adapter is not None
-        ops = meta.saves
-        where = self.cache.locate([op.key for op in ops])
+        """Gather each chunk out of vLLM's blocks (the only part the step pays) and queue it."""
+        if self.adapter is None:
+            return
         keys, chunks, seen = [], [], set()
-        for op, w in zip(ops, where, strict=True):
-            if w is not None or op.key in seen:
+        for op in meta.saves:
+            if op.key in seen:
                 self.counters.add(skipped_saves=1)
                 continue
             seen.add(op.key)
             keys.append(op.key)
             chunks.append(self.adapter.gather(op.blocks))
-        if keys:
-            self._store(keys, chunks)
-        self._stored.extend(keys + [op.key for op, w in zip(ops, where, strict=True) if w is not None])
+        if keys and self.saves.submit(keys, chunks):
+            with self._lock:
+                self._stored.extend(keys)
 
-    def _store(self, keys: list[str], chunks: list[torch.Tensor]) -> None:
-        if self._pool is None:
-            self.cache.store_chunks(keys, chunks, block=False)
-            self.counters.add(saved_chunks=len(keys))
-            return
-        nbytes = sum(c.numel() * c.element_size() for c in chunks)
-        with self._pending_lock:
-            if self._pending + nbytes > self._pending_limit and self._pending > 0:
-                self.counters.add(dropped_saves=len(keys))
-                return
-            self._pending += nbytes
-
-        def put() -> None:
-            self.cache.store_chunks(keys, chunks, block=False)
-            self.counters.add(saved_chunks=len(keys))
-
-        def run() -> None:
-            self.guard.call("background save", put, None, then="a future miss",
-                            on_error=lambda _e: self.counters.add(save_errors=1))
-            with self._pending_lock:
-                self._pending -= nbytes
-
-        self._pool.submit(run)
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for queued saves, then for the store's own background writes."""
+        return self.saves.flush(timeout) and self.cache.flush(timeout)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        if self._loader is not None:
+            self._loader.shutdown(wait=False, cancel_futures=True)  # a hung tier must not hang shutdown
+        self.saves.close()

@@ -39,7 +39,8 @@ pytestmark = pytest.mark.vllm
 
 # ============================================================================ engine side (script)
 def _kv_config(disk: str | None, **extra: Any) -> dict[str, Any]:
-    cfg: dict[str, Any] = {"chunk_size": CHUNK, "cpu_bytes": "256MiB", **extra}
+    # load_or_recompute off: these scenarios count loaded tokens; the decision is tested in test_vllm_async.py
+    cfg: dict[str, Any] = {"chunk_size": CHUNK, "cpu_bytes": "256MiB", "load_or_recompute": False, **extra}
     if disk:
         cfg["disk_path"] = disk
     return {"kv_connector": "KVLayerConnector", "kv_connector_module_path": "kvlayer.connectors.vllm",
@@ -196,7 +197,7 @@ def scenario_main(args: dict[str, Any]) -> dict[str, Any]:
 
     # Noise: replace the stored KV of a prompt; a real load must change the output.
     tok["noise_cold"] = _gen(llm, [P["noise"]])[0]
-    cache.flush()
+    conn.flush()
     keys = cache.keys(P["noise"], full_only=True)
     got = cache.retrieve_chunks(keys)
     assert all(c is not None for c in got)
@@ -204,14 +205,14 @@ def scenario_main(args: dict[str, Any]) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     noise = [(torch.randn(c.shape, generator=g) * 3).to(c.dtype) for c in got]
     cache.store_chunks(keys, noise, block=True)
-    cache.flush()
+    conn.flush()
     before = _snap(conn)
     tok["noise_warm"] = _gen(llm, [P["noise"]])[0]
     st["noise"] = {"before": before, "after": _snap(conn)}
 
     # Corruption: flip payload bytes of every copy (memory and disk) -> checksum miss -> recompute.
     tok["corrupt_cold"] = _gen(llm, [P["corrupt"]])[0]
-    cache.flush()
+    conn.flush()
     keys = cache.keys(P["corrupt"], full_only=True)
     mem = _levels(cache)[0].tier
     for k in keys:
@@ -229,7 +230,7 @@ def scenario_main(args: dict[str, Any]) -> dict[str, Any]:
 
     # A tier whose reads raise: lookups still succeed, every read fails -> recompute.
     tok["raise_cold"] = _gen(llm, [P["raise"]])[0]
-    cache.flush()
+    conn.flush()
 
     def boom(*a: Any, **k: Any) -> Any:
         raise OSError("injected tier failure")
@@ -246,7 +247,7 @@ def scenario_main(args: dict[str, Any]) -> dict[str, Any]:
         tier.get_many, tier.get = gm, gg
     _revive(cache)
 
-    cache.flush()
+    conn.flush()
     st["final"] = _snap(conn)
     return r
 
@@ -262,7 +263,7 @@ def scenario_restart(args: dict[str, Any]) -> dict[str, Any]:
     r["tokens"]["long"] = _gen(llm, [P["long"]])[0]
     r["stats"]["after"] = _snap(conn)
     _gen(llm, [P[f"pressure{i}"] for i in range(3)], max_tokens=1)  # store the prompts' chunks
-    conn.cache.flush()
+    conn.flush()
     r["tokens"]["pressure"] = _gen(llm, [P[f"pressure{i}"] for i in range(3)], max_tokens=PRESSURE_TOKENS)
     r["stats"]["pressure"] = _snap(conn)
     return r
