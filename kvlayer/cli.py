@@ -193,11 +193,18 @@ def _register_blend(sub: Any) -> None:
     add_blend_arguments(sub)
 
 
+def _register_doc(sub: Any) -> None:
+    from kvlayer.doc_cli import add_doc_arguments
+
+    add_doc_arguments(sub)
+
+
 # Optional command providers: (register function, extra to install, command names).
 _PROVIDERS: list[tuple[Callable[[Any], None], str, tuple[str, ...]]] = [
     (_register_server, "server", ("serve",)),
     (_register_demo, "vllm", ("demo",)),
     (_register_blend, "blend", ("blend",)),
+    (_register_doc, "vllm", ("doc",)),
 ]
 
 

@@ -437,12 +437,16 @@ class BlendWorker:
         res = blender.blend(op.tokens, spans=op.spans, prefix=prefix, recompute_ratio=op.ratio)
         if res.mode != "blend":
             raise BlendUnavailable(f"the blend fell back to a full prefill ({res.reason})")
-        got = {(g.doc_id, g.start): g for g in res.segments if g.kind == "doc"}
+        # every document run must come from the store in full (a document under the exact prefix
+        # is cut to its tail by the plan; one missing from the plan was dropped as unreadable)
+        placed = {g.doc_id for g in res.segments if g.kind == "doc"}
         sizes = {i: len(t) for i, t, _ in op.docs}
+        for g in res.segments:
+            if g.kind == "doc" and res.load.fetched_tokens.get(g.doc_id or "", 0) < g.doc_start + g.length:
+                raise BlendUnavailable(f"document {g.doc_id!r} could not be read in full (evicted, corrupt or tier down)")
         for doc_id, start in op.spans:
-            seg = got.get((doc_id, start))
-            if seg is None or res.load.fetched_tokens.get(doc_id, 0) < min(sizes[doc_id], seg.doc_start + seg.length):
-                raise BlendUnavailable(f"document {doc_id!r} could not be read in full (evicted, corrupt or tier down)")
+            if doc_id not in placed and start + sizes[doc_id] > res.prefix_tokens:
+                raise BlendUnavailable(f"document {doc_id!r} could not be read (evicted, corrupt or tier down)")
         first, last = op.computed // bs, self._blocks(op.end)
         region = res.kv[:, :, first * bs:last * bs]
         if region.shape[2] < (last - first) * bs:  # the last block is partial: vLLM fills the rest
