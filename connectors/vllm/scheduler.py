@@ -186,6 +186,12 @@ class SchedulerSide:
             st = self._state(request)
             if st.skip:
                 return 0, False
+            if st.load is not None and st.load.background and st.load.emitted:
+                # vLLM asks again only after this request's background load failed (or was abandoned
+                # at its deadline): recompute, without asking a tier that just failed it
+                self._release_load(st)
+                self.counters.add(failed_async_retries=1)
+                return 0, False
             prompt = list(request.prompt_token_ids or [])
             self._extend_keys(st, prompt)
             c = self.chunk_size

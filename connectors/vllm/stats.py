@@ -19,6 +19,7 @@ class SchedulerCounters(Counters):
     declined_hits: int = 0  # lookups whose hit was claimed only in part or not at all: recompute wins
     declined_tokens: int = 0
     probe_hits: int = 0  # hits claimed only to refresh a stale load estimate
+    failed_async_retries: int = 0  # requests recomputed after their background load failed (no new lookup)
     preemptions: int = 0  # requests vLLM preempted (their state was dropped)
 
 

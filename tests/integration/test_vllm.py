@@ -269,11 +269,13 @@ def scenario_restart(args: dict[str, Any]) -> dict[str, Any]:
     return r
 
 
-def _script_main() -> None:
+def _script_main(scenarios: dict[str, Any] | None = None) -> None:
+    """Run the scenario named on the command line (``scenario_<name>`` in ``scenarios``, default
+    this module's) and write its result where its arguments say."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     scenario, arg_file = sys.argv[1], sys.argv[2]
     args = json.loads(Path(arg_file).read_text())
-    result = globals()[f"scenario_{scenario}"](args)
+    result = (scenarios or globals())[f"scenario_{scenario}"](args)
     Path(args["out"]).write_text(json.dumps(result, default=str))
     sys.stdout.flush()
     os._exit(0)  # vLLM engines do not always shut down cleanly; the result is written
@@ -304,13 +306,15 @@ def engine_env() -> dict[str, str]:
     return env
 
 
-def run_scenario(name: str, tmp: Path, timeout: int = 400, **args: Any) -> dict[str, Any]:
+def run_scenario(name: str, tmp: Path, timeout: int = 400, script: Path = Path(__file__), **args: Any) -> dict[str, Any]:
+    """Run ``scenario_<name>`` of ``script`` (a test module that is also the engine's script) in
+    its own engine process; returns what it wrote."""
     out = tmp / f"{name}.json"
     arg_file = tmp / f"{name}.args.json"
     arg_file.write_text(json.dumps({**args, "out": str(out)}))
     log = tmp / f"{name}.log"
     with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), name, str(arg_file)],
+        proc = subprocess.Popen([sys.executable, str(script.resolve()), name, str(arg_file)],
                                 stdout=fh, stderr=subprocess.STDOUT, env=engine_env(), cwd=str(REPO),
                                 start_new_session=True)
         try:
