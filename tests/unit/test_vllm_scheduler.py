@@ -550,3 +550,21 @@ def test_queued_saves_reported_by_the_worker_are_hits_until_they_land(cache):
     assert s.hit_sources(req, CHUNK) == {"worker": CHUNK}
     s.on_worker_meta(KVLayerWorkerMeta(landed=keys))  # written (here: dropped by the tier): the store answers
     assert s.get_num_new_matched_tokens(request("landed", prompt), 0) == (0, False)
+
+
+def test_request_whose_async_load_failed_is_recomputed_without_a_new_lookup(disk_cache):
+    s = side(disk_cache)
+    prompt = tokens(2 * CHUNK + 10, 36)
+    store(disk_cache, prompt, 2)
+    req = request("failed", prompt)
+    s.get_num_new_matched_tokens(req, 0)
+    alloc(s, req, blocks(8), 2 * CHUNK)
+    s.build_connector_meta(SchedulerOutput.make_empty())
+    lookups = s.counters.lookups
+    # the worker reported every block failed: vLLM resets the request and asks again
+    assert s.get_num_new_matched_tokens(req, 0) == (0, False)
+    assert s.counters.lookups == lookups and s.counters.failed_async_retries == 1 and leases(disk_cache) == 0
+    b = blocks(9, base=600)
+    alloc(s, req, b, 0)
+    meta = s.build_connector_meta(new_step(req, b, 0, len(prompt)))
+    assert meta.loads == [] and meta.saves == []  # recomputed; its chunks are still stored
