@@ -54,7 +54,9 @@ def add_document(engine: str, doc_id: str, text: str, *, context: str = "", mode
             raise EngineError(f"{engine} serves no model")
         model = str(models[0]["id"])
     ctx = tokenize(engine, model, context, special=True) if context else []
-    doc = tokenize(engine, model, text, special=not ctx)
+    # no BOS or other special tokens in the document: it is matched inside prompts, where they are
+    # not; whatever a prompt starts with belongs in the context
+    doc = tokenize(engine, model, text, special=False)
     if not doc:
         raise UsageError(f"document {doc_id!r} is empty")
     reply = _call(f"{engine}/v1/completions", {

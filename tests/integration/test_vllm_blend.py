@@ -231,6 +231,22 @@ def scenario_blend(args: dict[str, Any]) -> dict[str, Any]:
     return r
 
 
+def scenario_replica(args: dict[str, Any]) -> dict[str, Any]:
+    """Another engine on the same ``kvlayer serve``: blends documents a server process registered."""
+    from kvlayer.connectors.vllm import connector_of
+
+    kv = {"kv_connector": "KVLayerBlendConnector", "kv_connector_module_path": "kvlayer.connectors.vllm",
+          "kv_role": "kv_both",
+          "kv_connector_extra_config": {"chunk_size": 256, "cpu_bytes": "128MiB", "server_url": args["server_url"],
+                                        "blend": {"enabled": True, "gate": False}}}
+    llm = _engine(kv)
+    conn = connector_of(llm)
+    blend = _gen(llm, [args["prompt"]], {"kvlayer_blend_ratio": 1.0})[0]
+    off = _gen(llm, [args["prompt"]], {"kvlayer_blend": False})[0]  # after: it saves exact prefix chunks
+    return {"off": off, "blend": blend, "stats": conn.stats()["blend"],
+            "documents": sorted(d.doc_id for d in conn.cache.documents())}
+
+
 def _script_main() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     scenario, arg_file = sys.argv[1], sys.argv[2]
