@@ -73,9 +73,10 @@ class Codec:
     def __repr__(self) -> str:
         return f"Codec({self.name!r}, {self.transform.params})"
 
-    def encode(self, x: torch.Tensor, *, key: str | None = None) -> memoryview:
+    def encode(self, x: torch.Tensor, *, key: str | None = None, sealed: bool = True) -> memoryview:
         """One blob of ``x`` bound to ``key`` (the store always names it; None: unbound, which
-        only ``decode`` without a key accepts)."""
+        only ``decode`` without a key accepts). ``sealed=False``: no checksum yet, for a blob that
+        stays in this process until ``header.seal`` (``decode`` refuses it before that)."""
         payload, tparams, typesize = self.transform.encode(x)
         params: dict[str, Any] = {}
         if tparams:
@@ -85,7 +86,7 @@ class Codec:
             params["c"] = cparams
         pay_len = memoryview(payload).nbytes
         head = _hdr.pack_header(self.name, tuple(x.shape), x.dtype, params, pay_len, key)
-        return _hdr.assemble(head, payload)
+        return _hdr.assemble(head, payload, sealed=sealed)
 
 
 def decode(blob: Buffer, *, key: str | None = None) -> torch.Tensor:

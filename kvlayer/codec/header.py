@@ -7,7 +7,10 @@ Layout (little-endian)::
     | checksum u64 | payload
 
 The checksum is xxh3-64 over every header byte before it plus the payload, so a flipped bit
-anywhere (shape, codec, parameters or data) is caught.
+anywhere (shape, codec, parameters or data) is caught. A blob that stays in this process (the
+in-process CPU tier) may be *unsealed* (checksum field 0, no hash pass at encode): ``seal`` writes
+the checksum when its bytes leave (write-through, demotion, a durable put), and ``verify`` refuses
+an unsealed blob like any corrupt one, so bytes read from anywhere else are always checked.
 
 The key digest binds a blob to the key it was encoded for (``sha256(key)``; all zeros = unbound,
 what ``encode`` without a key writes): a valid blob moved or copied under another key (a buggy
@@ -199,14 +202,38 @@ def verify(blob: bytes | bytearray | memoryview, key: str | None = None, *, unbo
     return hdr
 
 
-def assemble(header_wo_sum: bytes, payload: bytes | bytearray | memoryview) -> memoryview:
+def open_local(blob: bytes | bytearray | memoryview, key: str | None) -> BlobHeader:
+    """The header of a blob that never left this process (the in-process CPU tier's own, sealed
+    or not): parsed, bounds-checked and, given ``key``, checked to be encoded for it; the payload
+    is not hashed (nothing outside the process wrote it)."""
+    hdr = parse_header(blob)
+    if key is not None:
+        _check_key(hdr.key_digest, key, False)
+    return hdr
+
+
+def seal(blob: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
+    """``blob`` with its checksum written (in place; one xxh3 pass, none if already sealed), for
+    bytes about to leave the process. Readers of the in-process copy never read the field, so
+    sealing while they decode it is safe."""
+    mv = memoryview(blob)
+    at = parse_header(blob).header_len - 8
+    if struct.unpack_from("<Q", mv, at)[0] == 0:
+        if mv.readonly:
+            blob = bytearray(blob)
+            mv = memoryview(blob)
+        struct.pack_into("<Q", mv, at, checksum(mv[:at], mv[at + 8:]))
+    return blob
+
+
+def assemble(header_wo_sum: bytes, payload: bytes | bytearray | memoryview, *, sealed: bool = True) -> memoryview:
     """header + checksum + payload in one writable buffer, with a single copy of the payload.
 
     The buffer comes from the recycled pool (:mod:`kvlayer.codec.buffers`: memory already faulted
     in) or ``np.empty`` (no zero-fill pass; plain malloc: torch's CPU allocator uses
     posix_memalign, which fragments glibc's heap so a churning LRU tier held ~2x its budget in
     RSS) and the copy uses torch's parallel copy, so encoding a raw chunk costs one memcpy plus
-    one xxh3 pass."""
+    one xxh3 pass; ``sealed=False`` skips the pass and leaves the checksum 0 (``seal``)."""
     hl = len(header_wo_sum) + 8
     src = memoryview(payload).cast("B")
     arr = POOL.take(hl + src.nbytes)
@@ -217,5 +244,5 @@ def assemble(header_wo_sum: bytes, payload: bytes | bytearray | memoryview) -> m
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # read-only sources are only read
             out[hl:].copy_(torch.frombuffer(src, dtype=torch.uint8))
-    struct.pack_into("<Q", mv, hl - 8, checksum(header_wo_sum, mv[hl:]))
+    struct.pack_into("<Q", mv, hl - 8, checksum(header_wo_sum, mv[hl:]) if sealed else 0)
     return mv

@@ -305,6 +305,28 @@ class BlobStore(EvictionGuard):
         ``block=False`` a full write queue drops, and counts, instead of waiting). ``payload``
         builds what the queued write carries when it is not ``blob`` itself (called only if
         something is queued). Returns whether the last tier written synchronously took it."""
+        return self.put_many([(key, blob, payload)], block=block, durable=durable)[0]
+
+    def put_many(self, items: Sequence[tuple[str, Buffer, Callable[[], Payload] | None]], *, block: bool = True,
+                 durable: bool = False) -> list[bool]:
+        """``put`` of several (key, blob, payload) at once: the hottest tier gets one ``put_many``
+        (a remote tier pipelines it instead of paying a round trip per blob)."""
+        if not items:
+            return []
+        self._tls.block = block
+        try:
+            top = self.levels[0]
+            oks = self._safe(top, "put", partial(top.tier.put_many, [(k, b) for k, b, _ in items]),
+                             [False] * len(items))
+        finally:
+            self._tls.block = False
+        return [self._put_below(k, b, p, ok, block=block, durable=durable)
+                for (k, b, p), ok in zip(items, oks, strict=True)]
+
+    def _put_below(self, key: str, blob: Buffer, payload: Callable[[], Payload] | None, ok: bool, *,
+                   block: bool, durable: bool) -> bool:
+        """The rest of a put once the hottest tier answered ``ok``: the durable levels, then the
+        background writer."""
         last = self.disk_level if durable and self.disk_level is not None else 0
         queued: Payload | None = None
 
@@ -314,12 +336,6 @@ class BlobStore(EvictionGuard):
                 queued = payload() if payload is not None else Payload(blob, 0, memoryview(blob).nbytes)
             return queued
 
-        self._tls.block = block
-        try:
-            top = self.levels[0]
-            ok = self._safe(top, "put", partial(top.tier.put, key, blob), False)
-        finally:
-            self._tls.block = False
         for i in range(1, last + 1):
             lv = self.levels[i]
             b = self.formats.blob_for(source(), i, key)

@@ -7,6 +7,11 @@
 - ``get`` decodes (verifying header, checksum and that the blob was encoded for its key: a
   corrupt or misplaced blob is deleted and read as a miss); a raw CPU hit is a view of the stored
   blob, no copy. Hits from lower tiers are promoted in the hottest tier's codec.
+- An in-process hottest tier (memory) keeps its blobs unsealed: no checksum pass when they are
+  stored, none when they are read back (their bytes never left the process; the key is still
+  checked). A blob is sealed (hashed once) when it leaves: write-through, demotion, durable puts.
+- ``put`` hands the hottest tier batches (up to ``PUT_BATCH_BYTES`` of blobs, so memory stays
+  bounded): a remote tier pipelines them instead of paying a round trip per chunk.
 - Every blob is encoded for its key (``Codec.encode(..., key=)``), at every level.
 
 Everything else (tiers, pins, the write queue, failure isolation, lookups) is the blob store's.
@@ -14,14 +19,15 @@ Everything else (tiers, pins, the write queue, failure isolation, lookups) is th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvlayer.codec import Codec, decode
+from kvlayer.codec import Codec, decode, decode_verified
 from kvlayer.codec.base import Buffer
+from kvlayer.codec.header import open_local, seal
 from kvlayer.errors import CorruptBlobError, UsageError
 from kvlayer.storage.base import Tier
 from kvlayer.storage.blobstore import BlobStore, Formats, Level, Payload, StoreOptions
@@ -29,6 +35,9 @@ from kvlayer.storage.pins import PinRegistry
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
+
+#: blobs encoded ahead of one batched write to the hottest tier (a remote tier pipelines them)
+PUT_BATCH_BYTES = 64 << 20
 
 
 def _same(a: Codec, b: Codec) -> bool:
@@ -39,25 +48,36 @@ class TierCodecs(Formats):
     """Each level's blobs are its own codec's encoding of a chunk tensor, bound to its key: a blob
     encoded for another key (or for none) is never decoded as this key's chunk."""
 
-    def __init__(self, codecs: Sequence[Codec]) -> None:
+    def __init__(self, codecs: Sequence[Codec], *, local_top: bool = False) -> None:
         super().__init__()
         self.codecs = list(codecs)
+        #: level 0 is this process's memory: its blobs are stored unsealed and read unhashed
+        self.local_top = local_top
+
+    def _decode(self, blob: Buffer, level: int, key: str) -> torch.Tensor:
+        if level == 0 and self.local_top:
+            return decode_verified(blob, open_local(blob, key))
+        return decode(blob, key=key)
 
     def open(self, blob: Buffer, level: int, key: str) -> torch.Tensor:
-        return decode(blob, key=key)
+        return self._decode(blob, level, key)
+
+    def sealed(self, level: int) -> bool:
+        """Whether blobs encoded for ``level`` carry their checksum from the start."""
+        return level > 0 or not self.local_top
 
     def blob_for(self, payload: Payload, level: int, key: str) -> Buffer | None:
         codec = self.codecs[level]
         if payload.blob is not None and _same(self.codecs[payload.src], codec):
-            return payload.blob
+            return seal(payload.blob) if self.sealed(level) else payload.blob
         if payload.data is None:  # decoded once, kept for the job's other tiers
             if payload.blob is None:
                 return None
             try:
-                payload.data = decode(payload.blob, key=key)
+                payload.data = self._decode(payload.blob, payload.src, key)
             except CorruptBlobError:
                 return None
-        return codec.encode(payload.data, key=key)
+        return codec.encode(payload.data, key=key, sealed=self.sealed(level))
 
 
 class TieredStore:
@@ -65,7 +85,7 @@ class TieredStore:
 
     def __init__(self, levels: Sequence[tuple[Tier, Codec]], **options: Unpack[StoreOptions]) -> None:
         """``options``: the blob store's (write policy, queue bytes, promotion, retry policies)."""
-        self.codecs = TierCodecs([c for _, c in levels])
+        self.codecs = TierCodecs([c for _, c in levels], local_top=bool(levels) and levels[0][0].kind == "memory")
         self.blobs = BlobStore([t for t, _ in levels], formats=self.codecs, **options)
 
     @property
@@ -86,11 +106,17 @@ class TieredStore:
         background; with ``block=False`` a full write queue drops (and counts) instead of waiting."""
         if len(keys) != len(tensors):
             raise UsageError(f"{len(keys)} keys given for {len(tensors)} chunks")
-        top = self.codecs.codecs[0]
+        top, sealed = self.codecs.codecs[0], self.codecs.sealed(0)
         stored = 0
-        for key, t in zip(keys, tensors, strict=True):
-            blob = top.encode(t, key=key)
-            stored += self.blobs.put(key, blob, block=block, payload=partial(self._payload, t, blob))
+        batch: list[tuple[str, Buffer, Callable[[], Payload]]] = []
+        size = 0
+        for i, (key, t) in enumerate(zip(keys, tensors, strict=True)):
+            blob = top.encode(t, key=key, sealed=sealed)
+            batch.append((key, blob, partial(self._payload, t, blob)))
+            size += memoryview(blob).nbytes
+            if size >= PUT_BATCH_BYTES or i == len(keys) - 1:
+                stored += sum(self.blobs.put_many(batch, block=block))
+                batch, size = [], 0
         return stored
 
     def _payload(self, tensor: torch.Tensor, blob: Buffer) -> Payload:
