@@ -388,14 +388,38 @@ def test_kvcache_budgets_and_rss_hold_under_10x_overload(make_cache, tmp_path):
     assert peak - base <= budget + queue + 24 * MiB, f"RSS grew {(peak - base) / MiB:.1f} MiB"
 
 
-def test_modifying_a_retrieved_view_never_serves_wrong_data(spec, make_cache):
-    """Raw CPU hits are zero-copy views; writing into one must not turn into wrong data later."""
+@pytest.mark.parametrize("n_tokens", [CS, 3 * CS + 5])
+def test_retrieve_returns_memory_the_caller_owns(spec, make_cache, tmp_path, n_tokens):
+    """Writing into a tensor from the public ``retrieve`` (or ``get_document``) changes nothing
+    stored: the next read is still a hit with the original values, in every tier (it used to drop
+    the chunk: the tensor viewed the CPU blob, which then failed its checksum)."""
+    c = make_cache(spec, disk_path=str(tmp_path / "d"))
+    t = toks(n_tokens)
+    kv = kv_for(spec, n_tokens)
+    c.store(t, kv)
+    c.put_document("doc", toks(n_tokens, 7000), kv)
+    assert c.flush(timeout=30)
+    for read in (lambda: c.retrieve(t), lambda: c.get_document("doc")):
+        n, got = read()
+        assert n == n_tokens
+        got.add_(1)  # the caller's memory: any write is fine
+        got.zero_()
+        n2, again = read()
+        assert n2 == n_tokens and torch.equal(again, kv)
+    s = c.stats()
+    assert s["store"]["corrupt"] == 0 and s["store"]["misses"] == 0
+
+
+def test_retrieve_chunks_is_the_zero_copy_read(spec, make_cache):
+    """Connectors' path: raw CPU hits view the stored blob (no copy), so they are read-only; the
+    public ``retrieve`` copies instead."""
     c = make_cache(spec)
     t = toks(CS)
     kv = kv_for(spec, CS)
     c.store(t, kv)
-    n, got = c.retrieve(t)
-    assert n == CS
-    got.add_(1)  # a careless caller
-    n2, again = c.retrieve(t)
-    assert n2 == 0 or torch.equal(again, kv)
+    k = c.keys(t)
+    a, b = c.retrieve_chunks(k)[0], c.retrieve_chunks(k)[0]
+    assert a is not None and b is not None and torch.equal(a, kv)
+    assert a.data_ptr() == b.data_ptr()  # both view the one stored blob
+    _, owned = c.retrieve(t)
+    assert owned is not None and owned.data_ptr() != a.data_ptr()

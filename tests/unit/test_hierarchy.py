@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from kvlayer.codec import Codec, decode, get_codec
-from kvlayer.codec.header import FORMAT_VERSION, seal
+from kvlayer.codec.header import FORMAT_VERSION, KEY_DIGEST_AT, KEY_DIGEST_LEN, checksum, parse_header, seal
 from kvlayer.errors import CorruptBlobError
 from kvlayer.storage.base import Tier
+from kvlayer.storage.blobstore import BlobStore, Formats
 from kvlayer.storage.breaker import Breaker, RetryPolicy
 from kvlayer.storage.disk import DiskTier
 from kvlayer.storage.hierarchy import TieredStore
@@ -578,3 +579,97 @@ def test_pin_registry_counts_and_iterators():
     assert r.unpin_label("doc:d") == 1 and r.unpin_label("doc:d") == 0
     assert r.pinned_keys() == set() and r.leases() == []
     assert not r.unpin(b)
+
+
+# ---------------------------------------------------------------------------------- key binding
+def v1_blob(good: bytes) -> bytes:
+    """``good`` as kvlayer wrote it before blobs were bound to keys: format 1, no key digest."""
+    h = parse_header(good)
+    head = bytearray(good[:KEY_DIGEST_AT]) + good[KEY_DIGEST_AT + KEY_DIGEST_LEN : h.header_len - 8]
+    head[4] = 1
+    payload = good[h.header_len :]
+    return bytes(head) + checksum(bytes(head), payload).to_bytes(8, "little") + payload
+
+
+@pytest.mark.parametrize("kind", ["memory", "disk"])
+def test_old_format_blobs_are_misses_with_a_clear_message(kind, tmp_path, closing):
+    good = bytes(RAW.encode(chunk(0), key=key(0)))
+    with pytest.raises(CorruptBlobError, match=r"version 1 \(kvlayer before blobs were bound to their keys\) is no "
+                                               r"longer read.*recomputed.*Upgrading"):
+        decode(v1_blob(good))
+    tier: Tier = MemoryTier("cpu", 1 << 20) if kind == "memory" else DiskTier(tmp_path / "d", 1 << 20)
+    s = closing(_store([(tier, RAW)]))
+    s.put([key(0)], [chunk(0)])
+    _plant(tier, key(0), v1_blob(good))
+    assert s.get([key(0)]) == [None] and not tier.contains(key(0))
+    assert s.stats()["store"]["corrupt"] == 1
+    if kind == "disk":  # and a restarted disk tier drops old files when it indexes them
+        _plant_file = tier.root / key(1)[:2] / f"{key(1)}.kvb"  # type: ignore[attr-defined]
+        _plant_file.parent.mkdir(exist_ok=True)
+        _plant_file.write_bytes(v1_blob(bytes(RAW.encode(chunk(1), key=key(1)))))
+        assert key(1) not in DiskTier(tmp_path / "d", 1 << 20).keys() and not _plant_file.exists()
+
+
+def _swap(tier: Tier, a: str, b: str) -> None:
+    """Give two valid blobs each other's key, as a restore gone wrong or a hostile writer would."""
+    ba, bb = bytes(tier.get(a)), bytes(tier.get(b))  # type: ignore[arg-type]
+    _plant(tier, a, bb)
+    _plant(tier, b, ba)
+
+
+@pytest.mark.parametrize("codec", ["raw", "int4+lz4"])
+@pytest.mark.parametrize("kind", ["memory", "disk"])
+def test_blobs_swapped_between_keys_are_misses_never_the_other_keys_kv(kind, codec, tmp_path, closing):
+    tier: Tier = MemoryTier("cpu", 1 << 20) if kind == "memory" else DiskTier(tmp_path / "d", 1 << 20)
+    s = closing(_store([(tier, get_codec(codec))]))
+    xa, xb = chunk(10), chunk(11)
+    assert s.put([key("a"), key("b")], [xa, xb]) == 2
+    _swap(tier, key("a"), key("b"))
+    assert s.get([key("a"), key("b")]) == [None, None]
+    assert not tier.contains(key("a")) and not tier.contains(key("b"))  # deleted
+    st = s.stats()
+    assert st["store"]["misplaced"] == 2 and st["store"]["corrupt"] == 0 and st["tiers"][0]["misplaced"] == 2
+    # a copy under a third key is a miss too, and the original stays a hit
+    assert s.put([key("a")], [xa]) == 1
+    assert tier.put(key("c"), bytes(tier.get(key("a"))))  # type: ignore[arg-type]
+    got = s.get([key("c"), key("a")])
+    assert got[0] is None and got[1] is not None
+    assert torch.equal(got[1], decode(get_codec(codec).encode(xa)))
+
+
+def test_a_misplaced_cold_blob_is_never_promoted(tmp_path, closing):
+    cpu, disk = MemoryTier("cpu", 1 << 20), DiskTier(tmp_path / "d", 1 << 20)
+    s = closing(_store([(cpu, RAW), (disk, LZ4)]))
+    s.put([key("a"), key("b")], [chunk(20), chunk(21)])
+    assert s.flush(timeout=30)
+    _swap(disk, key("a"), key("b"))
+    cpu.clear()
+    assert s.get([key("a"), key("b")]) == [None, None]
+    assert cpu.keys() == [] and disk.keys() == []
+    assert s.stats()["store"]["misplaced"] == 2 and s.stats()["tiers"][1]["misplaced"] == 2
+
+
+def test_blob_store_checks_the_binding_of_blobs_it_keeps_as_they_are(tmp_path):
+    """The server's store: blobs stay byte for byte, stored under ``<prefix><client key>``; a blob
+    encoded for another key is a miss in every level, one encoded without a key passes (whoever
+    reads it under a key refuses it)."""
+    cpu, disk = MemoryTier("cpu", 1 << 20), DiskTier(tmp_path / "d", 1 << 20)
+    bs = BlobStore([cpu, disk], formats=Formats(key_of=lambda k: k[4:]))
+    try:
+        a, b, c = "0000" + key("a"), "0000" + key("b"), "0000" + key("c")
+        assert bs.put(a, RAW.encode(chunk(1), key=key("a")), durable=True)
+        assert bs.put(b, RAW.encode(chunk(2), key=key("a")), durable=True)  # bound to a, stored under b
+        assert bs.put(c, RAW.encode(chunk(3)), durable=True)  # unbound
+        assert bs.flush(timeout=30)
+        hit = bs.get_blob(a)
+        assert hit is not None and hit[1] == "cpu"
+        assert bs.get_blob(b) is None  # hottest level: the 40-byte check, then the disk copy
+        assert not cpu.contains(b) and not disk.contains(b) and bs.stats()["store"]["misplaced"] == 2
+        assert bs.get_blob(c) is not None
+        cpu.clear()
+        assert disk.put(c, bytes(disk.get(a)))  # type: ignore[arg-type]
+        assert bs.get_blob(c) is None  # lower level: checksum and binding
+        assert bs.get_blob(a) is not None
+        assert bs.stats()["store"]["misplaced"] == 3 and not disk.contains(c)
+    finally:
+        bs.close()
