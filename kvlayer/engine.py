@@ -172,8 +172,8 @@ class KVCache:
     def retrieve_chunks(self, keys: Sequence[str]) -> list[torch.Tensor | None]:
         """Chunks by key (None = miss), for connectors that copy them straight into the engine's
         cache. Read-only: raw CPU hits are zero-copy views of the stored blob, so a write into one
-        changes the stored chunk, which then fails its checksum and is dropped from every tier.
-        Copy before modifying (``retrieve`` does)."""
+        changes the stored chunk itself (in-process blobs are not hashed on read, so later reads
+        would serve the changed values). Copy before modifying (``retrieve`` does)."""
         out = self._store.get(list(keys))
         for i, c in enumerate(out):
             if c is not None and (c.dim() != 5 or c.shape[:2] != self.spec.chunk_shape(0)[:2]
