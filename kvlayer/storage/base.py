@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
 from kvlayer.codec.base import Buffer
+from kvlayer.errors import CorruptBlobError
+
+T = TypeVar("T")
 
 
 class TierOptions(BaseModel):
@@ -90,6 +94,17 @@ class Tier(ABC):
     def get_many(self, keys: Sequence[str]) -> list[Buffer | None]:
         return [self.get(k) for k in keys]
 
+    def get_opened(self, keys: Sequence[str], open_: Callable[[str, Buffer], T],
+                   ) -> list[tuple[Buffer, T | CorruptBlobError] | None]:
+        """``get_many``, each hit passed through ``open_(key, blob)`` (the store's checksum check
+        and decode): (blob, what it returned, or the ``CorruptBlobError`` it raised), None for a
+        miss. A tier that reads on threads runs ``open_`` there, while the bytes are still in
+        cache and next to the other reads; an ``open_`` failure is never the tier's."""
+        out: list[tuple[Buffer, T | CorruptBlobError] | None] = []
+        for k, b in zip(keys, self.get_many(keys), strict=True):
+            out.append(None if b is None else (b, opened(open_, k, b)))
+        return out
+
     def put_many(self, items: Sequence[tuple[str, Buffer]]) -> list[bool]:
         return [self.put(k, b) for k, b in items]
 
@@ -139,6 +154,14 @@ class Tier(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, capacity={self.capacity_bytes})"
+
+
+def opened(open_: Callable[[str, Buffer], T], key: str, blob: Buffer) -> T | CorruptBlobError:
+    """``open_(key, blob)``, or the ``CorruptBlobError`` it raised (returned, not raised)."""
+    try:
+        return open_(key, blob)
+    except CorruptBlobError as e:
+        return e
 
 
 class EvictionGuard(ABC):

@@ -259,18 +259,17 @@ class BlobStore(EvictionGuard):
             if not todo:
                 break
             sub = [keys[i] for i in todo]
-            nothing: list[Buffer | None] = [None] * len(sub)
-            blobs = self._safe(lv, "get", partial(lv.tier.get_many, sub), nothing)
+            nothing: list[tuple[Buffer, Any] | None] = [None] * len(sub)
+            hits = self._safe(lv, "get", partial(lv.tier.get_opened, sub, partial(self._open, depth)), nothing)
             rest = []
-            for i, blob in zip(todo, blobs, strict=True):
-                if blob is None:
+            for i, hit in zip(todo, hits, strict=True):
+                if hit is None:
                     rest.append(i)
                     continue
-                try:
-                    value = self.formats.open(blob, depth, keys[i])
-                except CorruptBlobError as e:
-                    what = "misplaced" if isinstance(e, MisplacedBlobError) else "corrupt"
-                    log.warning("tier %s: %s blob %s (%s); deleted", lv.name, what, keys[i][:16], e)
+                blob, value = hit
+                if isinstance(value, CorruptBlobError):
+                    what = "misplaced" if isinstance(value, MisplacedBlobError) else "corrupt"
+                    log.warning("tier %s: %s blob %s (%s); deleted", lv.name, what, keys[i][:16], value)
                     lv.tier.count(**{what: 1})
                     self._count(**{what: 1})
                     self._safe(lv, "delete", partial(lv.tier.delete, keys[i]), False)
@@ -284,6 +283,9 @@ class BlobStore(EvictionGuard):
             todo = rest
         self._count(hits=len(keys) - len(todo), misses=len(todo))
         return out
+
+    def _open(self, level: int, key: str, blob: Buffer) -> Any:
+        return self.formats.open(blob, level, key)
 
     def get_blob(self, key: str, *, promote: bool | None = None) -> tuple[Buffer, str] | None:
         """(blob, tier name) of ``key`` (the server's read; the default ``Formats`` opens a blob
