@@ -3,13 +3,19 @@
 Every benchmark reports throughput as a ratio to a physical baseline measured in the same run
 (memcpy, raw lz4, ...), so the numbers survive a change of machine; the absolute GB/s are kept
 for context.
+
+The recorded results (``benchmarks/results/*.json``, ``docs/benchmarks/*.md``, which the README
+links to) are written only by full runs or with ``--record``: a ``--quick`` check writes to
+``.cache/bench/`` (or ``--results-dir``) and says so, so it never replaces full-run figures.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +24,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 DOCS_DIR = REPO / "docs" / "benchmarks"
+#: where runs that are not recorded (``--quick`` without ``--record``) write (git-ignored)
+SCRATCH_DIR = REPO / ".cache" / "bench"
 
 
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
@@ -81,14 +89,46 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], first
     return "\n".join(lines) + "\n"
 
 
-def write_results(name: str, data: dict[str, Any], markdown: str) -> tuple[Path, Path]:
-    """Write ``benchmarks/results/<name>.json`` and ``docs/benchmarks/<name>.md``."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    DOCS_DIR.mkdir(parents=True, exist_ok=True)
-    jpath = RESULTS_DIR / f"{name}.json"
-    mpath = DOCS_DIR / f"{name}.md"
+def add_output_args(ap: argparse.ArgumentParser) -> None:
+    """``--record`` and ``--results-dir``, the two ways to say where a run's results go."""
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--record", action="store_true",
+                   help="update the recorded results (benchmarks/results, docs/benchmarks) even from a --quick run")
+    g.add_argument("--results-dir", type=Path, default=None,
+                   help=f"write the results here instead (default: the record for a full run, "
+                        f"{SCRATCH_DIR.relative_to(REPO)}/ for --quick)")
+
+
+def output_dirs(args: argparse.Namespace | None = None) -> tuple[Path, Path]:
+    """(JSON dir, markdown dir) of this run: the record for a full run or ``--record``, else
+    ``--results-dir`` or ``.cache/bench/``. Without ``args`` (a benchmark that does not use
+    ``add_output_args``), a ``--quick`` in the command line is enough to stay off the record."""
+    if args is None:
+        argv = sys.argv[1:]
+        record, quick, out = "--record" in argv, "--quick" in argv, None
+    else:
+        record, quick, out = getattr(args, "record", False), getattr(args, "quick", False), getattr(
+            args, "results_dir", None)
+    if record or (out is None and not quick):
+        return RESULTS_DIR, DOCS_DIR
+    d = Path(out) if out is not None else SCRATCH_DIR
+    return d, d
+
+
+def write_results(name: str, data: dict[str, Any], markdown: str,
+                  args: argparse.Namespace | None = None) -> tuple[Path, Path]:
+    """Write ``<name>.json`` and ``<name>.md`` where ``output_dirs(args)`` says (the recorded
+    ``benchmarks/results/`` and ``docs/benchmarks/`` only for a full run or ``--record``) and
+    say where on stderr (stdout's last line stays the JSON result)."""
+    jdir, mdir = output_dirs(args)
+    jdir.mkdir(parents=True, exist_ok=True)
+    mdir.mkdir(parents=True, exist_ok=True)
+    jpath = jdir / f"{name}.json"
+    mpath = mdir / f"{name}.md"
     jpath.write_text(json.dumps(rounded(data), indent=2, sort_keys=True) + "\n")
     mpath.write_text(markdown)
+    note = "" if jdir == RESULTS_DIR else " (not the recorded results, which --record updates)"
+    print(f"{name}: results written to {jpath} and {mpath}{note}", file=sys.stderr, flush=True)
     return jpath, mpath
 
 

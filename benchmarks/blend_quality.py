@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import RESULTS_DIR, emit_json, markdown_table, write_results
+from _common import add_output_args, emit_json, markdown_table, output_dirs, write_results
 
 from kvlayer import KVCache
 from kvlayer.assets import essays, load_smollm2
@@ -151,6 +151,7 @@ def main() -> int:
     ap.add_argument("--doc-tokens", default="300,480", help="passage length range before the fact is inserted")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-plot", action="store_true")
+    add_output_args(ap)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -300,10 +301,10 @@ def main() -> int:
               {"_name": k, **v} for k, v in pipe.items() if isinstance(v, dict)],
               ["ttft_s_median", "fetch_s_median", "waited_s_median"], first="mode")
           + "\n![ratio vs quality and TTFT](../../benchmarks/results/blend_quality.png)\n")
-    jpath, mpath = write_results(NAME, result, md)
+    jpath, mpath = write_results(NAME, result, md, args)
     if not args.no_plot:
-        result["plot"] = str(plot(rows, RESULTS_DIR / f"{NAME}.png"))
-        jpath, mpath = write_results(NAME, result, md)
+        result["plot"] = str(plot(rows, output_dirs(args)[0] / f"{NAME}.png"))
+        jpath, mpath = write_results(NAME, result, md, args)
     log(md)
     log(f"wrote {jpath} and {mpath}")
     emit_json(result)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import emit_json, markdown_table, write_results  # noqa: E402
+from benchmarks._common import add_output_args, emit_json, markdown_table, write_results  # noqa: E402
 from kvlayer.codec import Codec, backend_info, decode  # noqa: E402
 
 NAME = "codec_quality"
@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-write", action="store_true", help="do not write results/ and docs/")
+    add_output_args(ap)
     args = ap.parse_args(argv)
     n_ctx = args.contexts or (4 if args.quick else 12)
     p_len = args.context or (1024 if args.quick else 2048)
@@ -358,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "Published claims, for context (other models, tasks and metrics; not re-measured here):\n\n"
             + "".join(f"- {v}\n" for v in PUBLISHED.values())
         )
-        jp, mp = write_results(NAME, {"codecs": results, "_meta": meta}, md)
+        jp, mp = write_results(NAME, {"codecs": results, "_meta": meta}, md, args)
         log(f"wrote {jp} and {mp}")
     emit_json({**results, "targets": targets})
     return results

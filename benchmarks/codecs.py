@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import emit_json, markdown_table, time_gbps, write_results  # noqa: E402
+from benchmarks._common import add_output_args, emit_json, markdown_table, time_gbps, write_results  # noqa: E402
 from kvlayer.codec import Codec, decode  # noqa: E402
 from kvlayer.codec import _ext as codec_ext  # noqa: E402
 
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default="cpu",
         help="cpu: this thread's CPU time (robust on a shared machine; all work is single-threaded); wall",
     )
+    add_output_args(ap)
     args = ap.parse_args(argv)
     global CLOCK
     CLOCK = args.clock
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "probe predicts < 5% gain (`lz4_forced`: always compress).\n\n"
             + markdown_table(rows, cols, first="codec")
         )
-        jp, mp = write_results("codecs", {"codecs": results, "_meta": meta}, md)
+        jp, mp = write_results("codecs", {"codecs": results, "_meta": meta}, md, args)
         _log(f"wrote {jp} and {mp}")
     emit_json(results)
     return results

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import emit_json, markdown_table, write_results
+from _common import add_output_args, emit_json, markdown_table, write_results
 
 from kvlayer import ops
 from kvlayer.codec import Codec, _ext, cuda
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", default=None, help=f"comma-separated, from {','.join(SHAPES)} (default: all)")
     ap.add_argument("--repeat", type=int, default=None, help="timed repetitions (median; default 20 quick, 50)")
     ap.add_argument("--no-write", action="store_true", help="do not write results/ and docs/")
+    add_output_args(ap)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/gpu.py: no CUDA GPU visible to torch; this benchmark measures the GPU path only",
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{repeat}. `save_*` = gather + encode + blob in host memory; `_gpu` encodes on the GPU, `_cpu` copies "
               "the raw chunk and encodes with the C++ kernels.\n\n"
               + markdown_table([{"_name": s, **r} for s, r in rows.items()], cols, first="model shape"))
-        write_results(NAME, {"summary": summary, "rows": rows, "cuda": info}, md)
+        write_results(NAME, {"summary": summary, "rows": rows, "cuda": info}, md, args)
     emit_json(summary)
     return 0 if summary["identical_to_cpu"] else 1
 

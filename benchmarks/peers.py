@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import REPO, emit_json, markdown_table, write_results
+from _common import REPO, add_output_args, emit_json, markdown_table, output_dirs, write_results
 
 sys.path.insert(0, str(REPO))  # tests.fixtures: the redis-server the tests use
 from redis_tier import redis_benchmark  # noqa: E402
@@ -443,6 +443,7 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=32, help="KV chunks of 256 tokens (default 32 = 189 MB)")
     ap.add_argument("--dir", help="where both disk tiers write (default: a temp dir; use a real disk)")
     ap.add_argument("--no-lmcache", action="store_true", help="kvlayer and the floors only")
+    add_output_args(ap)
     args = ap.parse_args()
     rounds = args.rounds or (3 if args.quick else 7)
     t_start = time.perf_counter()
@@ -543,8 +544,8 @@ def main() -> int:
         "kv_source": source, "quick": args.quick, "seconds": time.perf_counter() - t_start,
     }
     if not args.quick or args.record:
-        png = plot(rows, g, Path(REPO / "docs" / "benchmarks" / f"{NAME}.png"))
-        write_results(NAME, data, markdown(data, md_table, png.name))
+        png = plot(rows, g, output_dirs(args)[1] / f"{NAME}.png")
+        write_results(NAME, data, markdown(data, md_table, png.name), args)
     emit_json(data)
     return 0
 

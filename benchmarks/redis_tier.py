@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 
 import redis
 import torch
-from _common import emit_json, markdown_table, time_gbps, write_results
+from _common import add_output_args, emit_json, markdown_table, time_gbps, write_results
 
 from kvlayer.codec import get_codec
 from kvlayer.storage import TieredStore  # noqa: E402
@@ -78,6 +78,7 @@ def main() -> int:
     ap.add_argument("--malloc-tuning", action="store_true",
                     help="apply kvlayer.malloc.tune_for_blobs() first (what malloc_tuning: true does in an engine); "
                          "results go to redis_tier_malloc_tuned.{json,md}")
+    add_output_args(ap)
     args = ap.parse_args()
     if args.malloc_tuning:
         from kvlayer.malloc import tune_for_blobs
@@ -209,7 +210,7 @@ def main() -> int:
     data = {**summary, "sizes": per_size, "cpus": os.cpu_count(), "loadavg_1min": [load_start, os.getloadavg()[0]], "connections": args.connections, "batch_mib": batch // MiB,
             "repeat": repeat, "quick": args.quick, "malloc_tuning": args.malloc_tuning,
             "seconds": time.perf_counter() - t_start}
-    write_results("redis_tier_malloc_tuned" if args.malloc_tuning else "redis_tier", data, md)
+    write_results("redis_tier_malloc_tuned" if args.malloc_tuning else "redis_tier", data, md, args)
     emit_json(data)
     return 0
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import REPO, emit_json, markdown_table, write_results
+from _common import REPO, add_output_args, emit_json, markdown_table, write_results
 
 from kvlayer.codec import get_codec
 from kvlayer.storage import MemoryTier, TieredStore
@@ -135,6 +135,7 @@ def main() -> int:
     ap.add_argument("--clients", default="1,4", help="client counts (default 1,4)")
     ap.add_argument("--channels", type=int, default=0,
                     help="gRPC connections per remote client (default: the tier's default, 4, like the Redis tier's 4)")
+    add_output_args(ap)
     args = ap.parse_args()
     n_chunks = args.chunks or (12 if args.quick else 32)
     repeat = args.repeat or (3 if args.quick else 7)
@@ -254,7 +255,7 @@ def main() -> int:
           + "".join(f"\nNote: {n}\n" for n in notes)
           + "\nCommand: `python benchmarks/server.py" + (" --quick" if args.quick else "") + "`\n")
     print(md)
-    write_results("server", result, md)
+    write_results("server", result, md, args)
     emit_json(result)
     return 0
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _common import emit_json, write_results
+from _common import add_output_args, emit_json, write_results
 
 from kvlayer import bench
 
@@ -27,6 +27,7 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=32, help="chunks per run (default 32 = 180 MB)")
     ap.add_argument("--repeat", type=int, default=5, help="repetitions; best is kept")
     ap.add_argument("--dir", help="where the disk tier writes (default: a temp dir); use a real disk")
+    add_output_args(ap)
     args = ap.parse_args()
     chunks, repeat = (12, 3) if args.quick else (args.chunks, args.repeat)
     res = bench.run(num_chunks=chunks, repeat=repeat, workdir=args.dir, progress=sys.stderr.isatty())
@@ -39,7 +40,7 @@ def main() -> int:
         "'vs baseline' compares round trips (store + retrieve). The CPU tier's retrieve is zero-copy: it returns "
         "a verified view of the stored blob.\n\n" + table + "\n"
     )
-    write_results("store", res, md)
+    write_results("store", res, md, args)
     emit_json({k: res[k] for k in ("cpu_vs_memcpy", "disk_vs_file", "chunk_mib", "num_chunks", "paths")})
     return 0
 

