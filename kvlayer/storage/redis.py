@@ -31,7 +31,8 @@ part count, part size, nonce); the hash tag keeps all of a value on one Cluster 
 travel in one pipeline. Parts are written before the manifest and a reader only follows the
 manifest's nonce, so a reader never mixes two writers' parts; a missing or short part is a miss
 (the manifest is then removed), never a partial blob. Blob headers/checksums are verified by the
-caller's decode (the tiered store deletes what fails). A stored value that is exactly 36 bytes and
+store (``get_opened``: on the thread of the connection that read the value; the store deletes
+what fails). A stored value that is exactly 36 bytes and
 starts with the manifest magic ``\\x00kvlPRT1`` would be read as a manifest; kvlayer blobs start
 with ``KVLB``, so only foreign values could.
 
@@ -69,8 +70,8 @@ from redis.utils import HIREDIS_AVAILABLE
 
 from kvlayer.codec.base import Buffer
 from kvlayer.config import TierConfig
-from kvlayer.errors import ConfigError, TierError
-from kvlayer.storage.base import Tier, TierOptions, TierStats
+from kvlayer.errors import ConfigError, CorruptBlobError, TierError
+from kvlayer.storage.base import Tier, TierOptions, TierStats, opened
 from kvlayer.units import parse_size
 
 log = logging.getLogger(__name__)
@@ -337,34 +338,57 @@ class RedisTier(Tier):
         return self.get_many([key])[0]
 
     def get_many(self, keys: Sequence[str]) -> list[Buffer | None]:
-        keys = list(keys)
+        return [None if h is None else h[0] for h in self._get(list(keys), None)]
+
+    def get_opened(self, keys: Sequence[str], open_: Callable[[str, Buffer], T],
+                   ) -> list[tuple[Buffer, T | CorruptBlobError] | None]:
+        """Each connection's thread opens (checks) the values it has just parsed: xxh3 releases
+        the GIL, so one connection's check overlaps the others' reads, and the bytes are still in
+        cache. A split value is joined, then opened here."""
+        return self._get(list(keys), open_)
+
+    def _get(self, keys: list[str], open_: Callable[[str, Buffer], Any] | None) -> list[tuple[Buffer, Any] | None]:
+        """(value, ``open_(key, value)`` or what it raised; None without ``open_``) per key, None
+        for a miss."""
         if not keys:
             return []
-        out: list[Buffer | None] = [None] * len(keys)
-        vals = self._call("get", lambda: self._fetch([self.rkey(k) for k in keys]))
+        rkeys = [self.rkey(k) for k in keys]
+        key_of = dict(zip(rkeys, keys, strict=True))
+        then = None if open_ is None else (lambda rk, v: (v, opened(open_, key_of[rk], v)))
+        vals = self._call("get", lambda: self._fetch(rkeys, then=then))
+        out: list[tuple[Buffer, Any] | None] = [None] * len(keys)
         split: list[tuple[int, tuple[int, int, int, bytes]]] = []
         for i, v in enumerate(vals):
-            if v is not None and v is not _FAILED:
+            if isinstance(v, tuple):  # opened on its connection's thread
+                out[i] = v
+            elif v is not None and v is not _FAILED:
                 m = self._parse_manifest(v) if len(v) == MANIFEST_LEN else None
                 if m is None:
-                    out[i] = v
+                    out[i] = (v, None if open_ is None else opened(open_, keys[i], v))
                 else:
                     split.append((i, m))
         if split:
-            self._read_parts(keys, split, out)
-        hits = sum(v is not None for v in out)
-        self.count(hits=hits, misses=len(keys) - hits, bytes_read=sum(len(v) for v in out if v is not None))
+            joined: list[Buffer | None] = [None] * len(keys)
+            self._read_parts(keys, split, joined)
+            for i, _ in split:
+                b = joined[i]
+                if b is not None:
+                    out[i] = (b, None if open_ is None else opened(open_, keys[i], b))
+        hits = sum(h is not None for h in out)
+        self.count(hits=hits, misses=len(keys) - hits, bytes_read=sum(len(h[0]) for h in out if h is not None))
         return out
 
-    def _fetch(self, rkeys: list[str], cmd: str = "GET") -> list[Any]:
+    def _fetch(self, rkeys: list[str], cmd: str = "GET", then: Callable[[str, bytes], Any] | None = None,
+               ) -> list[Any]:
         """GET (or EXISTS) Redis keys through redis-py pipelines, split across connections and
         Cluster nodes in parallel: ``bytes`` (or ints), None for a missing key or an error reply
-        (e.g. WRONGTYPE). If some connections fail and others answer (a dead Cluster node), the
-        failed keys read as ``_FAILED`` and the tier counts an error; only when all fail does it
-        raise."""
+        (e.g. WRONGTYPE); with ``then``, ``then(rkey, value)`` in place of each value that is not
+        manifest-sized, run on the connection's thread. If some connections fail and others
+        answer (a dead Cluster node), the failed keys read as ``_FAILED`` and the tier counts an
+        error; only when all fail does it raise."""
         # values: spread over connections; existence replies are tiny: one pipeline a node
         jobs = self._jobs(rkeys, self._groups_by_count if cmd == "GET" else lambda idx, k: [idx])
-        results = self._fanout(jobs, lambda job: self._read_job(job[0], cmd, [rkeys[i] for i in job[1]]),
+        results = self._fanout(jobs, lambda job: self._read_job(job[0], cmd, [rkeys[i] for i in job[1]], then),
                                tolerant=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
@@ -383,16 +407,17 @@ class RedisTier(Tier):
             for i, r in zip(idx, res, strict=True):
                 if isinstance(r, _REDIRECTS):
                     redirected.append(i)
-                elif isinstance(r, bytes | int):
+                elif isinstance(r, bytes | int | tuple):
                     out[i] = r
         if redirected:
             # Slots moved (resharding, failover): redis-py's Cluster pipeline follows MOVED/ASK.
-            again = self._read_job(self.client, cmd, [rkeys[i] for i in redirected])
+            again = self._read_job(self.client, cmd, [rkeys[i] for i in redirected], then)
             for i, r in zip(redirected, again, strict=True):
-                out[i] = r if isinstance(r, bytes | int) else None
+                out[i] = r if isinstance(r, bytes | int | tuple) else None
         return out
 
-    def _read_job(self, target: Any, cmd: str, rkeys: list[str]) -> list[Any]:
+    def _read_job(self, target: Any, cmd: str, rkeys: list[str], then: Callable[[str, bytes], Any] | None = None,
+                  ) -> list[Any]:
         """One connection's share of a read. GETs go in pipelines sized so about ``_REPLY_WINDOW``
         bytes of replies come back per round trip (learnt from the values read so far): Redis
         buffers every pipelined reply, and on the 2-core test box 32 pipelined 1 MiB GETs ran
@@ -401,11 +426,15 @@ class RedisTier(Tier):
         step = 2 if cmd == "GET" else max(1, len(rkeys))
         while len(out) < len(rkeys):
             pipe = target.pipeline(transaction=False)
-            for rk in rkeys[len(out):len(out) + step]:
+            batch = rkeys[len(out):len(out) + step]
+            for rk in batch:
                 pipe.get(rk) if cmd == "GET" else pipe.exists(rk)
             res = pipe.execute(raise_on_error=False)
-            out += res
             biggest = max((len(r) for r in res if isinstance(r, bytes)), default=0)
+            if then is not None:
+                res = [then(rk, r) if isinstance(r, bytes) and len(r) != MANIFEST_LEN else r
+                       for rk, r in zip(batch, res, strict=True)]
+            out += res
             step = max(1, min(64, _REPLY_WINDOW // max(biggest, 1)))
         return out
 

@@ -120,9 +120,9 @@ def test_cluster_reads_follow_moved(redis_cluster, monkeypatch):
         calls = {"pipelined": 0}
         real_read_job = tier._read_job
 
-        def counting(target, cmd, rkeys):
+        def counting(target, cmd, rkeys, then=None):
             calls["pipelined"] += target is tier.client  # the whole-Cluster pipeline
-            return real_read_job(target, cmd, rkeys)
+            return real_read_job(target, cmd, rkeys, then)
 
         monkeypatch.setattr(tier, "_read_job", counting)
         assert [bytes(v) for v in tier.get_many(keys)] == vals  # type: ignore[arg-type]
@@ -375,11 +375,11 @@ def test_unreachable_part_is_a_miss_not_a_deletion(redis_server, raw, monkeypatc
         before = raw.dbsize()
         real = tier._read_job
 
-        def flaky(target, cmd, rkeys):
+        def flaky(target, cmd, rkeys, then=None):
             # the job holding part 0 of hexkey(1) fails; the other job (parts 1, 3) answers
             if any(rk.startswith(tier.rkey(hexkey(1)) + ":") and rk.endswith(":0") for rk in rkeys):
                 raise redis.ConnectionError("injected: connection reset")
-            return real(target, cmd, rkeys)
+            return real(target, cmd, rkeys, then)
 
         monkeypatch.setattr(tier, "_read_job", flaky)
         got = tier.get_many([hexkey(1), hexkey(2)])
