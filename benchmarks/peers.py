@@ -52,15 +52,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import REPO, add_output_args, emit_json, markdown_table, output_dirs, write_results
+from _common import add_output_args, emit_json, markdown_table, output_dirs, write_results
+from redis_tier import redis_benchmark
 
-sys.path.insert(0, str(REPO))  # tests.fixtures: the redis-server the tests use
-from redis_tier import redis_benchmark  # noqa: E402
-
-from kvlayer import assets  # noqa: E402
-from kvlayer.config import KVLayerConfig  # noqa: E402
-from kvlayer.engine import KVCache  # noqa: E402
-from kvlayer.spec import KVSpec  # noqa: E402
+from kvlayer import assets
+from kvlayer.config import KVLayerConfig
+from kvlayer.engine import KVCache
+from kvlayer.spec import KVSpec
+from kvlayer.testing import RedisServer
 
 NAME = "peers"
 LMCACHE = "lmcache==0.5.6"
@@ -437,8 +436,6 @@ def plot(rows: list[dict[str, Any]], g: dict[str, float], path: Path) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="3 rounds instead of 7 (well under 10 minutes)")
-    ap.add_argument("--record", action="store_true", help="write docs/benchmarks and benchmarks/results even "
-                                                          "with --quick")
     ap.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 7, --quick 3)")
     ap.add_argument("--chunks", type=int, default=32, help="KV chunks of 256 tokens (default 32 = 189 MB)")
     ap.add_argument("--dir", help="where both disk tiers write (default: a temp dir; use a real disk)")
@@ -453,8 +450,6 @@ def main() -> int:
     chunks, source = real_chunks(args.chunks)
     n = len(chunks)
     nbytes = sum(c.numel() * c.element_size() for c in chunks)
-    from tests.fixtures.redis_server import RedisServer
-
     server = RedisServer().start()
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="kvlayer-peers-"))
     kv_dir, lm_dir = root / "kvlayer", root / "lmcache"
@@ -543,9 +538,8 @@ def main() -> int:
         "cpus": os.cpu_count(), "rounds": rounds, "chunks": n, "chunk_mib": nbytes / n / 2**20,
         "kv_source": source, "quick": args.quick, "seconds": time.perf_counter() - t_start,
     }
-    if not args.quick or args.record:
-        png = plot(rows, g, output_dirs(args)[1] / f"{NAME}.png")
-        write_results(NAME, data, markdown(data, md_table, png.name), args)
+    png = plot(rows, g, output_dirs(args)[1] / f"{NAME}.png")
+    write_results(NAME, data, markdown(data, md_table, png.name), args)
     emit_json(data)
     return 0
 
