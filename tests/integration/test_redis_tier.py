@@ -21,7 +21,7 @@ from kvlayer import KVCache  # noqa: E402
 from kvlayer.config import KVLayerConfig, TierConfig  # noqa: E402
 from kvlayer.errors import ConfigError, TierError  # noqa: E402
 from kvlayer.storage import build_tier  # noqa: E402
-from kvlayer.storage.redis import MANIFEST_LEN, RedisTier  # noqa: E402
+from kvlayer.storage.redis import _READER_KEEP, MANIFEST_LEN, RedisTier  # noqa: E402
 from tests.fixtures import redis_server as _fx  # noqa: E402
 from tests.fixtures.redis_server import RedisServer, free_port, skip_without_redis  # noqa: E402
 
@@ -197,6 +197,8 @@ def test_replies_parsed_by_hiredis(redis_server):
         conn = pool.get_connection()
         try:
             assert isinstance(conn._parser, _HiredisParser)
+            # the reply buffer survives between multi-MiB replies (not regrown in fresh pages each time)
+            assert conn._parser._reader.getmaxbuf() == _READER_KEEP
         finally:
             pool.release(conn)
     finally:
