@@ -215,14 +215,16 @@ def scenario_blend(args: dict[str, Any]) -> dict[str, Any]:
     def boom(*a: Any, **k: Any) -> Any:
         raise OSError("injected tier failure")
 
-    saved = [(lv.tier, lv.tier.get_many, lv.tier.get) for lv in cache._store.levels]
-    for lv in cache._store.levels:
-        lv.tier.get_many = boom
-        lv.tier.get = boom
+    reads = ("get", "get_many", "get_opened")  # every read entry point a tier has
+    saved = [(lv.tier, {m: getattr(lv.tier, m) for m in reads if hasattr(lv.tier, m)}) for lv in cache._store.levels]
+    for tier, methods in saved:
+        for m in methods:
+            setattr(tier, m, boom)
     out["dead_tier"] = _gen(llm, [P["p2"]])[0]
     snap("dead_tier")
-    for tier, gm, gg in saved:
-        tier.get_many, tier.get = gm, gg
+    for tier, methods in saved:
+        for m, fn in methods.items():
+            setattr(tier, m, fn)
     for lv in cache._store.levels:
         lv.breaker.reset()
     out["after_faults"] = _gen(llm, [P["p1"]], full)[0]
