@@ -382,6 +382,7 @@ def summarize(g: dict[str, float]) -> dict[str, float]:
         "cpu_put_vs_lmcache": ratio("kvlayer_cpu_put", "lmcache_cpu_put"),
         "cpu_get_vs_lmcache": ratio("kvlayer_cpu_get", "lmcache_cpu_get"),
         "cpu_vs_memcpy": hm(g["kvlayer_cpu_put"], g["kvlayer_cpu_get"]) / g["memcpy"],
+        "cpu_put_vs_memcpy": g["kvlayer_cpu_put"] / g["memcpy"],
     }
     warm, cold = out["disk_get_warm_vs_lmcache"], out["disk_get_cold_vs_lmcache"]
     out["disk_get_vs_lmcache"] = min(warm, cold) if warm and cold else None
@@ -440,9 +441,17 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=32, help="KV chunks of 256 tokens (default 32 = 189 MB)")
     ap.add_argument("--dir", help="where both disk tiers write (default: a temp dir; use a real disk)")
     ap.add_argument("--no-lmcache", action="store_true", help="kvlayer and the floors only")
+    ap.add_argument("--malloc-tuning", action="store_true",
+                    help="apply kvlayer.malloc.tune_for_blobs() first (what malloc_tuning: true does in an engine; "
+                         "process-wide, so every contender gets it); results go to peers_malloc_tuned.{json,md}")
     add_output_args(ap)
     args = ap.parse_args()
     rounds = args.rounds or (3 if args.quick else 7)
+    if args.malloc_tuning:
+        from kvlayer.malloc import tune_for_blobs
+
+        if tune_for_blobs() is None:
+            raise SystemExit("--malloc-tuning needs glibc on Linux")
     t_start = time.perf_counter()
     load_start = os.getloadavg()
     logging.getLogger("kvlayer").setLevel(logging.ERROR)
@@ -536,10 +545,12 @@ def main() -> int:
         **summary, "gbps": g, "lmcache": LMCACHE if lm is not None or not why else f"not run: {why}",
         "loadavg": {"start": list(load_start), "end": list(load_end), "rounds": R.loads},
         "cpus": os.cpu_count(), "rounds": rounds, "chunks": n, "chunk_mib": nbytes / n / 2**20,
-        "kv_source": source, "quick": args.quick, "seconds": time.perf_counter() - t_start,
+        "kv_source": source, "quick": args.quick, "malloc_tuning": args.malloc_tuning,
+        "seconds": time.perf_counter() - t_start,
     }
-    png = plot(rows, g, output_dirs(args)[1] / f"{NAME}.png")
-    write_results(NAME, data, markdown(data, md_table, png.name), args)
+    name = NAME + ("_malloc_tuned" if args.malloc_tuning else "")
+    png = plot(rows, g, output_dirs(args)[1] / f"{name}.png")
+    write_results(name, data, markdown(data, md_table, png.name), args)
     emit_json(data)
     return 0
 
@@ -548,7 +559,8 @@ def markdown(data: dict[str, Any], md_table: str, png: str) -> str:
     ld = data["loadavg"]
     ratios = "\n".join(f"- `{k}`: {data[k]:.3g}" if data[k] is not None else f"- `{k}`: n/a"
                        for k in ("redis_put_vs_lmcache", "redis_get_vs_lmcache", "redis_get_vs_lmcache_resp",
-                                 "disk_put_vs_lmcache", "disk_get_vs_lmcache", "cpu_vs_memcpy"))
+                                 "disk_put_vs_lmcache", "disk_get_vs_lmcache", "disk_get_warm_vs_lmcache",
+                                 "disk_get_cold_vs_lmcache", "cpu_vs_memcpy", "cpu_put_vs_memcpy"))
     return (
         f"# kvlayer vs LMCache, every storage path (`benchmarks/{NAME}.py`)\n\n"
         f"{data['chunks']} real KV chunks ({data['kv_source']}; {data['chunk_mib']:.2f} MiB each, fp16), "
@@ -556,11 +568,29 @@ def markdown(data: dict[str, Any], md_table: str, png: str) -> str:
         f"{data['cpus']} CPUs, load average (1/5/15 min) {', '.join(f'{x:.2f}' for x in ld['start'])} at the start, "
         f"{', '.join(f'{x:.2f}' for x in ld['end'])} at the end (the machine is shared: absolute GB/s move "
         "from run to run, ratios less). kvlayer uses the raw (lossless) codec on every tier, each tier alone; "
-        "LMCache its own backends with its default `naive` serde. What each contender does is in the "
-        "benchmark's docstring.\n\n"
+        "LMCache its own backends with its default `naive` serde. glibc malloc: "
+        f"{'tuned for multi-MiB blobs (kvlayer.malloc, --malloc-tuning, every contender)' if data['malloc_tuning'] else 'defaults'}. "
+        "What each contender does is in the benchmark's docstring.\n\n"
         + md_table + "\n" + ratios + "\n\n"
-        f"![kvlayer vs LMCache]({png})\n"
+        f"![kvlayer vs LMCache]({png})\n\n" + NOTES
     )
+
+
+NOTES = """## Reading the table
+
+- CPU get: both sides hand back the stored memory itself (LMCache a reference-counted memory
+  object, kvlayer a tensor viewing the stored blob after a header and key check), so the figure
+  is bookkeeping, not bandwidth; `cpu_vs_memcpy` is the round trip (store + get) against a
+  tensor copy of the same bytes. kvlayer's CPU tier stores blobs unsealed (no checksum pass) and
+  seals them when they leave the process.
+- Redis get: redis-py with hiredis copies each reply three times in the client (socket buffer,
+  hiredis's reply buffer, the `bytes` object) before kvlayer checks its checksum; LMCache's
+  native RESP client receives straight into its memory object. With glibc's default malloc
+  most of the client's time is page faults on those `bytes` objects (see `--malloc-tuning`).
+- Disk get: every kvlayer read is checked (xxh3, hashed piece by piece as the file arrives);
+  LMCache reads its files unchecked. Cold reads are fsynced and dropped from the page cache
+  (`posix_fadvise(DONTNEED)`) before each round, so they measure the device.
+"""
 
 
 if __name__ == "__main__":
