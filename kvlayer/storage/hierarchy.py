@@ -11,7 +11,8 @@
   stored, none when they are read back (their bytes never left the process; the key is still
   checked). A blob is sealed (hashed once) when it leaves: write-through, demotion, durable puts.
 - ``put`` hands the hottest tier batches (up to ``PUT_BATCH_BYTES`` of blobs, so memory stays
-  bounded): a remote tier pipelines them instead of paying a round trip per chunk.
+  bounded): a remote tier pipelines them instead of paying a round trip per chunk, and the next
+  batch is encoded while one is on the wire (two batches at most).
 - Every blob is encoded for its key (``Codec.encode(..., key=)``), at every level.
 
 Everything else (tiers, pins, the write queue, failure isolation, lookups) is the blob store's.
@@ -19,7 +20,9 @@ Everything else (tiers, pins, the write queue, failure isolation, lookups) is th
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +90,8 @@ class TieredStore:
         """``options``: the blob store's (write policy, queue bytes, promotion, retry policies)."""
         self.codecs = TierCodecs([c for _, c in levels], local_top=bool(levels) and levels[0][0].kind == "memory")
         self.blobs = BlobStore([t for t, _ in levels], formats=self.codecs, **options)
+        self._send: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
 
     @property
     def levels(self) -> list[Level]:
@@ -110,14 +115,31 @@ class TieredStore:
         stored = 0
         batch: list[tuple[str, Buffer, Callable[[], Payload]]] = []
         size = 0
-        for i, (key, t) in enumerate(zip(keys, tensors, strict=True)):
-            blob = top.encode(t, key=key, sealed=sealed)
-            batch.append((key, blob, partial(self._payload, t, blob)))
-            size += memoryview(blob).nbytes
-            if size >= PUT_BATCH_BYTES or i == len(keys) - 1:
-                stored += sum(self.blobs.put_many(batch, block=block))
-                batch, size = [], 0
+        sending: Future[list[bool]] | None = None  # a remote top tier's previous batch, in flight
+        try:
+            for i, (key, t) in enumerate(zip(keys, tensors, strict=True)):
+                blob = top.encode(t, key=key, sealed=sealed)
+                batch.append((key, blob, partial(self._payload, t, blob)))
+                size += memoryview(blob).nbytes
+                if size >= PUT_BATCH_BYTES or i == len(keys) - 1:
+                    if sending is not None:
+                        stored += sum(sending.result())
+                        sending = None
+                    if self.codecs.local_top or i == len(keys) - 1:
+                        stored += sum(self.blobs.put_many(batch, block=block))
+                    else:  # encode the next batch while this one is on the wire
+                        sending = self._sender().submit(partial(self.blobs.put_many, batch, block=block))
+                    batch, size = [], 0
+        finally:
+            if sending is not None:  # never return (or raise) while the caller's tensors are in use
+                sending.result()
         return stored
+
+    def _sender(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._send is None:
+                self._send = ThreadPoolExecutor(1, thread_name_prefix="kvlayer-put")
+            return self._send
 
     def _payload(self, tensor: torch.Tensor, blob: Buffer) -> Payload:
         """A background write that owns its data: the caller may reuse ``tensor`` as soon as
@@ -151,4 +173,8 @@ class TieredStore:
         return s
 
     def close(self) -> None:
+        with self._lock:
+            send, self._send = self._send, None
+        if send is not None:
+            send.shutdown(wait=True)
         self.blobs.close()

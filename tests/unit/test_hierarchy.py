@@ -241,6 +241,35 @@ def test_disk_reads_are_hashed_as_they_arrive(tmp_path, closing, monkeypatch):
     assert s.stats()["store"]["corrupt"] == 1
 
 
+def test_remote_top_tier_gets_bounded_batches_while_the_next_is_encoded(closing, monkeypatch):
+    """A put to a tier outside the process goes out in batches of at most PUT_BATCH_BYTES (one
+    put_many each, so a remote tier pipelines them); all but the last leave on the sender thread
+    while the next batch is encoded, and put returns only once every batch is stored."""
+    import kvlayer.storage.hierarchy as hier
+
+    class Remoteish(MemoryTier):
+        kind = "redis"  # not this process's memory: blobs sealed, batches sent in the background
+
+        def __init__(self) -> None:
+            super().__init__("remote", 1 << 24)
+            self.batches: list[tuple[int, str]] = []
+
+        def put_many(self, items):
+            self.batches.append((len(items), threading.current_thread().name))
+            return super().put_many(items)
+
+    xs = [chunk(i) for i in range(7)]
+    monkeypatch.setattr(hier, "PUT_BATCH_BYTES", 2 * len(bytes(RAW.encode(xs[0]))))
+    tier = Remoteish()
+    s = closing(_store([(tier, RAW)]))
+    assert s.put([key(i) for i in range(7)], xs) == 7
+    assert [n for n, _ in tier.batches] == [2, 2, 2, 1]
+    assert all(name.startswith("kvlayer-put") for _, name in tier.batches[:-1])
+    got = s.get([key(i) for i in range(7)])
+    assert all(g is not None and torch.equal(g, x) for g, x in zip(got, xs, strict=True))
+    assert torch.equal(decode(bytes(tier.get(key(3))), key=key(3)), xs[3])  # sealed: it left the process
+
+
 def test_corrupt_cold_copy_is_a_miss_and_deleted_from_disk(tmp_path, closing):
     cpu, disk = MemoryTier("cpu", 1 << 20), DiskTier(tmp_path / "d", 1 << 20)
     s = closing(_store([(cpu, RAW), (disk, LZ4)]))
