@@ -202,42 +202,6 @@ def verify(blob: bytes | bytearray | memoryview, key: str | None = None, *, unbo
     return hdr
 
 
-class StreamCheck:
-    """A blob's checksum computed while the blob arrives in pieces (a file read 256 KiB at a
-    time): each piece is hashed as soon as it lands, still in the core's cache, instead of in a
-    second pass over the whole blob from memory. ``ok`` says whether the bytes fed so far are a
-    whole blob whose checksum matches; anything else (unparsable header, short or long blob,
-    mismatch) is False, and the reader falls back to ``verify``, which says what is wrong."""
-
-    def __init__(self) -> None:
-        self._h = xxhash.xxh3_64()
-        self._hdr: BlobHeader | None = None
-        self._done = 0  # bytes of the blob hashed so far
-        self._bad = False
-
-    def update(self, blob: memoryview, n: int) -> None:
-        """``blob[:n]`` has arrived (``n`` only grows from call to call)."""
-        if self._bad:
-            return
-        if self._hdr is None:
-            try:
-                self._hdr = parse_header(blob[:n], whole=False)
-            except CorruptBlobError:
-                self._bad = n >= len(blob)  # maybe a long header that is not all here yet
-                return
-            self._h.update(blob[: self._hdr.header_len - 8])
-            self._done = self._hdr.header_len
-        if n > self._done:
-            self._h.update(blob[self._done : n])
-            self._done = n
-
-    @property
-    def ok(self) -> bool:
-        h = self._hdr
-        return (h is not None and not self._bad and self._done == h.total_len
-                and self._h.intdigest() == h.checksum)
-
-
 def open_local(blob: bytes | bytearray | memoryview, key: str | None) -> BlobHeader:
     """The header of a blob that never left this process (the in-process CPU tier's own, sealed
     or not): parsed, bounds-checked and, given ``key``, checked to be encoded for it; the payload

@@ -94,13 +94,12 @@ class Tier(ABC):
     def get_many(self, keys: Sequence[str]) -> list[Buffer | None]:
         return [self.get(k) for k in keys]
 
-    def get_opened(self, keys: Sequence[str], open_: Callable[[str, Buffer, bool], T],
+    def get_opened(self, keys: Sequence[str], open_: Callable[[str, Buffer], T],
                    ) -> list[tuple[Buffer, T | CorruptBlobError] | None]:
-        """``get_many``, each hit passed through ``open_(key, blob, hashed)`` (the store's
-        checksum check and decode; ``hashed``: the tier already checked the checksum as it read):
-        (blob, what it returned, or the ``CorruptBlobError`` it raised), None for a miss. A tier
-        that reads on threads runs ``open_`` there, while the bytes are still in cache and next
-        to the other reads; an ``open_`` failure is never the tier's."""
+        """``get_many``, each hit passed through ``open_(key, blob)`` (the store's checksum check
+        and decode): (blob, what it returned, or the ``CorruptBlobError`` it raised), None for a
+        miss. A tier that reads on threads runs ``open_`` there, while the bytes are still in
+        cache and next to the other reads; an ``open_`` failure is never the tier's."""
         out: list[tuple[Buffer, T | CorruptBlobError] | None] = []
         for k, b in zip(keys, self.get_many(keys), strict=True):
             out.append(None if b is None else (b, opened(open_, k, b)))
@@ -157,11 +156,10 @@ class Tier(ABC):
         return f"{type(self).__name__}(name={self.name!r}, capacity={self.capacity_bytes})"
 
 
-def opened(open_: Callable[[str, Buffer, bool], T], key: str, blob: Buffer,
-           hashed: bool = False) -> T | CorruptBlobError:
-    """``open_(key, blob, hashed)``, or the ``CorruptBlobError`` it raised (returned, not raised)."""
+def opened(open_: Callable[[str, Buffer], T], key: str, blob: Buffer) -> T | CorruptBlobError:
+    """``open_(key, blob)``, or the ``CorruptBlobError`` it raised (returned, not raised)."""
     try:
-        return open_(key, blob, hashed)
+        return open_(key, blob)
     except CorruptBlobError as e:
         return e
 

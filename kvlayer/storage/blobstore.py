@@ -96,12 +96,11 @@ class Formats:
     def __init__(self, key_of: Callable[[str], str] | None = None) -> None:
         self.key_of = key_of or (lambda key: key)
 
-    def open(self, blob: Buffer, level: int, key: str, *, hashed: bool = False) -> Any:
+    def open(self, blob: Buffer, level: int, key: str) -> Any:
         """The value ``get_many`` returns for ``blob`` read from ``level`` under ``key``; raises
         ``CorruptBlobError`` (``MisplacedBlobError``: encoded for another key) for a blob that
-        must be deleted and read as a miss. ``hashed``: the tier checked the checksum as it read
-        the bytes (``header.StreamCheck``), so only the key is left to check."""
-        if level > 0 and not hashed:
+        must be deleted and read as a miss."""
+        if level > 0:
             verify(blob, self.key_of(key), unbound_ok=True)
         else:
             check_key(blob, self.key_of(key), unbound_ok=True)
@@ -285,8 +284,8 @@ class BlobStore(EvictionGuard):
         self._count(hits=len(keys) - len(todo), misses=len(todo))
         return out
 
-    def _open(self, level: int, key: str, blob: Buffer, hashed: bool) -> Any:
-        return self.formats.open(blob, level, key, hashed=hashed)
+    def _open(self, level: int, key: str, blob: Buffer) -> Any:
+        return self.formats.open(blob, level, key)
 
     def get_blob(self, key: str, *, promote: bool | None = None) -> tuple[Buffer, str] | None:
         """(blob, tier name) of ``key`` (the server's read; the default ``Formats`` opens a blob

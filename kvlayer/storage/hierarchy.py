@@ -57,13 +57,13 @@ class TierCodecs(Formats):
         #: level 0 is this process's memory: its blobs are stored unsealed and read unhashed
         self.local_top = local_top
 
-    def _decode(self, blob: Buffer, level: int, key: str, hashed: bool = False) -> torch.Tensor:
-        if hashed or (level == 0 and self.local_top):
+    def _decode(self, blob: Buffer, level: int, key: str) -> torch.Tensor:
+        if level == 0 and self.local_top:
             return decode_verified(blob, open_local(blob, key))
         return decode(blob, key=key)
 
-    def open(self, blob: Buffer, level: int, key: str, *, hashed: bool = False) -> torch.Tensor:
-        return self._decode(blob, level, key, hashed)
+    def open(self, blob: Buffer, level: int, key: str) -> torch.Tensor:
+        return self._decode(blob, level, key)
 
     def sealed(self, level: int) -> bool:
         """Whether blobs encoded for ``level`` carry their checksum from the start."""

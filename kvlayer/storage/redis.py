@@ -350,15 +350,14 @@ class RedisTier(Tier):
     def get_many(self, keys: Sequence[str]) -> list[Buffer | None]:
         return [None if h is None else h[0] for h in self._get(list(keys), None)]
 
-    def get_opened(self, keys: Sequence[str], open_: Callable[[str, Buffer, bool], T],
+    def get_opened(self, keys: Sequence[str], open_: Callable[[str, Buffer], T],
                    ) -> list[tuple[Buffer, T | CorruptBlobError] | None]:
         """Each connection's thread opens (checks) the values it has just parsed: xxh3 releases
         the GIL, so one connection's check overlaps the others' reads, and the bytes are still in
         cache. A split value is joined, then opened here."""
         return self._get(list(keys), open_)
 
-    def _get(self, keys: list[str], open_: Callable[[str, Buffer, bool], Any] | None,
-             ) -> list[tuple[Buffer, Any] | None]:
+    def _get(self, keys: list[str], open_: Callable[[str, Buffer], Any] | None) -> list[tuple[Buffer, Any] | None]:
         """(value, ``open_(key, value)`` or what it raised; None without ``open_``) per key, None
         for a miss."""
         if not keys:

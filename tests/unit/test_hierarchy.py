@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvlayer.codec import Codec, decode, get_codec, header
+from kvlayer.codec import Codec, decode, get_codec
 from kvlayer.codec.header import FORMAT_VERSION, KEY_DIGEST_AT, KEY_DIGEST_LEN, checksum, parse_header, seal
 from kvlayer.errors import CorruptBlobError
 from kvlayer.storage.base import Tier
@@ -207,38 +207,6 @@ def test_in_process_blobs_are_sealed_when_they_leave(tmp_path, closing):
     # the key binding holds in memory too: another key's blob is never served
     cpu.put(key(5), bytes(RAW.encode(x, key=key(4), sealed=False)))
     assert s.get([key(5)]) == [None] and s.stats()["store"]["misplaced"] == 1
-
-
-def test_disk_reads_are_hashed_as_they_arrive(tmp_path, closing, monkeypatch):
-    """A disk hit is hashed piece by piece while its file is read (``StreamCheck``), never in a
-    second pass; a damaged file fails that check and goes through ``verify``, which names the
-    damage, and is deleted."""
-    blob = bytes(RAW.encode(chunk(7), key=key(7)))
-    for cut in (1, 100, len(blob) // 2, len(blob)):  # any split into pieces gives the same answer
-        sc = header.StreamCheck()
-        sc.update(memoryview(blob), cut)
-        sc.update(memoryview(blob), len(blob))
-        assert sc.ok
-    for bad in (blob[:-1], blob + b"x", blob[:-3] + bytes([blob[-3] ^ 1]) + blob[-2:], b"KVLB" + bytes(60)):
-        sc = header.StreamCheck()
-        sc.update(memoryview(bad), len(bad))
-        assert not sc.ok
-    disk = DiskTier(tmp_path / "d", 1 << 24)
-    s = closing(_store([(disk, RAW)]))
-    xs = [chunk(i) for i in range(3)]
-    s.put([key(i) for i in range(3)], xs)
-    calls: list[int] = []
-    real = header.verify
-    monkeypatch.setattr(header, "verify", lambda *a, **k: calls.append(1) or real(*a, **k))
-    got = s.get([key(i) for i in range(3)])
-    assert all(g is not None and torch.equal(g, x) for g, x in zip(got, xs, strict=True)) and calls == []
-    p = disk.root / key(1)[:2] / f"{key(1)}.kvb"
-    damaged = bytearray(p.read_bytes())
-    damaged[-5] ^= 1
-    p.write_bytes(damaged)
-    got = s.get([key(i) for i in range(3)])
-    assert got[1] is None and got[0] is not None and calls == [1] and not disk.contains(key(1))
-    assert s.stats()["store"]["corrupt"] == 1
 
 
 def test_remote_top_tier_gets_bounded_batches_while_the_next_is_encoded(closing, monkeypatch):
