@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import random
 import statistics
 import sys
@@ -36,8 +35,9 @@ import time
 from typing import Any
 
 import torch
-from _common import REPO, add_output_args, emit_json, markdown_table, output_dirs, write_results
+from _common import add_output_args, emit_json, markdown_table, output_dirs, write_results
 from blend_quality import HEADER, build_pool, build_requests
+from vllm_ttft import _env  # the same engine environment (single process, caches under .cache/bench)
 
 NAME = "blend_vllm"
 RATIOS = (0.05, 0.15, 0.25)
@@ -46,16 +46,6 @@ CONDS = ["full", "prefix", "naive", *[f"blend{int(r * 100)}" for r in RATIOS]]
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _env() -> None:
-    cache = REPO / ".cache" / "bench"
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("VLLM_CACHE_ROOT", str(cache / "vllm"))
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
 
 
 def params(cond: str) -> dict[str, Any]:
