@@ -1,4 +1,5 @@
-// kvlayer CPU codec kernels: KIVI int8/int4/int2 quantize/dequantize, fp8 (e4m3fn), byte-shuffle.
+// kvlayer CPU codec kernels: rotated int8/int4/int2 (rotq.py), KIVI int8/int4/int2 (quant.py), fp8
+// (e4m3fn), byte-shuffle.
 //
 // A plain C ABI loaded with ctypes (kvlayer/codec/_ext.py builds it with g++ on first use), so
 // the kernels need neither torch headers nor a matching ABI. Every kernel reproduces the torch
@@ -12,6 +13,7 @@
 // over gv channels of each head: meta [L, T, H, nvg]. Codes [L, P, T, row_bytes], low bits first.
 // Meta dtype: fp16 when x is fp16, fp32 otherwise.
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -367,6 +369,375 @@ void unpack_row(const uint8_t* p, int n, int bits, float* q) {
   for (int c = full * per; c < n; ++c) q[c] = (float)((p[c / per] >> (bits * (c % per))) & mask);
 }
 
+
+// ---- rotated quantization (rotq.py) -------------------------------------------------------------
+
+constexpr float kF32Max = 3.4028234663852886e38f;
+
+inline bool finite(float v) { return std::fabs(v) <= kF32Max; }
+
+inline uint8_t rint_code(float t, float qmax) {
+  t = t > 0.0f ? t : 0.0f;  // NaN -> 0
+  t = t < qmax ? t : qmax;
+  return (uint8_t)(int)std::nearbyint(t);
+}
+
+#if defined(__AVX2__)
+// Butterflies h = 1, 2, 4 inside one vector of 8: (a + b, a - b) computed as b + (a ^ sign) and
+// a + (-b): the same IEEE results (addition commutes, a - b == a + (-b)).
+__attribute__((always_inline)) inline __m256 bfly8(__m256 x) {
+  const __m256 s1 = _mm256_setr_ps(0.0f, -0.0f, 0.0f, -0.0f, 0.0f, -0.0f, 0.0f, -0.0f);
+  const __m256 s2 = _mm256_setr_ps(0.0f, 0.0f, -0.0f, -0.0f, 0.0f, 0.0f, -0.0f, -0.0f);
+  const __m256 s4 = _mm256_setr_ps(0.0f, 0.0f, 0.0f, 0.0f, -0.0f, -0.0f, -0.0f, -0.0f);
+  x = _mm256_add_ps(_mm256_permute_ps(x, 0xB1), _mm256_xor_ps(x, s1));
+  x = _mm256_add_ps(_mm256_permute_ps(x, 0x4E), _mm256_xor_ps(x, s2));
+  return _mm256_add_ps(_mm256_permute2f128_ps(x, x, 1), _mm256_xor_ps(x, s4));
+}
+
+// One head of NV vectors (D = 8 NV) in registers: stages h = 8 .. D/2 across vectors, then * c.
+template <int NV>
+__attribute__((always_inline)) inline void fwht_reg(float* v, float c) {
+  __m256 r[NV];
+  for (int k = 0; k < NV; ++k) r[k] = bfly8(_mm256_loadu_ps(v + 8 * k));
+  for (int hv = 1; hv < NV; hv *= 2)
+    for (int i = 0; i < NV; i += 2 * hv)
+      for (int j = i; j < i + hv; ++j) {
+        const __m256 a = r[j], b = r[j + hv];
+        r[j] = _mm256_add_ps(a, b);
+        r[j + hv] = _mm256_sub_ps(a, b);
+      }
+  const __m256 vc = _mm256_set1_ps(c);
+  for (int k = 0; k < NV; ++k) _mm256_storeu_ps(v + 8 * k, _mm256_mul_ps(r[k], vc));
+}
+#endif
+
+#if defined(__AVX512F__)
+// The same butterflies h = 1, 2, 4, 8 inside one vector of 16.
+__attribute__((always_inline)) inline __m512 bfly16(__m512 x) {
+  const __m512i one = _mm512_set1_epi32(0x80000000);
+  const __m512 s1 = _mm512_castsi512_ps(_mm512_maskz_mov_epi32(0xAAAA, one));
+  const __m512 s2 = _mm512_castsi512_ps(_mm512_maskz_mov_epi32(0xCCCC, one));
+  const __m512 s4 = _mm512_castsi512_ps(_mm512_maskz_mov_epi32(0xF0F0, one));
+  const __m512 s8 = _mm512_castsi512_ps(_mm512_maskz_mov_epi32(0xFF00, one));
+  x = _mm512_add_ps(_mm512_permute_ps(x, 0xB1), _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_castps_si512(s1))));
+  x = _mm512_add_ps(_mm512_permute_ps(x, 0x4E), _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_castps_si512(s2))));
+  x = _mm512_add_ps(_mm512_shuffle_f32x4(x, x, 0xB1), _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_castps_si512(s4))));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x, x, 0x4E), _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_castps_si512(s8))));
+}
+
+template <int NV>
+__attribute__((always_inline)) inline void fwht_reg16(float* v, float c) {
+  __m512 r[NV];
+  for (int k = 0; k < NV; ++k) r[k] = bfly16(_mm512_loadu_ps(v + 16 * k));
+  for (int hv = 1; hv < NV; hv *= 2)
+    for (int i = 0; i < NV; i += 2 * hv)
+      for (int j = i; j < i + hv; ++j) {
+        const __m512 a = r[j], b = r[j + hv];
+        r[j] = _mm512_add_ps(a, b);
+        r[j + hv] = _mm512_sub_ps(a, b);
+      }
+  const __m512 vc = _mm512_set1_ps(c);
+  for (int k = 0; k < NV; ++k) _mm512_storeu_ps(v + 16 * k, _mm512_mul_ps(r[k], vc));
+}
+#endif
+
+// Normalised fast Walsh-Hadamard transform of one head (D a power of two), in place: butterflies
+// h = 1, 2, 4, ..., D/2 as (a + b, a - b), then * c, exactly as rotq.fwht.
+__attribute__((always_inline)) inline void fwht(float* v, int D, float c) {
+#if defined(__AVX512F__)
+  switch (D) {
+    case 16: fwht_reg16<1>(v, c); return;
+    case 32: fwht_reg16<2>(v, c); return;
+    case 64: fwht_reg16<4>(v, c); return;
+    case 128: fwht_reg16<8>(v, c); return;
+    case 256: fwht_reg16<16>(v, c); return;
+    default: break;
+  }
+#endif
+#if defined(__AVX2__)
+  switch (D) {
+    case 8: fwht_reg<1>(v, c); return;
+    case 16: fwht_reg<2>(v, c); return;
+    case 32: fwht_reg<4>(v, c); return;
+    case 64: fwht_reg<8>(v, c); return;
+    case 128: fwht_reg<16>(v, c); return;
+    default: break;
+  }
+  if (D >= 8) {
+    for (int i = 0; i < D; i += 8) _mm256_storeu_ps(v + i, bfly8(_mm256_loadu_ps(v + i)));
+    for (int h = 8; h < D; h *= 2)
+      for (int i = 0; i < D; i += 2 * h)
+        for (int j = i; j < i + h; j += 8) {
+          const __m256 a = _mm256_loadu_ps(v + j), b = _mm256_loadu_ps(v + j + h);
+          _mm256_storeu_ps(v + j, _mm256_add_ps(a, b));
+          _mm256_storeu_ps(v + j + h, _mm256_sub_ps(a, b));
+        }
+    const __m256 vc = _mm256_set1_ps(c);
+    for (int i = 0; i < D; i += 8) _mm256_storeu_ps(v + i, _mm256_mul_ps(_mm256_loadu_ps(v + i), vc));
+    return;
+  }
+#endif
+  for (int h = 1; h < D; h *= 2)
+    for (int i = 0; i < D; i += 2 * h)
+      for (int j = i; j < i + h; ++j) {
+        const float a = v[j], b = v[j + h];
+        v[j] = a + b;
+        v[j + h] = a - b;
+      }
+  for (int i = 0; i < D; ++i) v[i] *= c;
+}
+
+// Every head of a row; D = 64 (the common head_dim) gets its own loop so the transform inlines.
+__attribute__((always_inline)) inline void fwht_row(float* y, int H, int D, float c) {
+  if (D == 64) {
+    for (int h = 0; h < H; ++h) fwht(y + (size_t)h * 64, 64, c);
+  } else {
+    for (int h = 0; h < H; ++h) fwht(y + (size_t)h * D, D, c);
+  }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define KVL_FAST64 1
+// ---- AVX-512 fast path for head_dim 64 and 4/8-bit codes: one head = 4 registers, loaded,
+// rotated, quantized or dequantized and stored without leaving them. The same IEEE operations
+// as the generic code (and so as rotq.py), in the same order.
+
+__attribute__((always_inline)) inline void fwht64_regs(__m512* r, float c) {
+  for (int k = 0; k < 4; ++k) r[k] = bfly16(r[k]);
+  __m512 a = r[0], b = r[1];
+  r[0] = _mm512_add_ps(a, b);
+  r[1] = _mm512_sub_ps(a, b);
+  a = r[2], b = r[3];
+  r[2] = _mm512_add_ps(a, b);
+  r[3] = _mm512_sub_ps(a, b);
+  a = r[0], b = r[2];
+  r[0] = _mm512_add_ps(a, b);
+  r[2] = _mm512_sub_ps(a, b);
+  a = r[1], b = r[3];
+  r[1] = _mm512_add_ps(a, b);
+  r[3] = _mm512_sub_ps(a, b);
+  const __m512 vc = _mm512_set1_ps(c);
+  for (int k = 0; k < 4; ++k) r[k] = _mm512_mul_ps(r[k], vc);
+}
+
+// 16 elements of a row of dtype dt as fp32 (exact).
+__attribute__((always_inline)) inline __m512 load16(const void* base, int dt, size_t off) {
+  if (dt == F32) return _mm512_loadu_ps((const float*)base + off);
+  const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)base + off));
+  if (dt == F16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// NaN -> the canonical NaN, then stored as dtype dt (RNE; store_row's conversions).
+__attribute__((always_inline)) inline void store16(__m512 y, int dt, void* base, size_t off) {
+  y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), y, _mm512_set1_ps(kNaN));
+  if (dt == F32) {
+    _mm512_storeu_ps((float*)base + off, y);
+  } else if (dt == F16) {
+    _mm256_storeu_si256((__m256i*)((uint16_t*)base + off), _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT));
+  } else {
+    const __m512i u = _mm512_castps_si512(y);
+    const __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(u, _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+                                             _mm512_set1_epi32(0x7FFF))),
+        16);
+    _mm256_storeu_si256((__m256i*)((uint16_t*)base + off), _mm512_cvtepi32_epi16(r));
+  }
+}
+
+// Codes c0 .. c0 + 15 (c0 a multiple of 16) of a packed row as fp32.
+__attribute__((always_inline)) inline __m512 codes16(const uint8_t* p, int bits, int c0) {
+  __m128i b;
+  if (bits == 8) {
+    b = _mm_loadu_si128((const __m128i*)(p + c0));
+  } else {
+    const __m128i m = _mm_set1_epi8(0x0F), w = _mm_loadl_epi64((const __m128i*)(p + c0 / 2));
+    b = _mm_unpacklo_epi8(_mm_and_si128(w, m), _mm_and_si128(_mm_srli_epi16(w, 4), m));
+  }
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
+}
+
+// t = clamp(t, 0, qmax) rounded to nearest even (quant1's tail), stored as codes c0 .. c0 + 15.
+__attribute__((always_inline)) inline void put16(__m512 t, float qmax, int bits, uint8_t* p, int c0) {
+  t = _mm512_min_ps(_mm512_max_ps(t, _mm512_setzero_ps()), _mm512_set1_ps(qmax));
+  const __m128i b = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+  if (bits == 8) {
+    _mm_storeu_si128((__m128i*)(p + c0), b);
+  } else {
+    const __m128i r = _mm_or_si128(_mm_and_si128(b, _mm_set1_epi16(0x000F)),
+                                   _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi16(0x00F0)));
+    _mm_storel_epi64((__m128i*)(p + c0 / 2), _mm_packus_epi16(r, r));
+  }
+}
+#endif
+
+// quant1 over a row, vectorised: max_ps(t, 0) and min_ps(t, qmax) are exactly the scalar
+// ternaries (NaN -> 0 included), round_ps is nearbyint. sym: t = y * inv + half (values), else
+// t = (y - z) * inv (keys).
+template <bool sym>
+inline void quant_row(const float* y, const float* z, const float* inv, float half, float qmax, uint8_t* q, int n) {
+  int i = 0;
+#if defined(__AVX2__)
+  const __m256 vq = _mm256_set1_ps(qmax), zero = _mm256_setzero_ps(), vh = _mm256_set1_ps(half);
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (; i + 32 <= n; i += 32) {
+    __m256i r[4];
+    for (int k = 0; k < 4; ++k) {
+      const __m256 yy = _mm256_loadu_ps(y + i + 8 * k), ii = _mm256_loadu_ps(inv + i + 8 * k);
+      __m256 t = sym ? _mm256_add_ps(_mm256_mul_ps(yy, ii), vh)
+                     : _mm256_mul_ps(_mm256_sub_ps(yy, _mm256_loadu_ps(z + i + 8 * k)), ii);
+      t = _mm256_min_ps(_mm256_max_ps(t, zero), vq);
+      r[k] = _mm256_cvtps_epi32(_mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    const __m256i b = _mm256_packus_epi16(_mm256_packus_epi32(r[0], r[1]), _mm256_packus_epi32(r[2], r[3]));
+    _mm256_storeu_si256((__m256i*)(q + i), _mm256_permutevar8x32_epi32(b, perm));
+  }
+#endif
+  for (; i < n; ++i) q[i] = sym ? rint_code(y[i] * inv[i] + half, qmax) : quant1(y[i], z[i], inv[i], qmax);
+}
+
+// unpack_row, vectorised for 8 and 4 bits.
+inline void unpack_fast(const uint8_t* p, int n, int bits, float* q) {
+  int c = 0;
+#if defined(__AVX2__)
+  if (bits == 8) {
+    for (; c + 8 <= n; c += 8)
+      _mm256_storeu_ps(q + c, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + c)))));
+  } else if (bits == 4) {
+    const __m128i m = _mm_set1_epi8(0x0F);
+    for (; c + 16 <= n; c += 16) {
+      const __m128i b = _mm_loadl_epi64((const __m128i*)(p + c / 2));
+      const __m128i x = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+      _mm256_storeu_ps(q + c, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(x)));
+      _mm256_storeu_ps(q + c + 8, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(x, 8))));
+    }
+  }
+#endif
+  const int per = 8 / bits, mask = (1 << bits) - 1;
+  for (; c < n; ++c) q[c] = (float)((p[c / per] >> (bits * (c % per))) & mask);
+}
+
+// Largest |p[i]| of n >= 0 elements (0 for none) and whether all are finite; max is exact in any
+// order, and max_ps(v, a) keeps a for a NaN v as the scalar ternary does.
+inline float absmax_fin(const float* p, int n, bool* fin) {
+  int i = 0;
+  float a = 0.0f;
+  bool f = true;
+#if defined(__AVX__)
+  if (n >= 8) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), big = _mm256_set1_ps(kF32Max);
+    __m256 va = _mm256_setzero_ps(), ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    for (; i + 8 <= n; i += 8) {
+      const __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(p + i));
+      ok = _mm256_and_ps(ok, _mm256_cmp_ps(v, big, _CMP_LE_OQ));
+      va = _mm256_max_ps(v, va);
+    }
+    a = hmax8(va);
+    f = _mm256_movemask_ps(ok) == 0xFF;
+  }
+#endif
+  for (; i < n; ++i) {
+    const float v = std::fabs(p[i]);
+    f &= v <= kF32Max;
+    a = v > a ? v : a;
+  }
+  *fin = f;
+  return a;
+}
+
+// V scales (rotq.py): floats with 5 mantissa bits within 8 octaves below the (layer, head)'s top
+// scale (its largest needed scale rounded up to 5 mantissa bits): code = e << 5 | m stands for
+// 2^(E_top - e) * (1 + m / 32). The code of a group is that of its needed scale rounded up (the
+// smallest such float >= need): integer operations on the float bits, exact and table-free.
+constexpr uint32_t kScaleDrop = 18;  // mantissa bits dropped (23 - 5)
+inline uint32_t round_up_bits(uint32_t u) { return (u + ((1u << kScaleDrop) - 1)) & ~((1u << kScaleDrop) - 1); }
+
+inline float scale_top(float S) { return S != S ? kNaN : u2f(round_up_bits(f2u(S))); }
+
+inline int scale_code(float top, float need) {
+  const int eu = (int)(f2u(top) >> 23);
+  if (eu == 0) return 0;
+  const int emax = eu - 1 < 7 ? eu - 1 : 7;
+  if (!(need > 0.0f)) return emax << 5;
+  const uint32_t v = round_up_bits(f2u(need));
+  const int e = eu - (int)(v >> 23);
+  return e > emax ? emax << 5 : (e << 5) | (int)((v >> kScaleDrop) & 31);
+}
+
+inline float scale_of(float top, int code) {
+  if (top != top) return kNaN;
+  const uint32_t eu = f2u(top) >> 23;
+  if (eu == 0) return 0.0f;
+  return u2f(((eu - (uint32_t)(code >> 5)) << 23) | ((uint32_t)(code & 31) << kScaleDrop));
+}
+
+// Group codes (lo, hi) and the resulting (mn, inv) of the key channels [c0, c1) of one token group,
+// per rotq._quantize_k; kb = this layer's bases (min row, then max row).
+inline void k_group_codes(const float* kb, int C, const float* gmn, const float* gmx, bool empty, float qmax,
+                          uint8_t* lo_out, uint8_t* hi_out, float* mn, float* inv) {
+  int cc = 0;
+#if defined(__AVX2__)
+  const __m256 v255 = _mm256_set1_ps(255.0f), zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+  const __m256 vq = _mm256_set1_ps(qmax), vlive0 = empty ? zero : _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  for (; cc + 8 <= C; cc += 8) {
+    const __m256 bmin = _mm256_loadu_ps(kb + cc), bmax = _mm256_loadu_ps(kb + C + cc);
+    const __m256 step = _mm256_div_ps(_mm256_sub_ps(bmax, bmin), v255);
+    const __m256 live = _mm256_and_ps(_mm256_cmp_ps(step, zero, _CMP_GT_OQ), vlive0);
+    const __m256 st = _mm256_blendv_ps(one, step, live);
+    const __m256 a = _mm256_loadu_ps(gmn + cc), b = _mm256_loadu_ps(gmx + cc);
+    __m256 t = _mm256_div_ps(_mm256_sub_ps(a, bmin), st);
+    t = _mm256_blendv_ps(t, zero, _mm256_cmp_ps(t, zero, _CMP_LT_OQ));
+    t = _mm256_blendv_ps(t, v255, _mm256_cmp_ps(t, v255, _CMP_GT_OQ));
+    __m256 lo = _mm256_round_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m256 dec = _mm256_and_ps(_mm256_cmp_ps(lo, zero, _CMP_GT_OQ),
+                               _mm256_cmp_ps(_mm256_add_ps(bmin, _mm256_mul_ps(lo, st)), a, _CMP_GT_OQ));
+    lo = _mm256_sub_ps(lo, _mm256_and_ps(dec, one));
+    t = _mm256_div_ps(_mm256_sub_ps(b, bmin), st);
+    t = _mm256_blendv_ps(t, zero, _mm256_cmp_ps(t, zero, _CMP_LT_OQ));
+    t = _mm256_blendv_ps(t, v255, _mm256_cmp_ps(t, v255, _CMP_GT_OQ));
+    __m256 hi = _mm256_round_ps(t, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+    const __m256 inc = _mm256_and_ps(_mm256_cmp_ps(hi, v255, _CMP_LT_OQ),
+                                     _mm256_cmp_ps(_mm256_add_ps(bmin, _mm256_mul_ps(hi, st)), b, _CMP_LT_OQ));
+    hi = _mm256_add_ps(hi, _mm256_and_ps(inc, one));
+    lo = _mm256_and_ps(lo, live);
+    hi = _mm256_and_ps(hi, live);
+    const __m256i li = _mm256_cvttps_epi32(lo), hiI = _mm256_cvttps_epi32(hi);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256i pk = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(_mm256_packus_epi32(li, hiI), _mm256_setzero_si256()), perm);
+    alignas(32) uint8_t tmp[32];
+    _mm256_store_si256((__m256i*)tmp, pk);
+    std::memcpy(lo_out + cc, tmp, 8);
+    std::memcpy(hi_out + cc, tmp + 8, 8);
+    const __m256 m0 = _mm256_add_ps(bmin, _mm256_mul_ps(lo, step));
+    const __m256 m1 = _mm256_add_ps(bmin, _mm256_mul_ps(hi, step));
+    const __m256 sc = _mm256_div_ps(_mm256_sub_ps(m1, m0), vq);
+    _mm256_storeu_ps(mn + cc, m0);
+    _mm256_storeu_ps(inv + cc, _mm256_and_ps(_mm256_div_ps(one, sc), _mm256_cmp_ps(sc, zero, _CMP_GT_OQ)));
+  }
+#endif
+  for (; cc < C; ++cc) {
+    const float bmin = kb[cc], bmax = kb[C + cc];
+    const float step = (bmax - bmin) / 255.0f;
+    float lo = 0.0f, hi = 0.0f;
+    if (step > 0.0f && !empty) {
+      const float a = gmn[cc], b = gmx[cc];
+      float t = (a - bmin) / step;
+      t = t < 0.0f ? 0.0f : (t > 255.0f ? 255.0f : t);
+      lo = std::floor(t);
+      if (lo > 0.0f && bmin + lo * step > a) lo -= 1.0f;
+      t = (b - bmin) / step;
+      t = t < 0.0f ? 0.0f : (t > 255.0f ? 255.0f : t);
+      hi = std::ceil(t);
+      if (hi < 255.0f && bmin + hi * step < b) hi += 1.0f;
+    }
+    lo_out[cc] = (uint8_t)(int)lo;
+    hi_out[cc] = (uint8_t)(int)hi;
+    const float m0 = bmin + lo * step, m1 = bmin + hi * step;
+    const float sc = (m1 - m0) / qmax;
+    mn[cc] = m0;
+    inv[cc] = sc > 0.0f ? 1.0f / sc : 0.0f;
+  }
+}
 }  // namespace
 
 extern "C" {
@@ -605,6 +976,449 @@ void kvl_unshuffle(const uint8_t* src, uint8_t* dst, size_t nbytes, int ts) {
     }
   }
   std::memcpy(dst + n * ts, src + n * ts, nbytes - n * ts);
+}
+
+
+// ---- rotated quantization (rotq.py). Outlier tokens of plane 0 (keys): mask[t] = 1 for at most
+// max_out tokens whose key z-score (max over channels, summed over the layers 0, s, 2s, ... with
+// s = ceil(L / 8)) exceeds 2.25 x the median. Sums run token by token, as in rotq.detect_torch.
+static int rot_detect(const void* x, int dt, int L, int P, int T, int C, int max_out, uint8_t* mask) {
+  std::memset(mask, 0, (size_t)(T > 0 ? T : 0));
+  if (max_out <= 0 || T < 16 || L == 0 || C == 0) return 0;
+  std::vector<float> buf((size_t)T * C), s(C), s2(C), mean(C), inv(C), score(T, 0.0f);
+  const float fT = (float)T;
+  const int stride = (L + 7) / 8;
+  for (int l = 0; l < L; l += stride) {
+    const size_t plane = (size_t)l * P * T * C;
+    std::fill(s.begin(), s.end(), 0.0f);
+    std::fill(s2.begin(), s2.end(), 0.0f);
+    for (int t = 0; t < T; ++t) {
+      float* __restrict r = buf.data() + (size_t)t * C;
+      load_row(x, dt, plane + (size_t)t * C, r, C);
+      float* __restrict a = s.data();
+      float* __restrict b = s2.data();
+      for (int c = 0; c < C; ++c) {
+        a[c] += r[c];
+        b[c] += r[c] * r[c];
+      }
+    }
+    for (int c = 0; c < C; ++c) {
+      mean[c] = s[c] / fT;
+      float var = s2[c] / fT - mean[c] * mean[c];
+      var = var > 0.0f ? var : 0.0f;
+      const float sd = std::sqrt(var);
+      inv[c] = sd > 0.0f ? 1.0f / sd : 0.0f;
+    }
+    for (int t = 0; t < T; ++t) {
+      const float* __restrict r = buf.data() + (size_t)t * C;
+      float m = 0.0f;
+      int c = 0;
+#if defined(__AVX__)
+      if (C >= 8) {  // max is exact in any order; max_ps(v, m) keeps m for a NaN v, as v -> 0 would
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 vm = _mm256_setzero_ps();
+        for (; c + 8 <= C; c += 8) {
+          const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(r + c), _mm256_loadu_ps(mean.data() + c));
+          vm = _mm256_max_ps(_mm256_mul_ps(_mm256_andnot_ps(sign, d), _mm256_loadu_ps(inv.data() + c)), vm);
+        }
+        m = hmax8(vm);
+      }
+#endif
+      for (; c < C; ++c) {
+        float v = std::fabs(r[c] - mean[c]) * inv[c];
+        v = v != v ? 0.0f : v;
+        m = v > m ? v : m;
+      }
+      score[t] += m;
+    }
+  }
+  std::vector<float> sorted(score);
+  std::nth_element(sorted.begin(), sorted.begin() + (T - 1) / 2, sorted.end());
+  const float thr = sorted[(T - 1) / 2] * 2.25f;
+  std::vector<int> cand;
+  for (int t = 0; t < T; ++t)
+    if (score[t] > thr) cand.push_back(t);
+  std::stable_sort(cand.begin(), cand.end(), [&](int a, int b) { return score[a] > score[b]; });
+  const int n = (int)cand.size() < max_out ? (int)cand.size() : max_out;
+  for (int i = 0; i < n; ++i) mask[cand[i]] = 1;
+  return n;
+}
+
+static size_t dtype_size(int dt) { return dt == F32 ? 4 : 2; }
+
+// Row (l, p, t) of a [L, P, T, C] tensor of dtype dt <-> row i of raw [L, P, n, C].
+static void copy_rows(const uint8_t* mask, int T, int L, int P, int C, size_t esz, const void* src, bool to_raw,
+                      void* dst, int n) {
+  int i = 0;
+  for (int t = 0; t < T; ++t) {
+    if (!mask[t]) continue;
+    for (int lp = 0; lp < L * P; ++lp) {
+      const size_t full = ((size_t)lp * T + t) * C * esz, packed = ((size_t)lp * n + i) * C * esz;
+      if (to_raw)
+        std::memcpy((uint8_t*)dst + packed, (const uint8_t*)src + full, C * esz);
+      else
+        std::memcpy((uint8_t*)dst + full, (const uint8_t*)src + packed, C * esz);
+    }
+    ++i;
+  }
+}
+
+// Encode a [L, P, T, H, D] chunk into rotq.py's layout: finds the outlier tokens (at most
+// max_out), writes the token bitmap (mask_bytes, zero-padded) and their raw rows ([L, P, n, C], the
+// last section, sized for max_out by the caller) and quantizes the rest. rot: rotate with scale
+// c. Returns the number of outlier tokens, or -1 on bad arguments.
+int kvl_rot_encode(const void* x, int dt, int L, int P, int T, int H, int D, int bits, int gk, int gv, int rot,
+                   float c, int max_out, int mask_bytes, float* v_base, float* k_base, uint8_t* k_codes,
+                   uint8_t* v_codes, uint8_t* codes, uint8_t* mask_bits, void* raw) {
+  if ((bits != 2 && bits != 4 && bits != 8) || gk < 1 || gv < 1 || (P != 1 && P != 2) || T < 0) return -1;
+  const int C = H * D;
+  std::vector<uint8_t> maskv((size_t)T + 1);
+  uint8_t* mask = maskv.data();
+  const int n_out = rot_detect(x, dt, L, P, T, C, max_out, mask);
+  std::memset(mask_bits, 0, (size_t)mask_bytes);
+  for (int t = 0; t < T; ++t) mask_bits[t / 8] |= (uint8_t)(mask[t] << (t % 8));
+  copy_rows(mask, T, L, P, C, dtype_size(dt), x, true, raw, n_out);
+  if (L == 0 || T == 0 || C == 0) {
+    if (P == 2) std::memset(k_base, 0, sizeof(float) * 2 * (size_t)L * C);
+    std::memset(v_base, 0, sizeof(float) * (size_t)L * H);
+    return n_out;
+  }
+  const int rb = (C * bits + 7) / 8;
+  const float qmax = (float)((1 << bits) - 1), half = qmax / 2.0f;
+  const int nkg = (T + gk - 1) / gk;
+  const int nvg = (D + gv - 1) / gv;
+  const int ng = H * nvg;
+  const float inf = INFINITY;
+  std::vector<float> y((size_t)T * C), gmn((size_t)nkg * C), gmx((size_t)nkg * C), mn(C), inv(C);
+  std::vector<float> need((size_t)T * ng), giv((size_t)T * ng), S(H);
+  std::vector<uint8_t> bad(C), q(C), gempty(nkg), hbad(H);
+  bool all_ex = true;
+  for (int t = 0; t < T; ++t) all_ex &= mask[t] != 0;
+  for (int g = 0; g < nkg; ++g) {
+    bool e = true;
+    for (int t = g * gk; t < T && t < (g + 1) * gk; ++t) e &= mask[t] != 0;
+    gempty[g] = e;
+  }
+  uint8_t* qdst = q.data();
+#if defined(KVL_FAST64)
+  const bool fast = D == 64 && (bits == 4 || bits == 8);
+#endif
+  for (int l = 0; l < L; ++l) {
+    if (P == 2) {
+      // Keys: rows loaded and rotated, group min/max over the kept tokens' finite values in the
+      // same pass; then bases and group codes; then codes.
+      const size_t plane = (size_t)l * P * T * C;
+      std::fill(gmn.begin(), gmn.end(), inf);
+      std::fill(gmx.begin(), gmx.end(), -inf);
+      std::fill(bad.begin(), bad.end(), 0);
+      for (int t = 0; t < T; ++t) {
+        float* __restrict r = y.data() + (size_t)t * C;
+#if defined(KVL_FAST64)
+        if (fast) {
+          float* a = gmn.data() + (size_t)(t / gk) * C;
+          float* b = gmx.data() + (size_t)(t / gk) * C;
+          const __m512 big = _mm512_set1_ps(kF32Max), vinf = _mm512_set1_ps(inf), vninf = _mm512_set1_ps(-inf);
+          for (int h = 0; h < H; ++h) {
+            __m512 v[4];
+            for (int k = 0; k < 4; ++k) v[k] = load16(x, dt, plane + (size_t)t * C + h * 64 + 16 * k);
+            if (rot) fwht64_regs(v, c);
+            for (int k = 0; k < 4; ++k) {
+              const int cc = h * 64 + 16 * k;
+              _mm512_storeu_ps(r + cc, v[k]);
+              if (mask[t]) continue;
+              const __mmask16 f = _mm512_cmp_ps_mask(_mm512_abs_ps(v[k]), big, _CMP_LE_OQ);
+              _mm512_storeu_ps(a + cc, _mm512_min_ps(_mm512_mask_blend_ps(f, vinf, v[k]), _mm512_loadu_ps(a + cc)));
+              _mm512_storeu_ps(b + cc, _mm512_max_ps(_mm512_mask_blend_ps(f, vninf, v[k]), _mm512_loadu_ps(b + cc)));
+              if (f != 0xFFFF)
+                for (int j = 0; j < 16; ++j) bad[cc + j] |= !((f >> j) & 1);
+            }
+          }
+          continue;
+        }
+#endif
+        load_row(x, dt, plane + (size_t)t * C, r, C);
+        if (rot) fwht_row(r, H, D, c);
+        if (mask[t]) continue;
+        float* __restrict a = gmn.data() + (size_t)(t / gk) * C;
+        float* __restrict b = gmx.data() + (size_t)(t / gk) * C;
+        uint8_t* __restrict n = bad.data();
+        int cc = 0;
+#if defined(__AVX__)
+        {
+          const __m256 sign = _mm256_set1_ps(-0.0f), big = _mm256_set1_ps(kF32Max);
+          const __m256 vinf = _mm256_set1_ps(inf), vninf = _mm256_set1_ps(-inf);
+          for (; cc + 8 <= C; cc += 8) {
+            const __m256 v = _mm256_loadu_ps(r + cc);
+            const __m256 f = _mm256_cmp_ps(_mm256_andnot_ps(sign, v), big, _CMP_LE_OQ);
+            _mm256_storeu_ps(a + cc, _mm256_min_ps(_mm256_blendv_ps(vinf, v, f), _mm256_loadu_ps(a + cc)));
+            _mm256_storeu_ps(b + cc, _mm256_max_ps(_mm256_blendv_ps(vninf, v, f), _mm256_loadu_ps(b + cc)));
+            const int nf = ~_mm256_movemask_ps(f) & 0xFF;
+            if (nf)
+              for (int k = 0; k < 8; ++k) n[cc + k] |= (nf >> k) & 1;
+          }
+        }
+#endif
+        for (; cc < C; ++cc) {
+          const float v = r[cc];
+          const bool f = std::fabs(v) <= kF32Max;
+          const float vmn = f ? v : inf, vmx = f ? v : -inf;
+          a[cc] = vmn < a[cc] ? vmn : a[cc];
+          b[cc] = vmx > b[cc] ? vmx : b[cc];
+          n[cc] |= !f;
+        }
+      }
+      float* kb = k_base + (size_t)l * 2 * C;
+      for (int cc = 0; cc < C; ++cc) {
+        float bmin = 0.0f, bmax = 0.0f;
+        if (!all_ex) {
+          bmin = inf;
+          bmax = -inf;
+          for (int g = 0; g < nkg; ++g) {
+            const float a = gmn[(size_t)g * C + cc], b = gmx[(size_t)g * C + cc];
+            bmin = a < bmin ? a : bmin;
+            bmax = b > bmax ? b : bmax;
+          }
+        }
+        if (bad[cc] || !finite(bmax - bmin)) bmin = bmax = kNaN;
+        kb[cc] = bmin;
+        kb[C + cc] = bmax;
+      }
+      for (int g = 0; g < nkg; ++g) {
+        uint8_t* lo_out = k_codes + ((size_t)l * nkg + g) * 2 * C;
+        k_group_codes(kb, C, gmn.data() + (size_t)g * C, gmx.data() + (size_t)g * C, gempty[g], qmax, lo_out,
+                      lo_out + C, mn.data(), inv.data());
+        const int t1 = (g + 1) * gk < T ? (g + 1) * gk : T;
+        for (int t = g * gk; t < t1; ++t) {
+          uint8_t* dst = codes + (((size_t)l * P) * T + t) * rb;
+#if defined(KVL_FAST64)
+          if (fast) {
+            const float* r = y.data() + (size_t)t * C;
+            for (int cc = 0; cc < C; cc += 16)
+              put16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(r + cc), _mm512_loadu_ps(mn.data() + cc)),
+                                  _mm512_loadu_ps(inv.data() + cc)), qmax, bits, dst, cc);
+            continue;
+          }
+#endif
+          quant_row<false>(y.data() + (size_t)t * C, mn.data(), inv.data(), 0.0f, qmax, bits == 8 ? dst : qdst, C);
+          if (bits != 8) pack_row(qdst, C, bits, dst, rb);
+        }
+      }
+    }
+    // Values (plane P - 1): per token, groups of gv channels of each head, symmetric levels,
+    // log-coded scales against the (layer, head) maximum.
+    const size_t plane = ((size_t)l * P + (P - 1)) * T * C;
+    std::fill(hbad.begin(), hbad.end(), 0);
+    for (int t = 0; t < T; ++t) {
+      float* r = y.data() + (size_t)t * C;
+#if defined(KVL_FAST64)
+      if (fast && gv % 16 == 0) {
+        const __m512 big = _mm512_set1_ps(kF32Max);
+        for (int h = 0; h < H; ++h) {
+          __m512 v[4];
+          for (int k = 0; k < 4; ++k) v[k] = load16(x, dt, plane + (size_t)t * C + h * 64 + 16 * k);
+          if (rot) fwht64_regs(v, c);
+          __mmask16 ok = 0xFFFF;
+          for (int k = 0; k < 4; ++k) {
+            _mm512_storeu_ps(r + h * 64 + 16 * k, v[k]);
+            v[k] = _mm512_abs_ps(v[k]);
+            ok &= _mm512_cmp_ps_mask(v[k], big, _CMP_LE_OQ);
+          }
+          hbad[h] |= ok != 0xFFFF;
+          for (int g = 0; g < nvg; ++g) {
+            __m512 m = _mm512_setzero_ps();
+            const int k1 = (g + 1) * gv / 16 < 4 ? (g + 1) * gv / 16 : 4;  // the last group may be partial
+            for (int k = g * gv / 16; k < k1; ++k) m = _mm512_max_ps(v[k], m);
+            need[(size_t)t * ng + h * nvg + g] = _mm512_reduce_max_ps(m) / half;
+          }
+        }
+        continue;
+      }
+#endif
+      load_row(x, dt, plane + (size_t)t * C, r, C);
+      if (rot) fwht_row(r, H, D, c);
+      for (int h = 0; h < H; ++h)
+        for (int g = 0; g < nvg; ++g) {
+          const int c0 = h * D + g * gv;
+          const int c1 = g * gv + gv < D ? c0 + gv : h * D + D;
+          bool f = true;
+          const float a = absmax_fin(r + c0, c1 - c0, &f);
+          hbad[h] |= !f;
+          need[(size_t)t * ng + h * nvg + g] = a / half;
+        }
+    }
+    for (int h = 0; h < H; ++h) {
+      float m = 0.0f;
+      if (!hbad[h])
+        for (int t = 0; t < T; ++t)
+          for (int g = 0; g < nvg; ++g) {
+            const float v = need[(size_t)t * ng + h * nvg + g];
+            m = v > m ? v : m;
+          }
+      S[h] = hbad[h] ? kNaN : scale_top(m);
+      v_base[(size_t)l * H + h] = S[h];
+    }
+    uint8_t* vcode = v_codes + (size_t)l * T * ng;
+    for (int t = 0; t < T; ++t)
+      for (int h = 0; h < H; ++h)
+        for (int g = 0; g < nvg; ++g) {
+          const size_t gi = (size_t)t * ng + h * nvg + g;
+          const int code = hbad[h] ? 0 : scale_code(S[h], need[gi]);
+          vcode[gi] = (uint8_t)code;
+          const float sc = scale_of(S[h], code);
+          giv[gi] = sc > 0.0f ? 1.0f / sc : 0.0f;
+        }
+    for (int t = 0; t < T; ++t) {
+      for (int h = 0; h < H; ++h)
+        for (int g = 0; g < nvg; ++g) {
+          const float iv = giv[(size_t)t * ng + h * nvg + g];
+          const int c0 = h * D + g * gv;
+          const int c1 = g * gv + gv < D ? c0 + gv : h * D + D;
+          int cc = c0;
+#if defined(__AVX__)
+          const __m256 vi = _mm256_set1_ps(iv);
+          for (; cc + 8 <= c1; cc += 8) _mm256_storeu_ps(inv.data() + cc, vi);
+#endif
+          for (; cc < c1; ++cc) inv[cc] = iv;
+        }
+      uint8_t* dst = codes + (((size_t)l * P + (P - 1)) * T + t) * rb;
+#if defined(KVL_FAST64)
+      if (fast) {
+        const float* r = y.data() + (size_t)t * C;
+        const __m512 vh = _mm512_set1_ps(half);
+        for (int cc = 0; cc < C; cc += 16)
+          put16(_mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(r + cc), _mm512_loadu_ps(inv.data() + cc)), vh), qmax,
+                bits, dst, cc);
+        continue;
+      }
+#endif
+      quant_row<true>(y.data() + (size_t)t * C, nullptr, inv.data(), half, qmax, bits == 8 ? dst : qdst, C);
+      if (bits != 8) pack_row(qdst, C, bits, dst, rb);
+    }
+  }
+  return n_out;
+}
+
+// Decode into out ([L, P, T, H, D] of dtype dt), the outlier tokens' raw rows written back.
+// Returns 0, 1 on bad arguments, 2 when the bitmap does not hold n_out tokens (or has padding set).
+int kvl_rot_decode(const float* v_base, const float* k_base, const uint8_t* k_codes, const uint8_t* v_codes,
+                   const uint8_t* codes, const uint8_t* mask_bits, const void* raw, int mask_bytes, int n_out, int dt, int L, int P,
+                   int T, int H, int D, int bits, int gk, int gv, int rot, float c, void* out) {
+  if ((bits != 2 && bits != 4 && bits != 8) || gk < 1 || gv < 1 || (P != 1 && P != 2) || T < 0) return 1;
+  const int C = H * D;
+  std::vector<uint8_t> mask((size_t)T + 1);
+  int count = 0;
+  const size_t mb = (size_t)mask_bytes;
+  for (size_t b = 0; b < mb; ++b)
+    for (int k = 0; k < 8; ++k) {
+      const size_t t = b * 8 + k;
+      const int bit = (mask_bits[b] >> k) & 1;
+      if (t >= (size_t)T) {
+        if (bit) return 2;
+      } else {
+        mask[t] = (uint8_t)bit;
+        count += bit;
+      }
+    }
+  if (count != n_out) return 2;
+  if (L == 0 || T == 0 || C == 0) return 0;  // nothing to decode, no rows to write back
+  const int rb = (C * bits + 7) / 8;
+  const float qmax = (float)((1 << bits) - 1), half = qmax / 2.0f;
+  const int nkg = (T + gk - 1) / gk;
+  const int nvg = (D + gv - 1) / gv;
+  const int ng = H * nvg;
+  std::vector<float> qf(C), y(C), s(C), z(C), gs(ng);
+#if defined(KVL_FAST64)
+  const bool fast = D == 64 && (bits == 4 || bits == 8);
+#endif
+  for (int l = 0; l < L; ++l) {
+    if (P == 2) {
+      const float* kb = k_base + (size_t)l * 2 * C;
+      const size_t plane = (size_t)l * P * T * C;
+      for (int g = 0; g < nkg; ++g) {
+        const uint8_t* lo = k_codes + ((size_t)l * nkg + g) * 2 * C;
+        const uint8_t* hi = lo + C;
+        for (int cc = 0; cc < C; ++cc) {
+          const float bmin = kb[cc], step = (kb[C + cc] - bmin) / 255.0f;
+          const float mn = bmin + (float)lo[cc] * step;
+          const float mx = bmin + (float)hi[cc] * step;
+          z[cc] = mn;
+          s[cc] = (mx - mn) / qmax;
+        }
+        const int t1 = (g + 1) * gk < T ? (g + 1) * gk : T;
+        for (int t = g * gk; t < t1; ++t) {
+#if defined(KVL_FAST64)
+          if (fast) {
+            const uint8_t* row = codes + (((size_t)l * P) * T + t) * rb;
+            for (int h = 0; h < H; ++h) {
+              __m512 v[4];
+              for (int k = 0; k < 4; ++k) {
+                const int cc = h * 64 + 16 * k;
+                v[k] = _mm512_add_ps(_mm512_mul_ps(codes16(row, bits, cc), _mm512_loadu_ps(s.data() + cc)),
+                                     _mm512_loadu_ps(z.data() + cc));
+              }
+              if (rot) fwht64_regs(v, c);
+              for (int k = 0; k < 4; ++k) store16(v[k], dt, out, plane + (size_t)t * C + h * 64 + 16 * k);
+            }
+            continue;
+          }
+#endif
+          unpack_fast(codes + (((size_t)l * P) * T + t) * rb, C, bits, qf.data());
+          float* __restrict yy = y.data();
+          const float* __restrict qq = qf.data();
+          const float* __restrict ss = s.data();
+          const float* __restrict zz = z.data();
+          for (int cc = 0; cc < C; ++cc) yy[cc] = qq[cc] * ss[cc] + zz[cc];
+          if (rot) fwht_row(yy, H, D, c);
+          for (int cc = 0; cc < C; ++cc) yy[cc] = canon(yy[cc]);
+          store_row(yy, dt, out, plane + (size_t)t * C, C);
+        }
+      }
+    }
+    const size_t plane = ((size_t)l * P + (P - 1)) * T * C;
+    for (int t = 0; t < T; ++t) {
+      const uint8_t* vc = v_codes + ((size_t)l * T + t) * ng;
+      for (int h = 0; h < H; ++h)
+        for (int g = 0; g < nvg; ++g) gs[h * nvg + g] = scale_of(v_base[(size_t)l * H + h], vc[h * nvg + g]);
+      for (int h = 0; h < H; ++h)
+        for (int g = 0; g < nvg; ++g) {
+          const int c0 = h * D + g * gv;
+          const int c1 = g * gv + gv < D ? c0 + gv : h * D + D;
+          const float sc = gs[h * nvg + g];
+          int cc = c0;
+#if defined(__AVX__)
+          const __m256 vs = _mm256_set1_ps(sc);
+          for (; cc + 8 <= c1; cc += 8) _mm256_storeu_ps(s.data() + cc, vs);
+#endif
+          for (; cc < c1; ++cc) s[cc] = sc;
+        }
+#if defined(KVL_FAST64)
+      if (fast) {
+        const uint8_t* row = codes + (((size_t)l * P + (P - 1)) * T + t) * rb;
+        const __m512 vh = _mm512_set1_ps(half);
+        for (int h = 0; h < H; ++h) {
+          __m512 v[4];
+          for (int k = 0; k < 4; ++k) {
+            const int cc = h * 64 + 16 * k;
+            v[k] = _mm512_mul_ps(_mm512_sub_ps(codes16(row, bits, cc), vh), _mm512_loadu_ps(s.data() + cc));
+          }
+          if (rot) fwht64_regs(v, c);
+          for (int k = 0; k < 4; ++k) store16(v[k], dt, out, plane + (size_t)t * C + h * 64 + 16 * k);
+        }
+        continue;
+      }
+#endif
+      unpack_fast(codes + (((size_t)l * P + (P - 1)) * T + t) * rb, C, bits, qf.data());
+      float* __restrict yy = y.data();
+      const float* __restrict qq = qf.data();
+      const float* __restrict ss = s.data();
+      for (int cc = 0; cc < C; ++cc) yy[cc] = (qq[cc] - half) * ss[cc];
+      if (rot) fwht_row(yy, H, D, c);
+      for (int cc = 0; cc < C; ++cc) yy[cc] = canon(yy[cc]);
+      store_row(yy, dt, out, plane + (size_t)t * C, C);
+    }
+  }
+  copy_rows(mask.data(), T, L, P, C, dtype_size(dt), raw, false, out, n_out);
+  return 0;
 }
 
 }  // extern "C"

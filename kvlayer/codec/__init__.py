@@ -4,8 +4,8 @@
     kv2 = decode(blob)          # raises CorruptBlobError on any damage, never returns wrong data
 
 Codec names are ``transform[+lz4]``: transforms are ``raw`` (lossless), ``int8``/``int4``/``int2``
-(KIVI-style: keys per channel, values per token) and ``fp8`` (e4m3); ``lz4`` alone means
-``raw+lz4``.
+(Hadamard-rotated, keys per channel, values per token, outlier tokens exact: kvlayer.codec.rotq),
+``mixed`` (salient tokens at more bits), ``fp8`` (e4m3); ``lz4`` alone means ``raw+lz4``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def register_transform(cls: type[Transform]) -> type[Transform]:
 
 def _load_optional() -> None:
     # Quantizers live in their own modules; importing them registers them.
-    for mod in ("kvlayer.codec.quant", "kvlayer.codec.fp8"):
+    for mod in ("kvlayer.codec.quant", "kvlayer.codec.rotq", "kvlayer.codec.fp8"):
         try:
             __import__(mod)
         except ImportError:  # pragma: no cover - module not built yet

@@ -1,4 +1,6 @@
-"""KIVI-style asymmetric integer quantization of KV chunks: ``int8``, ``int4``, ``int2``, ``mixed``.
+"""KIVI-style asymmetric integer quantization of KV chunks: the ``mixed`` codec and the ``kivi`` scheme
+of ``int8``/``int4``/``int2`` (:mod:`kvlayer.codec.rotq`: the layout of their blobs before the
+rotated scheme, still written with ``scheme: kivi`` and by the GPU encoder, and always decoded).
 
 Why this shape of quantizer (KIVI, Liu et al. 2024): keys have outlier *channels*, so keys are
 quantized **per channel** (for each layer and channel, one scale/zero per group of ``k_group_size``
@@ -308,67 +310,6 @@ def _check_group(name: str, v: Any) -> int:
     return v
 
 
-class _IntQuant(Transform):
-    """Shared encode/decode of int8/int4/int2; subclasses only fix ``bits``."""
-
-    bits: int = 8
-    lossless = False
-    _own_params = frozenset({"group_size", "k_group_size", "v_group_size"})
-
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        unknown = set(params) - self._own_params - _COMPRESSOR_PARAMS
-        if unknown:
-            raise ConfigError(f"codec {self.name!r}: unknown parameter(s) {sorted(unknown)}; accepted: {sorted(self._own_params)}")
-        g = _check_group("group_size", params.get("group_size", DEFAULT_GROUP))
-        self.gk = _check_group("k_group_size", params.get("k_group_size", g))
-        self.gv = _check_group("v_group_size", params.get("v_group_size", g))
-
-    def encode(self, x: torch.Tensor) -> tuple[Buffer, dict[str, Any], int]:
-        from kvlayer.codec import cuda
-
-        lay = make_layout(tuple(x.shape), x.dtype, self.bits, self.gk, self.gv)
-        buf = cuda.quantize(x, lay)  # a CUDA chunk is quantized on its GPU; None: on the CPU here
-        if buf is None:
-            x = x.detach().cpu().contiguous()
-            buf = torch.empty(lay.total, dtype=torch.uint8)
-            quantize_into(x, lay, buf)
-        return tensor_bytes(buf), {"b": self.bits, "gk": self.gk, "gv": self.gv}, 1
-
-    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype, params: dict[str, Any]) -> torch.Tensor:
-        bits = _int_param(params, "b")
-        if bits != self.bits:
-            raise ValueError(f"{self.name} blob says {bits} bits")
-        lay = make_layout(shape, dtype, bits, _int_param(params, "gk"), _int_param(params, "gv"))
-        if payload.nbytes != lay.total:
-            raise ValueError(f"{self.name} payload is {payload.nbytes} bytes, shape {shape} needs {lay.total}")
-        return dequantize_from(_payload_tensor(payload), lay, dtype).reshape(shape)
-
-
-@register_transform
-class Int8Transform(_IntQuant):
-    """8-bit KIVI: |err| <= scale/2 per group with scale = (max-min)/255 (see module docstring)."""
-
-    name = "int8"
-    bits = 8
-
-
-@register_transform
-class Int4Transform(_IntQuant):
-    """4-bit KIVI: |err| <= scale/2 per group with scale = (max-min)/15 (see module docstring)."""
-
-    name = "int4"
-    bits = 4
-
-
-@register_transform
-class Int2Transform(_IntQuant):
-    """2-bit KIVI: |err| <= scale/2 per group with scale = (max-min)/3 (see module docstring)."""
-
-    name = "int2"
-    bits = 2
-
-
 # ----------------------------------------------------------------------------- mixed precision
 
 
@@ -490,9 +431,6 @@ def _unpack_mask(b: torch.Tensor, n: int) -> torch.Tensor:
 
 
 __all__ = [
-    "Int2Transform",
-    "Int4Transform",
-    "Int8Transform",
     "MixedTransform",
     "QuantLayout",
     "dequantize_torch",

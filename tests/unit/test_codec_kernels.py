@@ -95,6 +95,77 @@ def test_quant_kernels_match_torch(lib: object, case: int) -> None:
     assert y_cpp is not None and _same_bits(y_ref, y_cpp)
 
 
+def _rot_cases() -> list[tuple[tuple[int, ...], torch.dtype, int, int, int, bool, bool]]:
+    """(shape, dtype, bits, gk, gv, nonfinite, sink): random odd shapes plus head_dim 64 (the
+    vectorised fast path) and power-of-two head dims (rotated) with an attention-sink-like token."""
+    cases = [(*c, i % 3 == 0) for i, c in enumerate(_shapes(40, 2))]
+    for i, dtype in enumerate(DTYPES):
+        for bits in (8, 4, 2):
+            cases.append(((3, 2, 100 + 7 * i, 2, 64), dtype, bits, 32, 32, bits == 4, True))
+            cases.append(((2, 2, 64, 3, 32 if i else 128), dtype, bits, 16, 16, False, True))
+        cases.append(((4, 1, 50, 1, 64), dtype, 4, 32, 32, False, True))  # MLA
+        cases.append(((2, 2, 40, 2, 64), dtype, 4, 32, 48, True, False))  # partial V groups
+    return cases
+
+
+@pytest.mark.parametrize("case", range(len(_rot_cases())))
+def test_rot_blobs_match_torch(lib: object, case: int) -> None:
+    """Rotated int codecs: the C++ blob (outlier search included) is the torch reference's, byte
+    for byte, and both decoders agree bit for bit (NaN included)."""
+    shape, dtype, bits, gk, gv, nonfinite, sink = _rot_cases()[case]
+    x = _input(shape, dtype, nonfinite, 500 + case).float()
+    if sink and shape[2] >= 16:
+        x[:, 0, 0] = x[:, 0, 0] * 0.1 + 10 * x.abs().max()
+    x = x.to(dtype)
+    for rotate in (True, False):
+        params = {"k_group_size": gk, "v_group_size": gv, "rotate": rotate}
+        with _ext.use_backend("torch"):
+            b_t = bytes(encode(x, f"int{bits}", **params))
+        with _ext.use_backend("cpp"):
+            b_c = bytes(encode(x, f"int{bits}", **params))
+        assert b_t == b_c, f"blobs differ at {[i for i in range(min(len(b_t), len(b_c))) if b_t[i] != b_c[i]][:5]}"
+        with _ext.use_backend("torch"):
+            y_t = decode(b_c)
+        with _ext.use_backend("cpp"):
+            y_c = decode(b_t)
+        assert _same_bits(y_t, y_c)
+
+
+_ISA_CHECK = """
+import sys, torch
+from kvlayer.codec import _ext, decode, encode
+assert _ext.backend_info()["backend"] == "cpp", _ext.backend_info()
+for i, shape in enumerate([(3, 2, 70, 3, 64), (2, 2, 33, 2, 32), (2, 1, 20, 1, 128), (2, 2, 40, 2, 40)]):
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(i)) * 3
+        x[:, 0, 0] += 40
+        x = x.to(dtype)
+        for codec in ("int8", "int4", "int2"):
+            with _ext.use_backend("torch"):
+                ref = bytes(encode(x, codec)); y_ref = decode(ref)
+            with _ext.use_backend("cpp"):
+                got = bytes(encode(x, codec)); y = decode(ref)
+            assert got == ref, (shape, dtype, codec)
+            assert torch.equal(y.view(torch.uint8), y_ref.view(torch.uint8)), (shape, dtype, codec)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["-mno-avx512f", "-mno-avx2"], ids=["avx2", "sse"])
+def test_rot_kernels_without_avx512_match_torch(lib: object, isa: str, tmp_path: Path) -> None:
+    """The AVX2 and the scalar paths (what a machine without AVX-512 runs) give the same blobs:
+    built with ``isa`` appended to the flags (a compiler wrapper), in a fresh extension cache."""
+    cxx = _ext.find_compiler()
+    assert cxx is not None
+    wrapper = tmp_path / "cxx"
+    wrapper.write_text(f'#!/bin/sh\nexec "{cxx}" "$@" {isa}\n')
+    wrapper.chmod(0o755)
+    env = {**os.environ, "CXX": str(wrapper), "KVLAYER_EXT_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, cwd=REPO,
+                         timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
 @pytest.mark.parametrize("case", range(len(_shapes(30, 1))))
 def test_fp8_kernels_match_torch(lib: object, case: int) -> None:
     shape, dtype, _, _, _, nonfinite = _shapes(30, 1)[case]

@@ -79,6 +79,49 @@ def _int_bound(x5: torch.Tensor, y5: torch.Tensor, bits: int, gk: int, gv: int) 
     return bound + _out_slack(x5, y5)
 
 
+def _hadamard(D: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < D:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(D)
+
+
+def _rot_bound(x5: torch.Tensor, y5: torch.Tensor, bits: int, gk: int, gv: int, rotate: bool = True) -> torch.Tensor:
+    """Per-element bound of the rotated codecs (rotq.py docstring), from the input's own groups.
+
+    In the rotated domain (exact float64 Hadamard here): keys err by at most half a step of
+    (group range + 4 chunk-range/255) / qmax (the outward-rounded 8-bit group bounds), values by
+    half a step of the needed scale rounded up to 5 mantissa bits (or 2^-7 of the head's top);
+    back in the original domain, element i of a head errs by at most 1/sqrt(D) x the sum of the
+    head's rotated bounds. Outlier tokens (stored exactly) are bounded as if quantized."""
+    L, P, T, H, D = x5.shape
+    rot = rotate and D >= 2 and D & (D - 1) == 0
+    xd = x5.double()
+    y = xd @ _hadamard(D) if rot else xd
+    qmax, half = QMAX[bits], QMAX[bits] / 2
+    b = torch.empty_like(y)
+    if P == 2 and T:
+        k = y[:, 0]
+        step = (k.amax(1, keepdim=True) - k.amin(1, keepdim=True)) / 255
+        big = torch.maximum(k.amax(1, keepdim=True).abs(), k.amin(1, keepdim=True).abs())
+        for t0 in range(0, T, gk):
+            g = k[:, t0 : t0 + gk]
+            rng = g.amax(1, keepdim=True) - g.amin(1, keepdim=True)
+            s = (rng + 4 * step) / qmax * (1 + 1e-6)
+            b[:, 0, t0 : t0 + gk] = (0.5001 * s + 2.0**-20 * big).expand_as(g)
+    v = y[:, P - 1]
+    if T:
+        needs = [v[..., c0 : c0 + gv].abs().amax(-1, keepdim=True) / half for c0 in range(0, D, gv)]
+        top = torch.stack(needs).amax(dim=(0, 2), keepdim=True)[0] * (1 + 2.0**-5)  # per (layer, head)
+        for c0, need in zip(range(0, D, gv), needs, strict=True):
+            g = v[..., c0 : c0 + gv]
+            s = torch.maximum(need * (1 + 2.0**-5), top * 2.0**-7)
+            b[:, P - 1, :, :, c0 : c0 + gv] = (0.5001 * s + 2.0**-20 * half * need).expand_as(g)
+    if rot:
+        b = b.sum(-1, keepdim=True).expand_as(b) / math.sqrt(D) + 2.0**-20 * xd.abs().sum(-1, keepdim=True)
+    return b.float() + _out_slack(x5, y5)
+
+
 def _as5(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(3) if x.dim() == 4 else x
 
@@ -130,7 +173,7 @@ def test_lz4_stores_incompressible_and_compresses_the_rest(dtype: torch.dtype) -
     assert y.shape == (2, 2, 64, 2, 64)
 
 
-# ----------------------------------------------------------------------------- KIVI int codecs
+# ----------------------------------------------------------------------------- int codecs
 
 
 @FAST
@@ -140,25 +183,97 @@ def test_lz4_stores_incompressible_and_compresses_the_rest(dtype: torch.dtype) -
     gk=st.sampled_from([1, 7, 32, 64]),
     gv=st.sampled_from([3, 16, 32]),
     lz4=st.booleans(),
+    rotate=st.booleans(),
 )
-def test_int_within_bound(x: torch.Tensor, bits: int, gk: int, gv: int, lz4: bool) -> None:
+def test_int_within_bound(x: torch.Tensor, bits: int, gk: int, gv: int, lz4: bool, rotate: bool) -> None:
     name = f"int{bits}" + ("+lz4" if lz4 else "")
-    blob = encode(x, name, k_group_size=gk, v_group_size=gv)
+    blob = encode(x, name, k_group_size=gk, v_group_size=gv, rotate=rotate)
     y = decode(blob)
     assert y.dtype == x.dtype and y.shape == x.shape
+    x5, y5 = _as5(x), _as5(y)
+    _assert_within(x5, y5, _rot_bound(x5, y5, bits, gk, gv, rotate))
+
+
+@FAST
+@given(
+    x=chunks(),
+    bits=st.sampled_from([8, 4, 2]),
+    gk=st.sampled_from([1, 7, 32, 64]),
+    gv=st.sampled_from([3, 16, 32]),
+)
+def test_kivi_scheme_within_bound(x: torch.Tensor, bits: int, gk: int, gv: int) -> None:
+    """``scheme: kivi`` writes (and every build reads) the blobs of the scheme before rotation."""
+    blob = encode(x, f"int{bits}", k_group_size=gk, v_group_size=gv, scheme="kivi")
+    assert "s" not in hdr.verify(blob).params["t"]
+    y = decode(blob)
     x5, y5 = _as5(x), _as5(y)
     _assert_within(x5, y5, _int_bound(x5, y5, bits, gk, gv))
 
 
 def test_int_payload_sizes() -> None:
-    """Default groups of 32, fp16 meta: bits per element + one fp16 (scale, zero) pair per group."""
-    x = torch.randn(2, 2, 64, 2, 64, dtype=torch.float16)
-    n = x.numel()
+    """Rotated scheme, groups of 32: bits per element + K: two u8 codes per group and an fp32
+    (min, max) per channel; V: one u8 per group and an fp32 top per (layer, head); the token
+    bitmap; no outlier token in random data. KIVI: one (scale, zero) pair per group, fp16 for
+    fp16 chunks, fp32 otherwise."""
+    L, T, H, D = 2, 64, 2, 64
+    x = torch.randn(L, 2, T, H, D, dtype=torch.float16)
+    n, C = x.numel(), H * D
     for b in (8, 4, 2):
         h = hdr.verify(encode(x, f"int{b}"))
+        assert h.params["t"]["o"] == 0
+        meta = L * (T // 32) * 2 * C + L * 2 * C * 4 + L * T * H * (D // 32) + L * H * 4
+        codes = n * b // 8
+        mask = T // 8 + (-(meta + codes + T // 8) % 4)
+        assert h.payload_len == codes + meta + mask
+        h = hdr.verify(encode(x, f"int{b}", scheme="kivi"))
         assert h.payload_len == n * b // 8 + (n // 32) * 4
-    h = hdr.verify(encode(x.float(), "int4"))  # fp32 meta for fp32/bf16 chunks
+    h = hdr.verify(encode(x.float(), "int4", scheme="kivi"))  # fp32 meta for fp32/bf16 chunks
     assert h.payload_len == n // 2 + (n // 32) * 8
+
+
+def test_int4_ratio_on_a_full_chunk() -> None:
+    """The default int4 on a 256-token fp16 chunk of SmolLM2's shape: >= 3.5x, headers included."""
+    x = torch.randn(30, 2, 256, 3, 64, dtype=torch.float16)
+    assert x.numel() * 2 / len(encode(x, "int4")) >= 3.5
+
+
+def test_outlier_tokens_are_stored_exactly() -> None:
+    """A token whose keys stand out (an attention sink) is found and kept bit-exact; the others
+    are quantized without it widening their key groups."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 2, 128, 2, 64, generator=g)
+    x[:, 0, 0] = x[:, 0, 0] * 0.2 + 12.0  # an attention-sink-like key
+    x = x.half()
+    blob = encode(x, "int4")
+    assert hdr.verify(blob).params["t"]["o"] == 1
+    y = decode(blob)
+    assert torch.equal(y[:, :, 0], x[:, :, 0])
+    plain = decode(encode(x, "int4", outlier_tokens=0))
+    err = (y[:, 0, 1:].float() - x[:, 0, 1:].float()).norm()
+    assert err < 0.8 * (plain[:, 0, 1:].float() - x[:, 0, 1:].float()).norm()
+    assert hdr.verify(encode(torch.randn(4, 2, 128, 2, 64).half(), "int4")).params["t"]["o"] == 0
+
+
+def test_old_kivi_blob_decodes() -> None:
+    """A KIVI int4 blob (parameters without "s": written before the rotated scheme) still decodes
+    to the values it always did."""
+    x = (torch.arange(2 * 2 * 4 * 1 * 8, dtype=torch.float32).view(2, 2, 4, 1, 8) / 7 - 4).half()
+    kivi = bytes(encode(x, "int4", scheme="kivi"))
+    h = hdr.verify(kivi)
+    assert h.params["t"] == {"b": 4, "gk": 32, "gv": 32}
+    assert bytes(memoryview(kivi)[h.header_len :]).hex() == KIVI_PAYLOAD_HEX
+    y = decode(kivi)
+    assert (y.float() - x.float()).abs().max() < 0.25 and torch.equal(decode(kivi), y)
+
+
+#: The payload of ``test_old_kivi_blob_decodes``'s chunk as the KIVI encoder wrote it before the rotated
+#: scheme existed (computed with that release's ``quant.quantize_torch``).
+KIVI_PAYLOAD_HEX = (
+    "513351335133513350335133513351334f334f33523352334f33543352334f3300c4b7c36ec325c3dbc292c249c200c2"
+    "254549456e459245b745db4500462546452c462c452c452c452c452c452c452c9238db3eb7410044db486e49004a924a"
+    "0000000055555555aaaaaaaaffffffff2064b9fd2064b9fd2064b9fd2064b9fd0000000055555555aaaaaaaaffffffff"
+    "2064b9fd2064b9fd2064b9fd2064b9fd"
+)
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
@@ -207,9 +322,13 @@ def test_nonfinite_poisons_only_its_group(codec: str, dtype: torch.dtype) -> Non
 
 
 def test_constant_group_is_exact() -> None:
+    """KIVI groups hold their min exactly; rotated keys too (a constant channel has step 0); rotated
+    values have no zero level (mid-rise), so only their keys are exact."""
     x = torch.full((1, 2, 33, 1, 40), 3.25, dtype=torch.float16)
-    for name in ("int8", "int4", "int2", "mixed"):
-        assert torch.equal(decode(encode(x, name)), x)
+    for name in ("int8", "int4", "int2"):
+        assert torch.equal(decode(encode(x, name, scheme="kivi")), x)
+        assert torch.equal(decode(encode(x, name))[:, 0], x[:, 0])
+    assert torch.equal(decode(encode(x, "mixed")), x)
 
 
 # ----------------------------------------------------------------------------- mixed precision
@@ -347,6 +466,11 @@ def test_inconsistent_but_checksummed_blobs_raise(codec: str) -> None:
         cases.append((h.shape, {**h.params, "t": {**t, "b": 3}}, payload))
         cases.append((h.shape, {**h.params, "t": {**t, "gk": 0}}, payload))
         cases.append((h.shape, {**h.params, "t": {**t, "gv": "x"}}, payload))
+    if t.get("s") == "rot":
+        cases.append((h.shape, {**h.params, "t": {**t, "o": t["o"] + 1}}, payload))
+        cases.append((h.shape, {**h.params, "t": {**t, "o": -1}}, payload))
+        cases.append((h.shape, {**h.params, "t": {**t, "r": 2}}, payload))
+        cases.append((h.shape, {**h.params, "t": {**t, "s": "other"}}, payload))
     if "nh" in t:
         cases.append((h.shape, {**h.params, "t": {**t, "nh": t["nh"] + 1}}, payload))
         cases.append((h.shape, {**h.params, "t": {**t, "nh": -1}}, payload))
@@ -364,6 +488,22 @@ def test_mixed_bitmap_disagreeing_with_header_raises() -> None:
     payload[0] ^= 0xFF  # flips which tokens are "high": count no longer matches nh
     with pytest.raises(CorruptBlobError):
         decode(_reseal(h.codec, h.shape, h.dtype, h.params, bytes(payload)))
+
+
+@pytest.mark.parametrize("codec", ["int4", "int8"])
+def test_rot_bitmap_disagreeing_with_header_raises(codec: str) -> None:
+    x = torch.randn(2, 2, 40, 2, 16).half()
+    x[:, 0, 0] += 30
+    blob = encode(x, codec)
+    h = hdr.verify(blob)
+    assert h.params["t"]["o"] == 1
+    payload = bytearray(memoryview(blob)[h.header_len :])
+    lay_end = len(payload) - 2 * 2 * 1 * 32 * 2  # the outlier rows (fp16) are the last section
+    for pos, flip in ((lay_end - 4, 0x02), (lay_end - 1, 0x80)):  # another token; a padding bit
+        bad = bytearray(payload)
+        bad[pos] ^= flip
+        with pytest.raises(CorruptBlobError):
+            decode(_reseal(h.codec, h.shape, h.dtype, h.params, bytes(bad)))
 
 
 def test_header_is_small() -> None:
