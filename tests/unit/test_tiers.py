@@ -288,6 +288,33 @@ def test_restart_with_smaller_budget_trims_oldest(tmp_path):
     assert set(files_on_disk(root)) == set(t2.keys())
 
 
+@pytest.mark.parametrize("cached", ["none", "head", "tail", "all"])
+def test_disk_reads_cold_warm_and_partly_cached_files_bit_exact(cached, tmp_path):
+    """A read copies what the page cache holds and reads the rest with O_DIRECT (page-aligned
+    buffers, whole pages); whatever part of a file is cached, and at any size, it reads back
+    exactly. Sizes straddle page boundaries; ``cached`` is what is left in the page cache."""
+    t = DiskTier(tmp_path / "d", 1 << 30)
+    blobs = {f"{i:064x}": os.urandom(n) for i, n in enumerate([70_000, 4096 * 300, 4096 * 300 + 1, 3 << 20])}
+    for k, b in blobs.items():
+        assert t.put(k, b)
+    for k, b in blobs.items():
+        p = tmp_path / "d" / k[:2] / f"{k}.kvb"
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            if cached != "all":
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if cached in ("head", "tail"):  # page part of it back in
+                half = len(b) // 2 // 4096 * 4096
+                os.pread(fd, half if cached == "head" else len(b) - half, 0 if cached == "head" else half)
+        finally:
+            os.close(fd)
+    got = t.get_many(list(blobs))
+    assert [bytes(g) for g in got] == list(blobs.values())  # type: ignore[arg-type]
+    assert all(memoryview(g).nbytes == len(b) for g, b in zip(got, blobs.values(), strict=True))
+    t.close()
+
+
 def test_disk_rejects_non_hex_keys_without_failing(tmp_path):
     """A bad key is the caller's error, not a disk failure (raising would take the tier down)."""
     t = DiskTier(tmp_path / "d", MiB)
