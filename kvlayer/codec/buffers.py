@@ -28,8 +28,8 @@ from kvlayer.units import parse_size
 MIN_POOLED = 64 << 10
 #: pooled buffers start on a page and span whole pages: the kernel copies a file into memory 1.35x
 #: slower when the destination is not aligned like the page cache source (malloc's large blocks
-#: start 16 bytes in: 0.21 vs 0.155 CPU s/GB for a warm read on the test box), and the disk tier
-#: reads cold files with O_DIRECT, which needs both
+#: start 16 bytes in: 0.21 vs 0.155 CPU s/GB for a warm read on the test box); whole pages also
+#: let blobs a few header bytes apart share buffers (and would suit O_DIRECT reads)
 PAGE = 4096
 
 
