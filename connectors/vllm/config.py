@@ -36,11 +36,17 @@ class ConnectorOptions(AdapterOptions):
     #: process memory, else in the background while the batch keeps running (vLLM's async path);
     #: "always" / "never" force one way.
     async_loads: Literal["auto", "always", "never"] = "auto"
-    #: An async load still running after this many seconds is abandoned: its blocks are recomputed
-    #: and its pin released (a hung tier costs one deadline, never a stuck request).
+    #: An async load that gets no chunk for this many seconds is abandoned: its blocks are
+    #: recomputed and its pin released (a hung tier costs one deadline, never a stuck request).
     load_deadline_s: float = Field(default=2.0, gt=0)
     #: Threads that fetch and decode async loads (a hung tier holds one each until it answers).
     load_threads: int = Field(default=4, ge=1)
+    #: Share of its time a background load may be busy: after each chunk it rests, so a load takes
+    #: a little from many steps instead of a lot from one (1 = no rests).
+    background_duty: float = Field(default=0.5, gt=0, le=1)
+    #: Nice value of kvlayer's background threads (loads, saves): the engine's forward threads go
+    #: first on a busy CPU (Linux; 0 = unchanged).
+    background_nice: int = Field(default=10, ge=0, le=19)
     #: Claim a hit only where its estimated load time beats recomputing it (running estimates of
     #: each tier's load latency/bandwidth and of the engine's prefill time at the request's length).
     load_or_recompute: bool = True
@@ -49,6 +55,9 @@ class ConnectorOptions(AdapterOptions):
     estimate_refresh_s: float = Field(default=30.0, gt=0)
     #: Save and reuse the last partial chunk of a request at vLLM block granularity.
     partial_chunks: bool = True
+    #: Synchronous loads copied layer by layer on a helper thread while the forward pass runs the
+    #: layers before (``wait_for_layer_load``). Measured in docs/vllm_layerwise.md.
+    layerwise_loads: bool = False
     #: Test only: seconds added per chunk read from the named tier (makes a tier slower than
     #: recompute, or keeps a load in flight long enough to stop its server).
     test_tier_delay_s: dict[str, NonNegativeFloat] = Field(default_factory=dict)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import queue
 import threading
 import time
@@ -27,9 +28,22 @@ log = logging.getLogger("kvlayer.vllm")
 _Job = tuple[list[str], list[torch.Tensor], int]
 
 
+def lower_priority(nice: int) -> None:
+    """Lower the calling thread's CPU priority (Linux: threads are scheduled on their own), so the
+    engine's forward threads win the cores over kvlayer's background work."""
+    if nice <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError) as e:  # not Linux, or not allowed
+        log.debug("kvlayer: background thread priority unchanged (%s)", e)
+
+
 class SaveQueue:
-    def __init__(self, cache: KVCache, *, limit_bytes: int, guard: FailureGuard, counters: WorkerCounters) -> None:
+    def __init__(self, cache: KVCache, *, limit_bytes: int, guard: FailureGuard, counters: WorkerCounters,
+                 nice: int = 0) -> None:
         self.cache = cache
+        self.nice = nice
         self.limit_bytes = limit_bytes
         self.guard = guard
         self.counters = counters
@@ -59,6 +73,7 @@ class SaveQueue:
         return True
 
     def _run(self) -> None:
+        lower_priority(self.nice)
         while True:
             job = self._jobs.get()
             if job is None:

@@ -2,10 +2,11 @@
 
 Synchronous loads (chunks in process memory) run in ``start_load_kv``, before the forward pass.
 Background loads (vLLM's async path: the request waits, the batch keeps running) are fetched and
-decoded on ``load_threads`` threads, copied into the request's blocks by the same thread (nothing
-else touches a waiting request's blocks), and reported done by ``get_finished``; one still
-running at its deadline is abandoned there: its blocks are reported failed (vLLM recomputes
-them), its pin released, and whatever its read returns later is discarded. A chunk that cannot be
+decoded on ``load_threads`` low-priority threads chunk by chunk, each chunk copied into the
+request's blocks by the same thread (nothing else touches a waiting request's blocks) and
+followed by a rest while the engine computes, and reported done by ``get_finished``. One that
+makes no progress for ``load_deadline_s`` is abandoned there: its blocks are reported failed
+(vLLM recomputes them), its pin released, and whatever its read returns later is discarded. A chunk that cannot be
 read (missing, corrupt, tier down) marks its blocks and every later block of that request as
 failed, which vLLM then recomputes.
 
@@ -21,6 +22,7 @@ those into its load-or-recompute estimates (``estimate.py``).
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import threading
 import time
@@ -30,13 +32,14 @@ from typing import Any
 
 import torch
 
+from kvlayer import ops
 from kvlayer.engine import KVCache
 
 from ..core import FailureGuard, LayoutError
 from .config import ConnectorOptions
-from .layout import Adapter, Layout, make_adapter, probe_layout, table_layout
+from .layout import Adapter, Layout, StridedAdapter, make_adapter, probe_layout, table_layout
 from .metadata import ConnectorMeta, KVLayerWorkerMeta, LoadOp
-from .saves import SaveQueue
+from .saves import SaveQueue, lower_priority
 from .stats import WorkerCounters
 
 log = logging.getLogger("kvlayer.vllm")
@@ -88,11 +91,14 @@ class WorkerSide:
         self._loader: ThreadPoolExecutor | None = None
         self._step: tuple[float, ConnectorMeta] | None = None
         self._idle = False  # the current step runs no forward pass
+        self._layer_index: dict[str, int] = {}
+        self._layer_done: list[threading.Event] = []
+        self._layer_thread: threading.Thread | None = None
         self._sync_load_s = 0.0
         self.load_seconds = 0.0
         self.save_seconds = 0.0
         self.saves = SaveQueue(cache, limit_bytes=int(cache.config.write_queue_bytes), guard=self.guard,
-                               counters=self.counters)
+                               counters=self.counters, nice=self.options.background_nice)
 
     # ------------------------------------------------------------------ setup
     def register(self, kv_caches: dict[str, torch.Tensor], forward_context: dict[str, Any], backend: str) -> Layout:
@@ -116,6 +122,7 @@ class WorkerSide:
         if caches[0].dtype != spec.torch_dtype:
             raise LayoutError(f"KV cache dtype {caches[0].dtype} != spec dtype {spec.torch_dtype}")
         self.adapter = make_adapter(caches, layout)
+        self._layer_index = {n: i for i, n in enumerate(names)}
         log.info("kvlayer: %d KV layers, layout %s", len(caches), layout.describe())
         return layout
 
@@ -141,11 +148,21 @@ class WorkerSide:
         if not meta.loads:
             return
         t0 = time.perf_counter()
+        layerwise = []
         for op in meta.loads:
             if op.background:
                 self._submit(op)
+            elif self.options.layerwise_loads and isinstance(self.adapter, StridedAdapter):
+                layerwise.append(op)
             else:
                 self._load_guarded(op)
+        if layerwise:
+            def failed(_e: Exception) -> None:
+                for o in layerwise:
+                    self._fail(o, 0)
+
+            self.guard.call("layer-wise load", lambda: self._start_layerwise(layerwise), None,
+                            then="its blocks are recomputed", on_error=failed)
         dt = time.perf_counter() - t0
         self._sync_load_s += dt
         self.load_seconds += dt
@@ -190,20 +207,9 @@ class WorkerSide:
     def _scatter(self, op: LoadOp, chunks: list[torch.Tensor | None]) -> int:
         """Copy the chunks into the op's blocks; returns the index of the first chunk that failed
         (``len(op.keys)`` if none did)."""
-        if self.adapter is None:
-            return 0
         for i, chunk in enumerate(chunks):
-            size = op.sizes[i] if op.sizes else self.cache.chunk_size
-            if chunk is None or chunk.shape[2] != size:
-                with self._lock:
-                    self._missing.extend(op.keys[i:])
+            if not self._scatter_one(op, i, chunk):
                 return i
-            skip = op.skips[i]
-            blocks = op.blocks[i][skip:]
-            if blocks:
-                bs = self.block_size
-                self.adapter.scatter(blocks, chunk[:, :, skip * bs:(skip + len(blocks)) * bs])
-            self.counters.add(loaded_chunks=1, loaded_tokens=len(blocks) * self.block_size)
         return len(op.keys)
 
     def _failed_blocks(self, op: LoadOp, first: int) -> list[int]:
@@ -218,6 +224,55 @@ class WorkerSide:
             self._errors.update(bad)
         self.counters.add(load_errors=len(op.blocks) - first, error_blocks=len(bad))
 
+    # ------------------------------------------------------------------ layer-wise loads
+    def _start_layerwise(self, load_ops: list[LoadOp]) -> None:
+        """Read now; copy layer by layer on a helper thread, each layer announced when copied."""
+        assert isinstance(self.adapter, StridedAdapter)
+        bs = self.block_size
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (block ids, chunk part) of every chunk
+        for op in load_ops:
+            chunks = self._read(op)
+            first = len(op.keys)
+            for i, chunk in enumerate(chunks):
+                if chunk is None or chunk.shape[2] != (op.sizes[i] if op.sizes else self.cache.chunk_size):
+                    first = i
+                    with self._lock:
+                        self._missing.extend(op.keys[i:])
+                    break
+                skip, blocks = op.skips[i], op.blocks[i][op.skips[i]:]
+                if blocks:
+                    parts.append((torch.as_tensor(blocks, dtype=torch.long), chunk[:, :, skip * bs:(skip + len(blocks)) * bs]))
+                self.counters.add(loaded_chunks=1, loaded_tokens=len(blocks) * bs)
+            self._fail(op, first)
+            self._unpin(op)
+        views = self.adapter.views
+        done = [threading.Event() for _ in views]
+
+        def copy() -> None:
+            try:
+                for layer, (k, v) in enumerate(views):
+                    for ids, part in parts:
+                        ops.scatter_blocks(k, v, ids, part[layer])
+                    done[layer].set()
+            finally:
+                for ev in done:
+                    ev.set()
+
+        self._layer_done = done
+        self._layer_thread = threading.Thread(target=copy, name="kvlayer-layers", daemon=True)
+        self._layer_thread.start()
+
+    def wait_layer(self, layer_name: str) -> None:
+        """Block until this layer's part of the step's layer-wise loads is copied."""
+        i = self._layer_index.get(layer_name)
+        if i is not None and i < len(self._layer_done):
+            self._layer_done[i].wait()
+
+    def _end_layerwise(self) -> None:
+        thread, self._layer_thread, self._layer_done = self._layer_thread, None, []
+        if thread is not None:
+            thread.join()
+
     # ------------------------------------------------------------------ background loads
     def _submit(self, op: LoadOp) -> None:
         job = BackgroundLoad(op, time.monotonic() + self.options.load_deadline_s)
@@ -228,29 +283,78 @@ class WorkerSide:
             self._finish(job, 0)
             return
         if self._loader is None:
-            self._loader = ThreadPoolExecutor(self.options.load_threads, thread_name_prefix="kvlayer-load")
+            self._loader = ThreadPoolExecutor(self.options.load_threads, thread_name_prefix="kvlayer-load",
+                                              initializer=lower_priority, initargs=(self.options.background_nice,))
         self._loader.submit(self._run, job)
 
     def _run(self, job: BackgroundLoad) -> None:
-        chunks: list[torch.Tensor | None] = self.guard.call("background load", lambda: self._read(job.op),
-                                                            [None] * len(job.op.keys), then="its blocks are recomputed")
+        """Chunk by chunk: read, then copy unless the load was abandoned meanwhile, then rest a
+        while (``background_duty``), so the engine's steps share the cores with a load instead of
+        losing them to it for one long step."""
+        op = job.op
+        tiers = op.tiers or ["?"] * len(op.keys)
+        spent: dict[str, tuple[int, float]] = {}
+        first = len(op.keys)
+        for i, key in enumerate(op.keys):
+            t0 = time.perf_counter()
+            self.saves.wait([key], self.options.load_deadline_s)  # a chunk still queued for saving
+            delay = self.delays.get(tiers[i], 0.0)
+            if delay:
+                time.sleep(delay)
+            chunk: torch.Tensor | None = self.guard.call(
+                "background load", functools.partial(self._read_one, key), None, then="its blocks are recomputed")
+            read_s = time.perf_counter() - t0
+            with self._lock:
+                if job.state is not State.PENDING:
+                    self.counters.add(late_loads=1)
+                    return  # abandoned: its blocks may belong to another request by now
+                job.state = State.WRITING
+            ok = self.guard.call("background load", functools.partial(self._scatter_one, op, i, chunk), False,
+                                 then="its blocks are recomputed")
+            with self._lock:
+                job.state = State.PENDING
+                job.deadline = time.monotonic() + self.options.load_deadline_s  # progress: a new deadline
+            if not ok:
+                first = i
+                break
+            n, sec = spent.get(tiers[i], (0, 0.0))
+            spent[tiers[i]] = (n + 1, sec + read_s)
+            busy = time.perf_counter() - t0 - delay
+            if i + 1 < len(op.keys) and self.options.background_duty < 1 and not self._idle:
+                time.sleep(busy * (1 / self.options.background_duty - 1))  # only while the engine computes
         with self._lock:
-            if job.state is not State.PENDING:
-                self.counters.add(late_loads=1)
-                return
-            job.state = State.WRITING
-        first = self.guard.call("background load", lambda: self._scatter(job.op, chunks), 0,
-                                then="its blocks are recomputed")
+            self._samples.extend((tier, n, sec) for tier, (n, sec) in spent.items())
         self._finish(job, first)
+
+    def _read_one(self, key: str) -> torch.Tensor | None:
+        return self.cache.retrieve_chunks([key])[0]
+
+    def _scatter_one(self, op: LoadOp, i: int, chunk: torch.Tensor | None) -> bool:
+        """Copy chunk ``i`` of ``op`` into its blocks; False (and its keys reported missing) when
+        it cannot be read."""
+        size = op.sizes[i] if op.sizes else self.cache.chunk_size
+        if self.adapter is None or chunk is None or chunk.shape[2] != size:
+            with self._lock:
+                self._missing.extend(op.keys[i:])
+            return False
+        skip = op.skips[i]
+        blocks = op.blocks[i][skip:]
+        if blocks:
+            bs = self.block_size
+            self.adapter.scatter(blocks, chunk[:, :, skip * bs:(skip + len(blocks)) * bs])
+        self.counters.add(loaded_chunks=1, loaded_tokens=len(blocks) * self.block_size)
+        return True
 
     def _finish(self, job: BackgroundLoad, first: int) -> None:
         bad = self._failed_blocks(job.op, first)
-        if bad:
-            self.counters.add(load_errors=len(job.op.blocks) - first, error_blocks=len(bad))
         with self._lock:
+            if job.state is not State.PENDING:
+                return  # abandoned after its last chunk: already reported
             job.errors = set(bad)
             job.state = State.DONE
             self._lock.notify_all()
+        if bad:
+            self.counters.add(load_errors=len(job.op.blocks) - first, error_blocks=len(bad))
         self._unpin(job.op)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
@@ -308,6 +412,7 @@ class WorkerSide:
 
     # ------------------------------------------------------------------ save
     def save(self, meta: ConnectorMeta) -> None:
+        self._end_layerwise()
         self._end_step()
         if not meta.saves:
             return
