@@ -55,9 +55,6 @@ class ConnectorOptions(AdapterOptions):
     estimate_refresh_s: float = Field(default=30.0, gt=0)
     #: Save and reuse the last partial chunk of a request at vLLM block granularity.
     partial_chunks: bool = True
-    #: Synchronous loads copied layer by layer on a helper thread while the forward pass runs the
-    #: layers before (``wait_for_layer_load``). Measured in docs/vllm_layerwise.md.
-    layerwise_loads: bool = False
     #: Test only: seconds added per chunk read from the named tier (makes a tier slower than
     #: recompute, or keeps a load in flight long enough to stop its server).
     test_tier_delay_s: dict[str, NonNegativeFloat] = Field(default_factory=dict)

@@ -129,12 +129,10 @@ class KVLayerConnector(KVConnectorBase_V1):
             self.guard.call("start_load_kv", lambda: worker.start_load(meta), None, then="its blocks are recomputed")
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        worker = self.worker
-        if worker is not None and worker.options.layerwise_loads:
-            self.guard.call("wait_for_layer_load", lambda: worker.wait_layer(layer_name), None)
+        return  # synchronous loads complete in start_load_kv (layer-wise measured slower: docs/vllm_layerwise.md)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
-        return  # whole chunks are saved after the step, in wait_for_save
+        return  # whole chunks are gathered after the step, in wait_for_save (docs/vllm_layerwise.md)
 
     def wait_for_save(self) -> None:
         worker, meta = self.worker, self._worker_meta()

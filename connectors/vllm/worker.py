@@ -32,12 +32,11 @@ from typing import Any
 
 import torch
 
-from kvlayer import ops
 from kvlayer.engine import KVCache
 
 from ..core import FailureGuard, LayoutError
 from .config import ConnectorOptions
-from .layout import Adapter, Layout, StridedAdapter, make_adapter, probe_layout, table_layout
+from .layout import Adapter, Layout, make_adapter, probe_layout, table_layout
 from .metadata import ConnectorMeta, KVLayerWorkerMeta, LoadOp
 from .saves import SaveQueue, lower_priority
 from .stats import WorkerCounters
@@ -91,9 +90,6 @@ class WorkerSide:
         self._loader: ThreadPoolExecutor | None = None
         self._step: tuple[float, ConnectorMeta] | None = None
         self._idle = False  # the current step runs no forward pass
-        self._layer_index: dict[str, int] = {}
-        self._layer_done: list[threading.Event] = []
-        self._layer_thread: threading.Thread | None = None
         self._sync_load_s = 0.0
         self.load_seconds = 0.0
         self.save_seconds = 0.0
@@ -122,7 +118,6 @@ class WorkerSide:
         if caches[0].dtype != spec.torch_dtype:
             raise LayoutError(f"KV cache dtype {caches[0].dtype} != spec dtype {spec.torch_dtype}")
         self.adapter = make_adapter(caches, layout)
-        self._layer_index = {n: i for i, n in enumerate(names)}
         log.info("kvlayer: %d KV layers, layout %s", len(caches), layout.describe())
         return layout
 
@@ -148,21 +143,11 @@ class WorkerSide:
         if not meta.loads:
             return
         t0 = time.perf_counter()
-        layerwise = []
         for op in meta.loads:
             if op.background:
                 self._submit(op)
-            elif self.options.layerwise_loads and isinstance(self.adapter, StridedAdapter):
-                layerwise.append(op)
             else:
                 self._load_guarded(op)
-        if layerwise:
-            def failed(_e: Exception) -> None:
-                for o in layerwise:
-                    self._fail(o, 0)
-
-            self.guard.call("layer-wise load", lambda: self._start_layerwise(layerwise), None,
-                            then="its blocks are recomputed", on_error=failed)
         dt = time.perf_counter() - t0
         self._sync_load_s += dt
         self.load_seconds += dt
@@ -223,55 +208,6 @@ class WorkerSide:
         with self._lock:
             self._errors.update(bad)
         self.counters.add(load_errors=len(op.blocks) - first, error_blocks=len(bad))
-
-    # ------------------------------------------------------------------ layer-wise loads
-    def _start_layerwise(self, load_ops: list[LoadOp]) -> None:
-        """Read now; copy layer by layer on a helper thread, each layer announced when copied."""
-        assert isinstance(self.adapter, StridedAdapter)
-        bs = self.block_size
-        parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (block ids, chunk part) of every chunk
-        for op in load_ops:
-            chunks = self._read(op)
-            first = len(op.keys)
-            for i, chunk in enumerate(chunks):
-                if chunk is None or chunk.shape[2] != (op.sizes[i] if op.sizes else self.cache.chunk_size):
-                    first = i
-                    with self._lock:
-                        self._missing.extend(op.keys[i:])
-                    break
-                skip, blocks = op.skips[i], op.blocks[i][op.skips[i]:]
-                if blocks:
-                    parts.append((torch.as_tensor(blocks, dtype=torch.long), chunk[:, :, skip * bs:(skip + len(blocks)) * bs]))
-                self.counters.add(loaded_chunks=1, loaded_tokens=len(blocks) * bs)
-            self._fail(op, first)
-            self._unpin(op)
-        views = self.adapter.views
-        done = [threading.Event() for _ in views]
-
-        def copy() -> None:
-            try:
-                for layer, (k, v) in enumerate(views):
-                    for ids, part in parts:
-                        ops.scatter_blocks(k, v, ids, part[layer])
-                    done[layer].set()
-            finally:
-                for ev in done:
-                    ev.set()
-
-        self._layer_done = done
-        self._layer_thread = threading.Thread(target=copy, name="kvlayer-layers", daemon=True)
-        self._layer_thread.start()
-
-    def wait_layer(self, layer_name: str) -> None:
-        """Block until this layer's part of the step's layer-wise loads is copied."""
-        i = self._layer_index.get(layer_name)
-        if i is not None and i < len(self._layer_done):
-            self._layer_done[i].wait()
-
-    def _end_layerwise(self) -> None:
-        thread, self._layer_thread, self._layer_done = self._layer_thread, None, []
-        if thread is not None:
-            thread.join()
 
     # ------------------------------------------------------------------ background loads
     def _submit(self, op: LoadOp) -> None:
@@ -412,7 +348,6 @@ class WorkerSide:
 
     # ------------------------------------------------------------------ save
     def save(self, meta: ConnectorMeta) -> None:
-        self._end_layerwise()
         self._end_step()
         if not meta.saves:
             return
