@@ -4,11 +4,16 @@ Files live at ``<root>/<key[:2]>/<key>.kvb``. A write goes to ``<root>/tmp/`` an
 place, so a crash never leaves a half-written blob under a real key. At start-up the index is
 rebuilt from the files (LRU order by modification time); files whose header does not parse or
 whose length disagrees with it are removed, as are leftover temp files. Checksums are verified
-when a blob is decoded (the tiered store deletes a blob that fails).
+when a blob is decoded, on the reader thread that read it (the tiered store deletes a blob that
+fails). A batch is read on ``READERS`` threads; a file with none of its pages in the page cache
+(``mincore``) is read with ``O_DIRECT`` into a page-aligned pooled buffer, one the cache holds
+from the cache.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import re
@@ -21,16 +26,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kvlayer.codec.base import Buffer
-from kvlayer.codec.buffers import POOL
+from kvlayer.codec.buffers import PAGE as _PAGE
+from kvlayer.codec.buffers import POOL, pages
 from kvlayer.codec.header import parse_header
 from kvlayer.config import TierConfig, default_cache_dir
 from kvlayer.errors import ConfigError, CorruptBlobError, TierError
+from kvlayer.storage import _mincore
 from kvlayer.storage.base import T, Tier, TierOptions, opened
 from kvlayer.storage.lru import LocalTier
 
 log = logging.getLogger(__name__)
 _KEY_RE = re.compile(r"^[0-9a-f]{16,128}$")
 _SUFFIX = ".kvb"
+_UNSUPPORTED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS)
+#: files smaller than this are read plainly (O_DIRECT pays for multi-MiB chunks)
+DIRECT_MIN = 1 << 20
 #: threads a batch read is spread over: reads are syscalls that release the GIL, so they overlap
 READERS = 4
 _MAX_HEADER = 8 + 32 + 4 * 8 + 255 + 2 + 0xFFFF + 16  # fixed part, key digest, shape, name, params, lengths
@@ -49,6 +59,7 @@ class DiskTier(LocalTier):
         self._seq = 0
         self._seq_lock = threading.Lock()
         self._readers: ThreadPoolExecutor | None = None
+        self._direct = hasattr(os, "O_DIRECT") and _mincore.available()  # cold files: O_DIRECT
         # Keys accounted in the index whose file is still being written: not evictable, and a
         # reader that finds no file yet must not drop them from the index (that orphaned files).
         self._writing: Counter[str] = Counter()
@@ -125,7 +136,6 @@ class DiskTier(LocalTier):
         a copy or a wait outside the GIL; one at a time, a batch ran at a sixth of LMCache's)."""
         if len(keys) <= 1:
             return [self.get(k) for k in keys]
-        self._will_read(keys)
         return list(self._pool().map(self.get, keys))
 
     def get_opened(self, keys: Sequence[str], open_: Callable[[str, Buffer], T],
@@ -140,26 +150,7 @@ class DiskTier(LocalTier):
 
         if len(keys) <= 1:
             return [one(k) for k in keys]
-        self._will_read(keys)
         return list(self._pool().map(one, keys))
-
-    def _will_read(self, keys: Sequence[str]) -> None:
-        """Tell the kernel about every file of a batch at once (``POSIX_FADV_WILLNEED``): files
-        not in the page cache are then fetched with the whole batch in the device's queue, not
-        ``READERS`` at a time (free when they are cached)."""
-        if not hasattr(os, "posix_fadvise"):  # not on macOS
-            return
-        for k in keys:
-            try:
-                fd = os.open(self._path(k), os.O_RDONLY)
-            except (OSError, TierError):
-                continue  # the read itself reports it
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
 
     def _pool(self) -> ThreadPoolExecutor:
         with self._seq_lock:
@@ -182,8 +173,13 @@ class DiskTier(LocalTier):
         try:
             with open(p, "rb", buffering=0) as fh:
                 size = os.fstat(fh.fileno()).st_size
-                buf = POOL.take(size).data  # writable, no zero-fill, recycled memory when possible
-                n = fh.readinto(buf)
+                arr = POOL.take(pages(size))  # page-aligned whole pages, no zero-fill, recycled
+                buf = arr[:size].data
+                n = self._direct_read(fh.fileno(), arr.data, size) if self._cold(fh.fileno(), size) else 0
+                if n < size:
+                    fh.seek(n)
+                    while n < size and (got := fh.readinto(buf[n:])):
+                        n += got
         except FileNotFoundError:
             with self._lru.lock:
                 # A put may be creating it right now, or may have just finished.
@@ -200,6 +196,40 @@ class DiskTier(LocalTier):
             self._lru.touch(key)
         self.count(hits=1, bytes_read=size)
         return buf
+
+    def _cold(self, fd: int, size: int) -> bool:
+        """Whether none of the file is in the page cache: then it is read with ``O_DIRECT``,
+        straight into the blob's buffer (no page cache fill, no second copy, no second copy of
+        the chunk in RAM next to the CPU tier's; cold batches of 5.6 MiB chunks read 1.4-3x
+        faster on the test box). A file the cache holds, even in part, is read from the cache."""
+        if not self._direct or size < DIRECT_MIN:
+            return False
+        try:
+            return _mincore.resident_pages(fd, size) == 0
+        except OSError:
+            self._direct = False  # no mmap/mincore here: plain reads from now on
+            return False
+
+    def _direct_read(self, fd: int, buf: memoryview, size: int) -> int:
+        """Read the file with ``O_DIRECT`` into ``buf`` (page-aligned, whole pages); returns the
+        bytes read, fewer if the read stopped short (the caller reads the rest plainly)."""
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        n = 0
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+            while n < size:
+                got = os.preadv(fd, [buf[n:pages(size)]], n)
+                n += max(got, 0)
+                if got <= 0 or n % _PAGE:  # the end, or a short read
+                    break
+        except OSError as e:
+            if e.errno not in _UNSUPPORTED:
+                raise
+            self._direct = False  # O_DIRECT refused (some filesystems): plain reads from now on
+            n = 0
+        finally:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        return min(n - n % _PAGE if n < size else n, size)
 
     def put(self, key: str, blob: Buffer) -> bool:
         size = memoryview(blob).nbytes
