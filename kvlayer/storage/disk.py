@@ -174,7 +174,7 @@ class DiskTier(LocalTier):
             with open(p, "rb", buffering=0) as fh:
                 size = os.fstat(fh.fileno()).st_size
                 arr = POOL.take(pages(size))  # page-aligned whole pages, no zero-fill, recycled
-                buf = arr[:size].data
+                buf = arr.data[:size]  # a memoryview slice keeps arr (the pooled view) alive; a numpy one would not
                 n = self._direct_read(fh.fileno(), arr.data, size) if self._cold(fh.fileno(), size) else 0
                 if n < size:
                     fh.seek(n)
