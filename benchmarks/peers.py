@@ -419,7 +419,12 @@ def plot(rows: list[dict[str, Any]], g: dict[str, float], path: Path) -> Path:
     for j, (col, label, color) in enumerate(series):
         vals = [r.get(col) or 0.0 for r in rows]
         if any(vals):
-            ax.barh([y + (j - 1) * width for y in ys], vals, height=width, label=label, color=color)
+            pos = [y + (j - 1) * width for y in ys]
+            ax.barh(pos, vals, height=width, label=label, color=color)
+            for y, v in zip(pos, vals, strict=True):
+                if v:
+                    ax.text(v * 1.05, y, f"{v:.3g}", va="center", fontsize=7)
+    ax.set_xscale("log")  # CPU gets (views, references) are bookkeeping: thousands of GB/s
     for y, (_, _, _, _, floors) in zip(ys, PATHS, strict=True):
         for f in floors:
             if f in g:
@@ -427,10 +432,12 @@ def plot(rows: list[dict[str, Any]], g: dict[str, float], path: Path) -> Path:
                         ls="--" if f.startswith("redis_benchmark") else ":")
     ax.set_yticks(ys, [r["_name"] for r in rows])
     ax.invert_yaxis()
-    ax.set_xlabel("GB/s of raw KV (median of interleaved rounds); dotted: memcpy / redis-py, dashed: redis-benchmark")
+    ax.set_xlabel("GB/s of raw KV (log scale, medians of rounds); dotted: memcpy, redis-py; dashed: redis-benchmark")
+    ax.set_xlim(right=ax.get_xlim()[1] * 3)  # room for the labels
     ax.legend(loc="lower right")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
