@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from abc import ABC, abstractmethod
 from typing import Any
@@ -11,6 +12,13 @@ from typing import Any
 import torch
 
 Buffer = bytes | bytearray | memoryview
+
+#: torch warns when it views a read-only buffer; kvlayer views them only to read (decoded tensors
+#: are read-only by contract). A filter for this module, set once: ``warnings.catch_warnings()``
+#: around each call swapped process-wide state and is not thread-safe (blobs are decoded on
+#: several reader threads at once).
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning,
+                        module=re.escape(__name__))
 
 
 class Transform(ABC):
@@ -62,7 +70,4 @@ def tensor_from_bytes(payload: Buffer, dtype: torch.dtype, shape: tuple[int, ...
     mv = memoryview(payload)
     if mv.nbytes == 0:
         return torch.empty(shape, dtype=dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        t = torch.frombuffer(mv, dtype=torch.uint8)
-    return t.view(dtype).reshape(shape)
+    return torch.frombuffer(mv, dtype=torch.uint8).view(dtype).reshape(shape)

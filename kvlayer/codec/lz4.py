@@ -6,6 +6,7 @@ which lz4 then compresses well while the noisy mantissa bytes pass through almos
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Any
 
@@ -15,6 +16,10 @@ import torch
 
 from kvlayer.codec.base import Buffer, Compressor
 
+# (see kvlayer.codec.base: one filter for this module, not catch_warnings() per call across threads)
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning,
+                        module=re.escape(__name__))
+
 
 def _kernel(data: Buffer, typesize: int, inverse: bool) -> Buffer | None:
     """The C++ (un)shuffle when built (one pass, several GB/s); None -> numpy below."""
@@ -23,9 +28,7 @@ def _kernel(data: Buffer, typesize: int, inverse: bool) -> Buffer | None:
     mv = memoryview(data).cast("B")
     if mv.nbytes == 0:
         return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # read-only buffers are only read
-        src = torch.frombuffer(mv, dtype=torch.uint8)
+    src = torch.frombuffer(mv, dtype=torch.uint8)  # read-only buffers are only read
     out = _ext.shuffle(src, typesize, inverse=inverse)
     return None if out is None else out.numpy().data
 
