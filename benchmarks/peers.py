@@ -3,7 +3,8 @@
 The data: 32 real SmolLM2-135M-Instruct KV chunks (256 tokens of Paul Graham essays each, 30
 layers x 2 x 3 kv heads x 64 dims, fp16 = 5.62 MiB), computed once and cached in kvlayer's cache
 dir. Contenders, each timed once per round, rounds interleaved so a noisy neighbour slows them
-all alike; every figure is the median over rounds, in GB/s (1e9 bytes/s) of raw KV:
+all alike (within a step the contenders' order flips every round, so none always follows a
+write-heavy one); every figure is the median over rounds, in GB/s (1e9 bytes/s) of raw KV:
 
 - CPU: kvlayer's CPU tier (``KVCache.store_chunks`` / ``retrieve_chunks``, raw codec) against a
   copy of the same bytes (memcpy: the faster of torch's parallel ``copy_`` and numpy's
@@ -309,11 +310,14 @@ class PlainRedis:
 
 # ----------------------------------------------------------------------------- rounds
 class Rounds:
-    """Named operations run in the same order once per round; medians over rounds, in GB/s."""
+    """Named operations run once per round; medians over rounds, in GB/s. Operations come in
+    groups (the same step for every contender, ``group()`` starts one): a group's order is
+    reversed every other round, so no contender always runs right after a write-heavy step or
+    right before another's (dirty-page writeback, cache state)."""
 
     def __init__(self, nbytes: int) -> None:
         self.nbytes = nbytes
-        self.ops: list[tuple[str, Op | None, Op, Callable[[Any], None] | None]] = []
+        self.groups: list[list[tuple[str, Op | None, Op, Callable[[Any], None] | None]]] = [[]]
         self.times: dict[str, list[float]] = {}
         self.rates: dict[str, list[float]] = {}  # GB/s a contender reports itself (redis-benchmark)
         self.loads: list[float] = []
@@ -321,8 +325,12 @@ class Rounds:
 
     def add(self, name: str, fn: Op, *, before: Op | None = None, after: Callable[[Any], None] | None = None) -> None:
         """``before`` (untimed) prepares, ``fn`` is timed, ``after(result)`` (untimed) cleans up."""
-        self.ops.append((name, before, fn, after))
+        self.groups[-1].append((name, before, fn, after))
         self.times[name] = []
+
+    def group(self) -> None:
+        if self.groups[-1]:
+            self.groups.append([])
 
     def report(self, name: str, gbps: float) -> None:
         if not self.warming_up:
@@ -333,7 +341,8 @@ class Rounds:
         for r in range(-1, rounds):
             t_round = time.perf_counter()
             self.warming_up = r < 0
-            for name, before, fn, after in self.ops:
+            ops = [op for g in self.groups for op in (g[::-1] if r % 2 else g)]
+            for name, before, fn, after in ops:
                 if before is not None:
                     before()
                 t0 = time.perf_counter()
@@ -502,19 +511,27 @@ def main() -> int:
         dsts = [torch.empty_like(c) for c in chunks]
         R.add("memcpy_torch", lambda: [d.copy_(c) for d, c in zip(dsts, chunks, strict=True)])
         R.add("memcpy_numpy", lambda: [np.copyto(d.numpy(), c.numpy()) for d, c in zip(dsts, chunks, strict=True)])
+        R.group()
         R.add("kvlayer_cpu_put", lambda: kv.put("cpu", chunks), before=lambda: kv.remove("cpu", n))
-        R.add("kvlayer_cpu_get", lambda: kv.get("cpu", n))
         if lm is not None:
             R.add("lmcache_cpu_put", lambda: lm.put("cpu", chunks), before=lambda: lm.remove("cpu"))
+        R.group()
+        R.add("kvlayer_cpu_get", lambda: kv.get("cpu", n))
+        if lm is not None:
             R.add("lmcache_cpu_get", lambda: lm.get("cpu"), after=lm.release)
+        R.group()
         R.add("kvlayer_redis_put", lambda: kv.put("redis", chunks))
-        R.add("kvlayer_redis_get", lambda: kv.get("redis", n))
         if lm is not None:
             for name in ("redis", "resp"):
                 R.add(f"lmcache_{name}_put", lambda name=name: lm.put(name, chunks))
-                R.add(f"lmcache_{name}_get", lambda name=name: lm.get(name), after=lm.release)
         R.add("redispy_set", lambda: plain.put(chunks))
+        R.group()
+        R.add("kvlayer_redis_get", lambda: kv.get("redis", n))
+        if lm is not None:
+            for name in ("redis", "resp"):
+                R.add(f"lmcache_{name}_get", lambda name=name: lm.get(name), after=lm.release)
         R.add("redispy_get", plain.get)
+        R.group()
 
         u = server.url.split("//", 1)[1].split("/", 1)[0]
         host, port = u.rsplit(":", 1)
@@ -525,12 +542,15 @@ def main() -> int:
             R.report("redis_benchmark_get", res["get"])
 
         R.add("_redis_benchmark", rbench)
+        R.group()
         R.add("kvlayer_disk_put", lambda: kv.put("disk", chunks), before=lambda: kv.remove("disk", n))
         if lm is not None:
             R.add("lmcache_disk_put", lambda: lm.put("disk", chunks), before=lambda: lm.remove("disk"))
+        R.group()
         R.add("kvlayer_disk_get_warm", lambda: kv.get("disk", n))
         if lm is not None:
             R.add("lmcache_disk_get_warm", lambda: lm.get("disk"), after=lm.release)
+        R.group()
         R.add("kvlayer_disk_get_cold", lambda: kv.get("disk", n), before=lambda: drop_page_cache(kv_dir))
         if lm is not None:
             R.add("lmcache_disk_get_cold", lambda: lm.get("disk"), before=lambda: drop_page_cache(lm_dir),
