@@ -619,9 +619,15 @@ NOTES = """## Reading the table
   hiredis's reply buffer, the `bytes` object) before kvlayer checks its checksum; LMCache's
   native RESP client receives straight into its memory object. With glibc's default malloc
   most of the client's time is page faults on those `bytes` objects (see `--malloc-tuning`).
+- memcpy is the faster of torch's parallel `copy_` and numpy's one-thread `copyto` (both in the
+  JSON's `gbps`): in a process with other busy threads torch's thread pool often stalls, which is
+  also what LMCache's CPU put (a torch copy into its memory object) pays; kvlayer's encode copies
+  with numpy.
 - Disk get: every kvlayer read is checked (xxh3, hashed piece by piece as the file arrives);
-  LMCache reads its files unchecked. Cold reads are fsynced and dropped from the page cache
-  (`posix_fadvise(DONTNEED)`) before each round, so they measure the device.
+  LMCache reads its files unchecked; on a memory-bound box that pass costs about a third of a
+  warm read (the copy from the page cache alone runs at LMCache's speed). Cold reads are fsynced
+  and dropped from the page cache (`posix_fadvise(DONTNEED)`) before each round, so they measure
+  the device; kvlayer reads a file the page cache does not hold with `O_DIRECT`.
 """
 
 
