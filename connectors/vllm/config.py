@@ -32,6 +32,11 @@ class ConnectorOptions(AdapterOptions):
     pin_ttl_s: float = Field(default=600.0, gt=0)
     #: CacheBlend (``KVLayerBlendConnector``): ``{"enabled": true, ...}``, see ``blend_config``.
     blend: BlendOptions = Field(default_factory=BlendOptions)
+    #: A lookup in tiers outside this process runs on a thread; vLLM's scheduler waits this long
+    #: for it on a request's first ask, then asks again each step until ``lookup_deadline_s``,
+    #: after which the request is a miss (a hung tier never stalls the engine's steps).
+    lookup_wait_s: float = Field(default=0.005, ge=0)
+    lookup_deadline_s: float = Field(default=0.5, gt=0)
     #: How hits load. "auto": synchronously (inside the step) when every claimed chunk is in
     #: process memory, else in the background while the batch keeps running (vLLM's async path);
     #: "always" / "never" force one way.

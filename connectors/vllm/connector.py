@@ -166,8 +166,9 @@ class KVLayerConnector(KVConnectorBase_V1):
         sched = self.scheduler
         if sched is None:
             return 0, False
+        miss: tuple[int | None, bool] = (0, False)
         return self.guard.call("lookup", lambda: sched.get_num_new_matched_tokens(request, num_computed_tokens),
-                               (0, False), then="treated as a miss")
+                               miss, then="treated as a miss")
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         sched = self.scheduler

@@ -17,8 +17,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +68,14 @@ class LoadPlan:
 
 
 @dataclass
+class Lookup:
+    """A lookup running on the lookup threads: (leading full-chunk tiers, partial chunk or None)."""
+
+    future: Future[tuple[list[str], tuple[str, str, int] | None]]
+    started: float
+
+
+@dataclass
 class ReqState:
     req_id: str
     request: Any
@@ -79,6 +90,7 @@ class ReqState:
     hit_sizes: list[int] = field(default_factory=list)
     hit_async: bool = False
     load: LoadPlan | None = None
+    lookup: Lookup | None = None
     partial_saved: bool = False
     # multimodal / LoRA / embeddings, or a request that opted out with
     # SamplingParams(extra_args={"kv_transfer_params": {"kvlayer_skip": True}}): never load or save
@@ -101,6 +113,10 @@ class SchedulerSide:
         self.blocks_per_chunk = self.chunk_size // block_size
         self.estimates = Estimates(refresh_s=options.estimate_refresh_s)
         self._kinds = {t.name: t.kind for t in cache.config.tier_configs()}
+        # Lookups of tiers outside this process run on threads, so that a hung tier costs the
+        # engine at most ``lookup_wait_s`` per request, never its socket timeout.
+        self._inline_lookups = all(k == "memory" for k in self._kinds.values())
+        self._lookups: ThreadPoolExecutor | None = None
         self._reqs: dict[str, ReqState] = {}
         self._lock = threading.Lock()
         self._async_new: list[str] = []  # async plans made this step (their requests are not scheduled)
@@ -111,6 +127,7 @@ class SchedulerSide:
         # from here). Bounded; a stale entry costs one recompute.
         self.remote_worker = remote_worker
         self.index: OrderedDict[str, None] = OrderedDict()
+        self._index_lock = threading.Lock()
         chunk_bytes = max(1, cache.spec.bytes_per_token() * self.chunk_size)
         budget = sum(t.capacity for t in cache.config.tier_configs() if t.kind in ("memory", "disk"))
         self._index_cap = max(4096, budget // chunk_bytes)
@@ -123,7 +140,7 @@ class SchedulerSide:
             self.estimates.add_load(tier, chunks, seconds)
         for tokens, attention, seconds in getattr(meta, "steps", ()):
             self.estimates.add_step(tokens, attention, seconds)
-        with self._lock:
+        with self._index_lock:
             for k in getattr(meta, "missing", ()):
                 self.index.pop(k, None)
             for k in getattr(meta, "stored", ()):
@@ -136,11 +153,12 @@ class SchedulerSide:
                 self.index.popitem(last=False)
 
     def _where(self, keys: list[str]) -> list[str | None]:
-        """Per key, the tier the worker can load it from (None = nowhere)."""
+        """Per key, the tier the worker can load it from (None = nowhere). Any thread."""
         if not keys:
             return []
         where = self.cache.locate(keys)
-        return [w if w is not None or k not in self.index else WORKER for k, w in zip(keys, where, strict=True)]
+        with self._index_lock:
+            return [w if w is not None or k not in self.index else WORKER for k, w in zip(keys, where, strict=True)]
 
     def _leading(self, keys: list[str]) -> list[str]:
         """Tier names of the leading run of keys the worker can load."""
@@ -181,7 +199,7 @@ class SchedulerSide:
         return st
 
     # ------------------------------------------------------------------ vLLM hooks
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         with self._lock:
             st = self._state(request)
             if st.skip:
@@ -194,45 +212,85 @@ class SchedulerSide:
                 return 0, False
             prompt = list(request.prompt_token_ids or [])
             self._extend_keys(st, prompt)
-            c = self.chunk_size
-            full = len(prompt) // c
-            tiers = self._leading(st.keys[:full]) if full > 0 else []
-            self.counters.add(lookups=1)
-            st.stored_chunks = max(st.stored_chunks, len(tiers))
-            keys, sizes = st.keys[:len(tiers)], [c] * len(tiers)
-            part = self._probe_partial(st, prompt, len(tiers)) if self.options.partial_chunks else None
-            if part is not None:
-                keys.append(part[0])
-                tiers.append(part[1])
-                sizes.append(part[2])
-            n = self._decide(st, tiers, sizes, num_computed_tokens, len(prompt))
-            st.hit_keys, st.hit_tiers, st.hit_sizes = keys[:n], tiers[:n], sizes[:n]
-            # Never claim the last prompt token (vLLM must compute at least one). The claim may end
-            # inside a block: the worker loads that whole block and vLLM then overwrites the slots
-            # of the tokens it computes itself.
-            st.hit_tokens = min(sum(st.hit_sizes), len(prompt) - 1)
-            new = st.hit_tokens - num_computed_tokens
-            if new <= 0 or new < self.options.min_hit_tokens:
-                st.hit_async = False
-                return 0, False
-            first = num_computed_tokens // c
-            mode = self.options.async_loads
-            st.hit_async = mode == "always" or (mode == "auto" and any(
-                self._kinds.get(t, "memory") != "memory" for t in st.hit_tiers[first:] if t != WORKER))
-            return new, st.hit_async
+            full = len(prompt) // self.chunk_size
+            keys, chain = st.keys[:full], list(st.chain[:full])
+            if self._inline_lookups:  # process memory answers at once
+                return self._claim(st, self._find(keys, chain, st.namespace, prompt), num_computed_tokens, len(prompt))
+            first_ask = st.lookup is None
+            if st.lookup is None:
+                if self._lookups is None:
+                    self._lookups = ThreadPoolExecutor(2, thread_name_prefix="kvlayer-lookup")
+                st.lookup = Lookup(self._lookups.submit(self._find, keys, chain, st.namespace, prompt),
+                                   time.monotonic())
+            job = st.lookup
+        found = self._answer(job, self.options.lookup_wait_s if first_ask else 0.0)  # outside the lock
+        with self._lock:
+            if st.lookup is not job:
+                return 0, False  # dropped meanwhile (finished, preempted)
+            if found is None:
+                if time.monotonic() - job.started < self.options.lookup_deadline_s:
+                    return None, False  # vLLM asks again next step; the batch runs meanwhile
+                st.lookup = None
+                self.counters.add(lookups=1, lookup_timeouts=1)
+                return 0, False  # a tier that does not answer in time is a miss
+            st.lookup = None
+            return self._claim(st, found, num_computed_tokens, len(prompt))
 
-    def _probe_partial(self, st: ReqState, prompt: list[int], chunk: int) -> tuple[str, str, int] | None:
-        """The longest stored partial chunk at ``chunk`` within the prompt: (key, tier, tokens)."""
-        bs, c = self.block_size, self.chunk_size
-        most = min(self.blocks_per_chunk - 1, (len(prompt) - chunk * c) // bs)
-        if most < 1:
+    def _answer(self, job: Lookup, wait_s: float) -> tuple[list[str], tuple[str, str, int] | None] | None:
+        try:
+            return job.future.result(timeout=wait_s)
+        except FutureTimeout:
             return None
+        except Exception as e:  # a lookup that raised is a miss
+            self.guard.record("lookup", e, then="treated as a miss")
+            return [], None
+
+    def _find(self, keys: list[str], chain: list[bytes], namespace: bytes, prompt: list[int]
+              ) -> tuple[list[str], tuple[str, str, int] | None]:
+        """Where the leading run of full chunks is, and the longest stored partial chunk after it
+        (one ``locate`` of at most ``blocks_per_chunk - 1`` keys). Any thread."""
+        tiers = self._leading(keys)
+        if not self.options.partial_chunks:
+            return tiers, None
+        bs, c, i = self.block_size, self.chunk_size, len(tiers)
+        most = min(self.blocks_per_chunk - 1, (len(prompt) - i * c) // bs)
+        if most < 1:
+            return tiers, None
+        parent = chain[i - 1] if i > 0 else b""
         counts = list(range(most, 0, -1))
-        keys = [self._partial_key(st, chunk, prompt[chunk * c:chunk * c + k * bs]) for k in counts]
-        for k, key, tier in zip(counts, keys, self._where(keys), strict=True):
+        cands = [partial_key(namespace, parent, prompt[i * c:i * c + k * bs]) for k in counts]
+        for k, key, tier in zip(counts, cands, self._where(cands), strict=True):
             if tier is not None:
-                return key, tier, k * bs
-        return None
+                return tiers, (key, tier, k * bs)
+        return tiers, None
+
+    def _claim(self, st: ReqState, found: tuple[list[str], tuple[str, str, int] | None], num_computed_tokens: int,
+               prompt_len: int) -> tuple[int, bool]:
+        """vLLM's answer from a finished lookup: how many tokens to load, and whether async."""
+        c = self.chunk_size
+        tiers, part = list(found[0]), found[1]
+        self.counters.add(lookups=1)
+        st.stored_chunks = max(st.stored_chunks, len(tiers))
+        keys, sizes = st.keys[:len(tiers)], [c] * len(tiers)
+        if part is not None:
+            keys.append(part[0])
+            tiers.append(part[1])
+            sizes.append(part[2])
+        n = self._decide(st, tiers, sizes, num_computed_tokens, prompt_len)
+        st.hit_keys, st.hit_tiers, st.hit_sizes = keys[:n], tiers[:n], sizes[:n]
+        # Never claim the last prompt token (vLLM must compute at least one). The claim may end
+        # inside a block: the worker loads that whole block and vLLM then overwrites the slots
+        # of the tokens it computes itself.
+        st.hit_tokens = min(sum(st.hit_sizes), prompt_len - 1)
+        new = st.hit_tokens - num_computed_tokens
+        if new <= 0 or new < self.options.min_hit_tokens:
+            st.hit_async = False
+            return 0, False
+        first = num_computed_tokens // c
+        mode = self.options.async_loads
+        st.hit_async = mode == "always" or (mode == "auto" and any(
+            self._kinds.get(t, "memory") != "memory" for t in st.hit_tiers[first:] if t != WORKER))
+        return new, st.hit_async
 
     def _decide(self, st: ReqState, tiers: list[str], sizes: list[int], computed: int, prompt_len: int) -> int:
         """How many of the found chunks to claim: all, unless load-or-recompute says fewer."""
@@ -468,3 +526,5 @@ class SchedulerSide:
         with self._lock:
             for req_id in list(self._reqs):
                 self._drop(req_id)
+        if self._lookups is not None:
+            self._lookups.shutdown(wait=False, cancel_futures=True)  # a hung tier must not hang shutdown

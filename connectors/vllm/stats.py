@@ -11,6 +11,7 @@ from ..core import Counters
 @dataclass
 class SchedulerCounters(Counters):
     lookups: int = 0
+    lookup_timeouts: int = 0  # lookups a tier did not answer within lookup_deadline_s: misses
     hit_requests: int = 0
     hit_tokens: int = 0  # tokens claimed from kvlayer (beyond vLLM's own prefix hit)
     async_hits: int = 0  # hit requests whose load runs in the background (vLLM's async path)

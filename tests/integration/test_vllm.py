@@ -210,15 +210,15 @@ def scenario_main(args: dict[str, Any]) -> dict[str, Any]:
     tok["noise_warm"] = _gen(llm, [P["noise"]])[0]
     st["noise"] = {"before": before, "after": _snap(conn)}
 
-    # Corruption: flip payload bytes of every copy (memory and disk) -> checksum miss -> recompute.
+    # Corruption: flip payload bytes of the disk copies -> checksum miss -> recompute. The CPU
+    # tier keeps blobs unsealed (no checksum inside the process, kvlayer/storage), so its copies
+    # are dropped first and the load reads the sealed disk copies.
     tok["corrupt_cold"] = _gen(llm, [P["corrupt"]])[0]
     conn.flush()
     keys = cache.keys(P["corrupt"], full_only=True)
     mem = _levels(cache)[0].tier
     for k in keys:
-        blob = mem._data[k]
-        blob[-100:] = bytes(100)
-        blob[-50] ^= 0xFF
+        mem.delete(k)
     for f in Path(args["disk"]).rglob("*.kvb"):
         if f.name[:-4] in keys:
             data = bytearray(f.read_bytes())

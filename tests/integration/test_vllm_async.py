@@ -10,7 +10,8 @@ hit loads in the background (vLLM's async path). Two engine processes:
              per-tier delay) until its hits are declined; a request aborted while its load is in
              flight; Redis stopped with SIGSTOP while a request's load is in flight and another
              request decodes (the decode keeps producing a token every step, the load is
-             abandoned at its deadline and recomputed); preemption with async loads.
+             abandoned at its deadline and recomputed; a request arriving meanwhile, whose lookup
+             Redis cannot answer, is a miss after the lookup deadline); preemption with async loads.
 Counters and tokens are asserted, never speeds.
 """
 
@@ -79,9 +80,11 @@ def _with(side: Any, **changes: Any) -> None:
     side.options = side.options.model_copy(update=changes)
 
 
-def _drive(eng: Any, until: Any, limit_s: float = 120.0) -> dict[str, list[int]]:
-    """Step the engine until ``until(tokens so far)``; returns each request's tokens."""
-    toks: dict[str, list[int]] = {}
+def _drive(eng: Any, until: Any, limit_s: float = 120.0, toks: dict[str, list[int]] | None = None
+           ) -> dict[str, list[int]]:
+    """Step the engine until ``until(tokens so far)``; returns (and updates ``toks`` with) each
+    request's tokens."""
+    toks = {} if toks is None else toks
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         for o in eng.step():
@@ -106,7 +109,8 @@ def scenario_async(args: dict[str, Any]) -> dict[str, Any]:
         kv = {"kv_connector": "KVLayerConnector", "kv_connector_module_path": "kvlayer.connectors.vllm",
               "kv_role": "kv_both",
               "kv_connector_extra_config": {"chunk_size": CHUNK, "cpu_bytes": 0, "redis_url": redis.url,
-                                            "load_deadline_s": DEADLINE_S, "load_or_recompute": False}}
+                                            "load_deadline_s": DEADLINE_S, "lookup_deadline_s": DEADLINE_S,
+                                            "load_or_recompute": False}}
         llm = _engine(kv, num_gpu_blocks_override=17, max_num_seqs=3)
         from kvlayer.connectors.vllm import connector_of
 
@@ -203,7 +207,20 @@ def scenario_async(args: dict[str, Any]) -> dict[str, Any]:
                 steps_while_loading += 1
                 gained += len(toks.get("decoder", [])) - before
         st["stall_abandoned"] = _counters(conn)
-        toks.update(_drive(eng, lambda t: len(t.get("stalled", [])) >= MAX_TOKENS))
+        # a request arriving while Redis is still stopped: its lookup cannot be answered either
+        eng.add_request("unanswered", TokensPrompt(prompt_token_ids=P["long"]), sp)
+        lookup_steps = lookup_gained = 0
+        limit = time.monotonic() + 60
+        while sched.counters.lookup_timeouts == st["stall_abandoned"]["c"]["lookup_timeouts"]:
+            assert time.monotonic() < limit, "the lookup never timed out"
+            before = len(toks.get("decoder", []))
+            for o in eng.step():
+                toks[o.request_id] = list(o.outputs[0].token_ids)
+            if before < DECODE_TOKENS:
+                lookup_steps += 1
+                lookup_gained += len(toks.get("decoder", [])) - before
+        st["stall_unanswered"] = _counters(conn)
+        _drive(eng, lambda t: min(len(t.get("stalled", [])), len(t.get("unanswered", []))) >= MAX_TOKENS, toks=toks)
         eng.abort_request(["decoder"])
         _drive(eng, lambda _t: not eng.has_unfinished_requests())
         os.kill(redis.pid, signal.SIGCONT)
@@ -214,8 +231,10 @@ def scenario_async(args: dict[str, Any]) -> dict[str, Any]:
             time.sleep(0.05)  # the stuck read returns (timeout or answer) and is discarded
         _revive(conn.cache)
         tok["stalled"] = toks["stalled"]
+        tok["unanswered"] = toks["unanswered"]
         tok["decoder"] = toks["decoder"][:COMPARE]
-        r["stall"] = {"decoder_tokens_while_loading": gained, "steps_while_loading": steps_while_loading}
+        r["stall"] = {"decoder_tokens_while_loading": gained, "steps_while_loading": steps_while_loading,
+                      "decoder_tokens_while_looking_up": lookup_gained, "steps_while_looking_up": lookup_steps}
         st["stall_after"] = _snap(conn)
 
         # -- preemption with async loads (16 blocks: three 900-token prompts cannot all decode)
@@ -310,7 +329,14 @@ def test_hung_redis_delays_no_other_request_and_is_recomputed_after_the_deadline
     assert r["stall"]["steps_while_loading"] >= 5
     assert _delta(s["stall_before"], s["stall_abandoned"], "abandoned_loads") == 1
     assert _delta(s["stall_before"], s["stall_after"], "failed_async_retries") == 1  # no second lookup on a hung tier
-    assert t["stalled"] == base["noise"] and t["decoder"] == base["decoder"][:COMPARE]
+    assert t["stalled"] == base["noise"] and len(t["decoder"]) >= 20
+    assert t["decoder"] == base["decoder"][:len(t["decoder"])]
+    # a request whose lookup the stopped Redis cannot answer: a miss after lookup_deadline_s, the
+    # decoder kept its token per step meanwhile, same tokens as without a cache
+    assert _delta(s["stall_abandoned"], s["stall_unanswered"], "lookup_timeouts") == 1
+    assert r["stall"]["decoder_tokens_while_looking_up"] >= r["stall"]["steps_while_looking_up"] - 1
+    assert r["stall"]["steps_while_looking_up"] >= 3
+    assert t["unanswered"] == base["long"]
     _clean(s["stall_after"])
 
 

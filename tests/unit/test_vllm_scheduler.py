@@ -13,6 +13,8 @@ test this arithmetic. The whole path through a real engine is in tests/integrati
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -47,7 +49,9 @@ def cache() -> Any:
 
 
 def side(cache: KVCache, *, remote: bool = False, **options: Any) -> SchedulerSide:
-    return SchedulerSide(cache, ConnectorOptions(**options), block_size=BS, remote_worker=remote)
+    # a disk tier is looked up on a thread: wait for it, so every ask gets its answer here
+    return SchedulerSide(cache, ConnectorOptions(**{"lookup_wait_s": 60.0, **options}), block_size=BS,
+                         remote_worker=remote)
 
 
 def tokens(n: int, seed: int) -> list[int]:
@@ -568,3 +572,28 @@ def test_request_whose_async_load_failed_is_recomputed_without_a_new_lookup(disk
     alloc(s, req, b, 0)
     meta = s.build_connector_meta(new_step(req, b, 0, len(prompt)))
     assert meta.loads == [] and meta.saves == []  # recomputed; its chunks are still stored
+
+
+def test_a_tier_that_does_not_answer_costs_vllm_a_retry_not_a_stall_then_a_miss(disk_cache):
+    prompt = tokens(CHUNK + 5, 37)
+    store(disk_cache, prompt, 1)
+    gate = threading.Event()
+    real = disk_cache.locate
+    disk_cache.locate = lambda keys: gate.wait(30) and real(keys)  # a tier that hangs until released
+    s = side(disk_cache, lookup_wait_s=0.0, lookup_deadline_s=30.0)
+    req = request("hung", prompt)
+    assert s.get_num_new_matched_tokens(req, 0) == (None, False)  # "ask again later": the batch runs on
+    assert s.get_num_new_matched_tokens(req, 0) == (None, False)  # still one lookup in flight
+    gate.set()
+    deadline = time.monotonic() + 30
+    answer = s.get_num_new_matched_tokens(req, 0)
+    while answer == (None, False) and time.monotonic() < deadline:
+        answer = s.get_num_new_matched_tokens(req, 0)
+    assert answer == (CHUNK, True) and s.counters.lookups == 1
+    # past its deadline a lookup is a miss, counted
+    gate.clear()
+    late = side(disk_cache, lookup_wait_s=0.0, lookup_deadline_s=1e-6)
+    other = request("late", prompt)
+    assert late.get_num_new_matched_tokens(other, 0) == (0, False)
+    assert late.counters.lookup_timeouts == 1 and late.num_requests() == 1
+    gate.set()
