@@ -33,22 +33,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import vllm_ttft
 from _common import REPO, emit_json, markdown_table, rounded, write_results
 
 NAME = "vllm_async"
 DECODERS, DECODE_TOKENS = 4, 128
 LOADERS, PREFIX, QUESTION, LOADER_TOKENS = 6, 2048, 24, 4
 CHUNK = 256
-
-
-def _env() -> None:
-    cache = REPO / ".cache" / "bench"
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("VLLM_CACHE_ROOT", str(cache / "vllm"))
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
 
 
 def log(msg: str) -> None:
@@ -208,7 +199,6 @@ def part_qa(args: argparse.Namespace) -> dict[str, Any]:
     """``benchmarks/vllm_ttft.py``'s multi-round QA (with vs without kvlayer in one engine)."""
     import shutil
 
-    import vllm_ttft
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -258,7 +248,7 @@ def main() -> int:
     ap.add_argument("--redis-url", help=argparse.SUPPRESS)
     ap.add_argument("--server-url", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    _env()
+    vllm_ttft.vllm_env()
     if args.model is None:
         from kvlayer.assets import smollm2_dir
 

