@@ -7,6 +7,11 @@ model/shard it belongs to. Binding the namespace per key (rather than seeding th
 means a key can be computed from SGLang's own page hash alone, so a chunk stored through vLLM is a
 hit for a stock SGLang backend and the other way round, with no token ids crossing the interface.
 Document keys are the same chain over a document's own tokens (no parent from the prompt).
+
+A partial last chunk (fewer than ``chunk_size`` tokens) gets a key of its own kind,
+``partial_key``: bound like a full link, it could be forged (a link after a parent hashes
+``32 + 4n`` bytes, a first chunk ``4 * chunk_size``: equal when ``n = chunk_size - 8``, and the
+first chunk's tokens can spell the parent digest), so it hashes a tag and the parent's length.
 """
 
 from __future__ import annotations
@@ -76,13 +81,38 @@ def token_chain(tokens: TokenIds, chunk_size: int = DEFAULT_CHUNK_SIZE, *, full_
     return out
 
 
+PARTIAL_TAG = b"kvlayer/partial-chunk/v1"
+
+
+def partial_key(namespace: bytes, parent: bytes, tokens: TokenIds) -> str:
+    """Key of a partial chunk: ``tokens`` (fewer than a chunk) after the chain link ``parent``
+    (``b""`` for the first chunk, a seed for a document after a context).
+
+    Never a full chunk's key: those hash exactly 64 bytes (``namespace || d_i``), this hashes
+    ``24 + 32 + 1 + len(parent) + 4 * len(tokens)`` bytes, never 64; the parent's length comes
+    first, so two (parent, tokens) never hash the same bytes.
+    """
+    data = _token_bytes(tokens)
+    return hashlib.sha256(PARTIAL_TAG + namespace + bytes([len(parent)]) + parent + data).hexdigest()
+
+
+def _chunk_keys(namespace: bytes, tokens: TokenIds, chunk_size: int, *, full_only: bool, seed: bytes = b"") -> list[str]:
+    if len(namespace) != 32:
+        raise ValueError("namespace must be a 32-byte digest (KVSpec.namespace_digest())")
+    toks = token_array(tokens)
+    chain = token_chain(toks, chunk_size, full_only=True, seed=seed)
+    keys = [bind(namespace, d) for d in chain]
+    tail = len(chain) * chunk_size
+    if not full_only and tail < len(toks):
+        keys.append(partial_key(namespace, chain[-1] if chain else seed, toks[tail:]))
+    return keys
+
+
 def prefix_keys(
     namespace: bytes, tokens: TokenIds, chunk_size: int = DEFAULT_CHUNK_SIZE, *, full_only: bool = False
 ) -> list[str]:
     """Hex keys of every chunk of ``tokens``, each naming the prefix that ends with it."""
-    if len(namespace) != 32:
-        raise ValueError("namespace must be a 32-byte digest (KVSpec.namespace_digest())")
-    return [bind(namespace, d) for d in token_chain(tokens, chunk_size, full_only=full_only)]
+    return _chunk_keys(namespace, tokens, chunk_size, full_only=full_only)
 
 
 def key_from_page_hash(namespace: bytes, page_hash_hex: str) -> str:
@@ -105,7 +135,5 @@ def document_keys(namespace: bytes, tokens: TokenIds, chunk_size: int = DEFAULT_
     """
     if context is None or len(context) == 0:
         return prefix_keys(namespace, tokens, chunk_size)
-    if len(namespace) != 32:
-        raise ValueError("namespace must be a 32-byte digest (KVSpec.namespace_digest())")
     seed = hashlib.sha256(b"kvlayer/document-context/v1" + _token_bytes(context, "context")).digest()
-    return [bind(namespace, d) for d in token_chain(tokens, chunk_size, seed=seed)]
+    return _chunk_keys(namespace, tokens, chunk_size, full_only=False, seed=seed)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvlayer.engine import KVCache
-from kvlayer.keys import bind, chain_hash, token_array
+from kvlayer.keys import bind, chain_hash, partial_key
 
 from ..core import FailureGuard
 from .config import ConnectorOptions
@@ -39,19 +39,6 @@ log = logging.getLogger("kvlayer.vllm")
 #: Tier name of chunks only the worker's report vouches for (queued saves; in multi-process mode
 #: the worker's own CPU tier): loaded synchronously.
 WORKER = "worker"
-PARTIAL_TAG = b"kvlayer/partial-chunk/v1"
-
-
-def partial_key(namespace: bytes, parent: bytes, tokens: Sequence[int]) -> str:
-    """Key of a partial chunk: ``tokens`` (fewer than a chunk) after the chain link ``parent``
-    (``b""`` for the first chunk). Never a full chunk's key: those hash exactly 64 bytes
-    (``namespace || d_i``), this hashes ``24 + 32 + 1 + len(parent) + 4 * len(tokens)`` bytes,
-    never 64; the parent's length comes first, so two (parent, tokens) never hash the same bytes.
-    (``kvlayer.keys`` gives a partial last chunk a chain link of its own, but bound like a full
-    one: a chunk i > 0 of ``chunk_size - 8`` tokens hashes as many bytes as a first chunk, so
-    crafted token ids could make the two equal. Hence a key of its own here.)"""
-    data = token_array(tokens).astype("<u4").tobytes()
-    return hashlib.sha256(PARTIAL_TAG + namespace + bytes([len(parent)]) + parent + data).hexdigest()
 
 
 @dataclass

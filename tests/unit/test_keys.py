@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from kvlayer.errors import SpecMismatchError
-from kvlayer.keys import chain_hash, chunk_bounds, document_keys, key_from_page_hash, prefix_keys
+from kvlayer.keys import chain_hash, chunk_bounds, document_keys, key_from_page_hash, partial_key, prefix_keys
 from kvlayer.spec import KVSpec
 
 SPEC = KVSpec(model="org/model@rev1", num_layers=4, num_kv_heads=2, head_dim=16, dtype="float16")
@@ -39,10 +39,13 @@ def test_known_answer_two_chunks_matches_sglang_recipe():
     # The token chain is SGLang's unseeded page hash; the key binds it to the namespace.
     d0 = hashlib.sha256(b"".join(t.to_bytes(4, "little") for t in tokens[:8])).digest()
     d1 = hashlib.sha256(d0 + b"".join(t.to_bytes(4, "little") for t in tokens[8:])).digest()
-    assert keys == [hashlib.sha256(ns + d0).hexdigest(), hashlib.sha256(ns + d1).hexdigest()]
+    tail = b"".join(t.to_bytes(4, "little") for t in tokens[8:])
+    # a full chunk binds its link to the namespace; the partial last one has a tagged key of its own
+    partial = hashlib.sha256(b"kvlayer/partial-chunk/v1" + ns + bytes([32]) + d0 + tail).hexdigest()
+    assert keys == [hashlib.sha256(ns + d0).hexdigest(), partial]
     sglang = _sglang_style_chain("", tokens, 8)
     assert sglang == [d0.hex(), d1.hex()]
-    assert keys == [key_from_page_hash(ns, h) for h in sglang]
+    assert keys[:1] == [key_from_page_hash(ns, h) for h in sglang[:1]]  # SGLang stores full pages only
     assert chain_hash(b"", tokens[:8]) == d0
     # numpy input of any int dtype gives the same keys as a list
     assert prefix_keys(ns, np.asarray(tokens, dtype=np.int64), 8) == keys
@@ -180,3 +183,21 @@ def test_float_ids_never_alias_their_truncation():
         prefix_keys(ns, [500.7, 1.2], 2)
     assert prefix_keys(ns, np.array([500, 1], dtype=np.int32), 2) == prefix_keys(ns, [500, 1], 2)
     assert prefix_keys(ns, [], 2) == []
+
+
+def test_a_partial_last_chunk_cannot_be_forged_by_a_full_first_chunk():
+    """A link after a parent over ``chunk_size - 8`` tokens hashes as many bytes as a first chunk
+    whose first 8 token ids spell the parent digest: bound like full links, the two keys were equal."""
+    ns = SPEC.namespace_digest()
+    cs = 16
+    first = list(range(100, 100 + cs))
+    tail = list(range(7, 7 + cs - 8))
+    d0 = chain_hash(b"", first)
+    forged = [int(v) for v in np.frombuffer(d0, dtype="<u4")] + tail  # a full first chunk
+    assert chain_hash(d0, tail) == chain_hash(b"", forged)  # the chain itself collides (SGLang's hash)
+    victim = prefix_keys(ns, first + tail, cs)  # [full, partial]
+    assert victim[1] != prefix_keys(ns, forged, cs)[0]
+    assert victim[1] == partial_key(ns, d0, tail)  # the vLLM connector's partial chunks share it
+    assert victim[0] == prefix_keys(ns, first, cs)[0]  # full chunks keep SGLang-compatible keys
+    doc = document_keys(ns, tail, cs, context=[1, 2, 3])
+    assert doc != prefix_keys(ns, tail, cs) and len(doc) == 1
