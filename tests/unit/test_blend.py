@@ -8,10 +8,6 @@ the shared tiny Llama fixture (with its real tokenizer).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -421,26 +417,6 @@ def test_gate_refuses_uncalibrated_and_failed_models_and_allows_calibrated(llama
 def test_fingerprint_differs_between_checkpoints_and_is_stable():
     a, a2, b = _llama(seed=0, layers=1), _llama(seed=0, layers=1), _llama(seed=1, layers=1)
     assert Runner(a).fingerprint == Runner(a2).fingerprint != Runner(b).fingerprint
-
-
-def test_calibrate_cli_on_the_tiny_model(tmp_path):
-    from tests.fixtures.tiny_model import sample_text, tiny_model_dir
-
-    model_dir = tiny_model_dir()
-    text = tmp_path / "probe.txt"
-    text.write_text(sample_text(3000, seed=3))
-    calib = tmp_path / "c.json"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    cmd = [sys.executable, "-m", "kvlayer.blend", "calibrate", "--model", model_dir, "--text-file", str(text),
-           "--probes", "2", "--docs", "2", "--doc-tokens", "60,90", "--tail-tokens", "8", "--ratios", "0.5,1",
-           "--threshold", "0.001", "--calibration", str(calib)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr
-    rec = json.loads(r.stdout.strip().splitlines()[-1])
-    assert rec["status"] == "ok" and rec["ratio"] in (0.5, 1.0)
-    shown = subprocess.run([sys.executable, "-m", "kvlayer.blend", "show", "--calibration", str(calib)],
-                           capture_output=True, text=True, timeout=120, env=env)
-    assert rec["fingerprint"] in json.loads(shown.stdout)
 
 
 def test_cli_hooks_plug_into_a_parent_parser(tmp_path, capsys):
