@@ -1,9 +1,11 @@
 """The CUDA kernels (``csrc/cuda/*.cu``): chunks that live on a GPU are encoded there.
 
-Why: an engine's KV is on the GPU. Encoding it there (int8/int4/int2, fp8) before the copy to
-host memory moves 2-8x fewer bytes over PCIe than copying the raw chunk and encoding on the CPU,
-and the result is the same blob, bit for bit (the kernels follow the torch reference's fp32
-arithmetic; ``tests/unit/test_cuda_codec.py`` checks it on a GPU). The same library holds the
+Why: an engine's KV is on the GPU. Encoding it there (fp8, and int8/int4/int2 with
+``scheme: kivi``) before the copy to host memory moves 2-8x fewer bytes over PCIe than copying
+the raw chunk and encoding on the CPU, and the result is the same blob, bit for bit (the kernels
+follow the torch reference's fp32 arithmetic; ``tests/unit/test_cuda_codec.py`` checks it on a
+GPU). The default rotated int scheme (:mod:`kvlayer.codec.rotq`) has no kernel here yet: its GPU
+chunks are copied to host memory and encoded by the C++ kernel. The same library holds the
 paged gather/scatter that ``kvlayer.ops`` uses.
 
 Build: one shared library from every ``.cu`` file, with ``nvcc`` (``$NVCC``, ``PATH``,

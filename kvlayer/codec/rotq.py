@@ -47,8 +47,12 @@ Payload (every section's parameters are in the header, ``{"s": "rot", "b", "gk",
     | token bitmap (ceil(T/8) bytes, zero-padded to a 4-byte boundary) | outlier rows (chunk dtype) [L, P, o, C]
 
 MLA chunks (one plane) are quantized as values. Blobs without ``"s"`` in their parameters are
-KIVI blobs (the scheme before this one, still written with ``scheme: kivi`` and by the GPU
-encoder) and decode through :mod:`kvlayer.codec.quant`.
+KIVI blobs (the scheme before this one, still written with ``scheme: kivi``) and decode through
+:mod:`kvlayer.codec.quant`.
+
+GPU chunks: this scheme has no CUDA kernel. A CUDA chunk is copied to host memory (the raw
+bytes cross PCIe, not the 2-8x smaller payload) and encoded by the C++ kernel: the same blob as
+from a CPU tensor. Only ``scheme: kivi`` (and ``fp8``) encode on the GPU (:mod:`kvlayer.codec.cuda`).
 """
 
 from __future__ import annotations
@@ -508,7 +512,7 @@ class _IntQuant(Transform):
     def encode(self, x: torch.Tensor) -> tuple[Buffer, dict[str, Any], int]:
         if self.scheme == "kivi":
             return self._encode_kivi(x)
-        x = x.detach().cpu().contiguous()
+        x = x.detach().cpu().contiguous()  # no CUDA kernel for this scheme: a GPU chunk is encoded on the host
         L, P, T, H, D = canonical_shape(tuple(x.shape))
         if x.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"quantized codecs take fp16/bf16/fp32 chunks, got {x.dtype}")

@@ -1,10 +1,13 @@
-"""Chunks on a GPU are encoded there (``kvlayer.codec.cuda``), into the very blob the CPU writes.
+"""Chunks on a GPU: fp8 and the KIVI int codecs (``scheme: kivi``) are encoded there
+(``kvlayer.codec.cuda``), into the very blob the CPU writes; the default rotated int codecs
+(``kvlayer.codec.rotq``) have no CUDA kernel: their CUDA chunks are copied to host memory and
+encoded by the C++ kernel, the same blob as from a CPU tensor.
 
 The parity tests need a CUDA GPU (``.ci/gpu`` runs them on one); on a machine without one they
 skip, and the tests below them check what can be checked here: CPU tensors never reach the CUDA
-library, the codecs consult the GPU path for CUDA tensors and use its payload as is (checked with
-a stand-in for the GPU, which this machine does not have), and a missing GPU is reported, not
-raised.
+library, the KIVI codecs consult the GPU path and use its payload as is (checked with a stand-in
+for the GPU, which this machine does not have), the rotated codecs never consult it, and a missing
+GPU is reported, not raised.
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ from kvlayer.codec.quant import quantize_torch
 
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CODECS = ["int8", "int4", "int2", "fp8", "int4+lz4", "fp8+lz4"]
+#: (codec, params) on a GPU: the KIVI int codecs and fp8 run the CUDA kernels; the rotated
+#: (default) int codecs run on the host copy, which must give the same blob too.
+GPU_CASES = [(c, {"scheme": "kivi"} if c.startswith("int") else {}) for c in CODECS] + [
+    (c, {}) for c in CODECS if c.startswith("int")]
+GPU_IDS = [f"{c}-{p.get('scheme', 'rot' if c.startswith('int') else '')}".rstrip("-") for c, p in GPU_CASES]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 
@@ -46,33 +54,38 @@ def cpu_blob(x: torch.Tensor, codec: str, **params: object) -> bytes:
 
 
 @GPU
-@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize(("codec", "params"), GPU_CASES, ids=GPU_IDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 2, 45, 2, 40), (2, 2, 256, 3, 64), (2, 1, 33, 1, 72), (2, 1, 20, 48)],
                          ids=["partial-groups", "smollm2-chunk", "mla", "mla-4d"])
-def test_gpu_encode_is_the_cpu_blob_bit_for_bit(codec: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+def test_gpu_encode_is_the_cpu_blob_bit_for_bit(codec: str, params: dict[str, object], dtype: torch.dtype,
+                                                shape: tuple[int, ...]) -> None:
     assert cuda.library() is not None, cuda.cuda_info()
     x = chunk(shape, dtype, seed=len(shape) + shape[2])
-    assert bytes(encode(x.cuda(), codec)) == cpu_blob(x, codec)
+    assert bytes(encode(x.cuda(), codec, **params)) == cpu_blob(x, codec, **params)
 
 
 @GPU
-@pytest.mark.parametrize("codec", ["int8", "int4", "int2", "fp8"])
+@pytest.mark.parametrize(("codec", "params"), [c for c in GPU_CASES if "+" not in c[0]],
+                         ids=[i for i, c in zip(GPU_IDS, GPU_CASES, strict=True) if "+" not in c[0]])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gpu_encode_matches_on_nan_inf_signed_zero_and_subnormals(codec: str, dtype: torch.dtype) -> None:
+def test_gpu_encode_matches_on_nan_inf_signed_zero_and_subnormals(codec: str, params: dict[str, object],
+                                                                  dtype: torch.dtype) -> None:
     x = chunk((2, 2, 40, 2, 32), dtype, seed=5, special=True)
-    assert bytes(encode(x.cuda(), codec)) == cpu_blob(x, codec)
+    assert bytes(encode(x.cuda(), codec, **params)) == cpu_blob(x, codec, **params)
     y = chunk((2, 2, 40, 2, 32), dtype, seed=6)
     y[0, 0, :8] = -0.0  # a whole key group of -0: its zero point must be +0 as on the CPU
-    assert bytes(encode(y.cuda(), codec)) == cpu_blob(y, codec)
+    assert bytes(encode(y.cuda(), codec, **params)) == cpu_blob(y, codec, **params)
 
 
 @GPU
 @pytest.mark.parametrize("group", [1, 7, 32, 64])
-def test_gpu_encode_group_sizes(group: int) -> None:
+@pytest.mark.parametrize("scheme", ["kivi", "rot"])
+def test_gpu_encode_group_sizes(group: int, scheme: str) -> None:
     x = chunk((2, 2, 50, 2, 64), torch.float16, seed=group)
     for codec in ("int8", "int4", "int2"):
-        assert bytes(encode(x.cuda(), codec, group_size=group)) == cpu_blob(x, codec, group_size=group)
+        got = encode(x.cuda(), codec, group_size=group, scheme=scheme)
+        assert bytes(got) == cpu_blob(x, codec, group_size=group, scheme=scheme)
 
 
 @GPU
@@ -106,10 +119,10 @@ def test_cpu_tensors_never_reach_the_cuda_library(monkeypatch: pytest.MonkeyPatc
         assert decode(encode(x, codec)).shape == x.shape
 
 
-def test_codecs_take_the_gpu_payload_as_is(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The hook in quant.py: what ``cuda.quantize`` returns (here a stand-in for the GPU, computed
-    by the torch reference) is the payload, byte for byte. (fp8's hook is taken for CUDA tensors
-    only, so only the GPU tests above reach it.)"""
+def test_kivi_codecs_take_the_gpu_payload_as_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The KIVI hook in rotq.py: what ``cuda.quantize`` returns (here a stand-in for the GPU,
+    computed by the torch reference) is the payload, byte for byte. (fp8's hook is taken for CUDA
+    tensors only, so only the GPU tests above reach it.)"""
     seen: list[str] = []
 
     def fake_quantize(x: torch.Tensor, lay: object) -> torch.Tensor:
@@ -119,12 +132,27 @@ def test_codecs_take_the_gpu_payload_as_is(monkeypatch: pytest.MonkeyPatch) -> N
         return buf
 
     x = chunk((2, 2, 45, 2, 40), torch.bfloat16, seed=3)
-    want = cpu_blob(x, "int4")
+    want = cpu_blob(x, "int4", scheme="kivi")
     monkeypatch.setattr(cuda, "quantize", fake_quantize)
-    assert bytes(encode(x, "int4")) == want and seen == ["quant"]
+    assert bytes(encode(x, "int4", scheme="kivi")) == want and seen == ["quant"]
     monkeypatch.setattr(cuda, "quantize", lambda x, lay: torch.zeros(lay.total, dtype=torch.uint8))
-    y = decode(encode(x, "int8"))  # all-zero meta and codes: zeros, proving the payload was used
+    y = decode(encode(x, "int8", scheme="kivi"))  # all-zero meta and codes: zeros, proving the payload was used
     assert torch.equal(y, torch.zeros_like(y))
+
+
+def test_rotated_codecs_never_consult_the_gpu_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default (rotated) int codecs have no CUDA kernel: the GPU hook is never called, and the
+    blob is the C++ kernel's (bit-identical to the torch reference)."""
+    def boom(*_: object) -> None:
+        raise AssertionError("the rotated codec called the CUDA path")
+
+    monkeypatch.setattr(cuda, "quantize", boom)
+    monkeypatch.setattr(cuda, "library", boom)
+    x = chunk((2, 2, 45, 2, 64), torch.float16, seed=4)
+    for codec in ("int8", "int4", "int2", "int4+lz4"):
+        blob = encode(x, codec)
+        assert bytes(blob) == cpu_blob(x, codec)
+        assert decode(blob).shape == x.shape
 
 
 def test_no_gpu_is_reported_not_raised() -> None:
