@@ -29,6 +29,7 @@ from kvlayer import docrecords
 from kvlayer.codec import get_codec
 from kvlayer.config import KVLayerConfig, load_config, make_config
 from kvlayer.errors import CorruptBlobError, DocumentNotFound, KVLayerError, SpecMismatchError, UsageError
+from kvlayer.events import EventHub
 from kvlayer.keys import TokenIds, chunk_bounds, document_keys, prefix_keys, token_array
 from kvlayer.malloc import tune_for_blobs
 from kvlayer.spec import KVSpec
@@ -117,6 +118,11 @@ class KVCache:
         """Whether the hottest tier is this process's memory: a put there costs a memcpy, so
         engines can save synchronously; otherwise saves should leave the step's thread."""
         return self._store.levels[0].tier.kind == "memory"
+
+    @property
+    def events(self) -> EventHub:
+        """What the tiers gain and lose (``kvlayer.events``); subscribe to follow it."""
+        return self._store.blobs.events
 
     def locate(self, keys: Sequence[str]) -> list[str | None]:
         """For every key, the name of the hottest tier holding it (None = nowhere). Moves no data."""

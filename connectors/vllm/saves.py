@@ -94,11 +94,14 @@ class SaveQueue:
                 self._cond.notify_all()
 
     def _write(self, keys: list[str], chunks: list[torch.Tensor]) -> None:
+        t0 = time.perf_counter()
         where = self.cache.locate(keys)
         todo = [(k, c) for k, c, w in zip(keys, chunks, where, strict=True) if w is None]
         if todo:
             self.cache.store_chunks([k for k, _ in todo], [c for _, c in todo], block=False)
-        self.counters.add(saved_chunks=len(todo), skipped_saves=len(keys) - len(todo))
+            self.counters.samples.observe("save_seconds", time.perf_counter() - t0)
+        self.counters.add(saved_chunks=len(todo), saved_bytes=sum(c.numel() * c.element_size() for _, c in todo),
+                          skipped_saves=len(keys) - len(todo))
 
     def wait(self, keys: Sequence[str], timeout: float) -> bool:
         """Wait until none of ``keys`` is queued; False on timeout."""

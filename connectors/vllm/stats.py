@@ -1,11 +1,39 @@
 """The vLLM connector's counters: one set per connector object, read through
-``KVLayerConnector.stats()`` (``kvlayer.connectors.vllm.connector_of(llm).stats()``)."""
+``KVLayerConnector.stats()`` (``kvlayer.connectors.vllm.connector_of(llm).stats()``), and the
+timings the connector hands to vLLM's metrics (``metrics.py``) as ``Samples``."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from ..core import Counters
+
+#: observations kept per series between two reports to vLLM (the oldest go beyond)
+MAX_SAMPLES = 4096
+
+
+class Samples:
+    """Timings (seconds) per (series, label) since the last ``take``; bounded per series."""
+
+    def __init__(self, limit: int = MAX_SAMPLES) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._data: dict[tuple[str, str], list[float]] = {}
+        self.dropped = 0
+
+    def observe(self, name: str, value: float, label: str = "") -> None:
+        with self._lock:
+            xs = self._data.setdefault((name, label), [])
+            if len(xs) >= self.limit:
+                del xs[0]
+                self.dropped += 1
+            xs.append(float(value))
+
+    def take(self) -> dict[tuple[str, str], list[float]]:
+        with self._lock:
+            out, self._data = self._data, {}
+        return out
 
 
 @dataclass
@@ -35,7 +63,13 @@ class WorkerCounters(Counters):
     cancelled_loads: int = 0  # async loads of requests that finished (aborted) meanwhile
     late_loads: int = 0  # abandoned or cancelled loads whose read came back afterwards (discarded)
     saved_chunks: int = 0  # chunks handed to the store
+    saved_bytes: int = 0  # their KV bytes (as gathered from vLLM's blocks, before encoding)
     skipped_saves: int = 0  # already stored (e.g. by another request in the batch)
     save_errors: int = 0
     dropped_saves: int = 0  # saves refused because the background save queue was full
     finished_saves: int = 0  # saves of finished requests whose blocks vLLM kept until gathered
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        #: save timings (``save_seconds``) and read timings (``load_seconds``, per tier)
+        self.samples = Samples()

@@ -175,6 +175,9 @@ class EvictionGuard(ABC):
         over, which is wasted I/O when nothing below takes demotions)."""
         return True
 
+    def evicted(self, tier: Tier, keys: Sequence[str]) -> None:  # noqa: B027 - optional: only events need it
+        """Called with every batch of keys ``tier`` evicted under pressure (demoted or not)."""
+
     @abstractmethod
     def on_evict(self, tier: Tier, key: str, blob: Buffer) -> None:
         """Called after ``key`` left ``tier`` under pressure; the store may demote it."""

@@ -13,6 +13,8 @@ blobs; ``kvlayer.storage.hierarchy`` gives each level its own codec).
   bounded byte budget, or when the hotter tier evicts it (``on_demotion``). The writer drains up to
   ``WRITE_BATCH_JOBS`` / ``WRITE_BATCH_BYTES`` of queued writes at a time and hands each lower
   tier one ``put_many``, so remote tiers pipeline.
+- What each tier gains and loses is published to ``events`` (``kvlayer.events.EventHub``):
+  stored (put, promoted, written below), removed (evicted, deleted, corrupt, cleared), cleared.
 - Every tier call goes through the tier's ``Breaker``: a call that raises opens it, the tier is
   skipped while it is open, and its operations count as misses / dropped writes. Nothing a tier
   does can raise into the caller.
@@ -32,8 +34,10 @@ from typing import Any, Literal, TypedDict, TypeVar
 from kvlayer.codec.base import Buffer
 from kvlayer.codec.header import check_key, verify
 from kvlayer.errors import ConfigError, CorruptBlobError, MisplacedBlobError
+from kvlayer.events import EventHub, EventKind
 from kvlayer.storage.base import EvictionGuard, Tier
 from kvlayer.storage.breaker import Breaker, RetryPolicy
+from kvlayer.storage.lru import LocalTier
 from kvlayer.storage.pins import PinRegistry
 
 log = logging.getLogger(__name__)
@@ -154,6 +158,7 @@ class BlobStore(EvictionGuard):
         self.promote_on_hit = promote_on_hit
         self.pins = PinRegistry()
         self.counters = StoreCounters()
+        self.events = EventHub()
         self._clock = threading.Lock()
         for lv in self.levels:
             lv.tier.set_eviction_guard(self)
@@ -196,6 +201,10 @@ class BlobStore(EvictionGuard):
             log.info("tier %s is back after %d failures", lv.name, n)
         return out
 
+    def _emit(self, kind: EventKind, lv: Level, keys: Sequence[str], reason: str) -> None:
+        if self.events.active:
+            self.events.publish(kind, lv.name, lv.tier.kind, keys, reason)
+
     # ------------------------------------------------------------------ EvictionGuard
     def is_pinned(self, key: str) -> bool:
         return self.pins.is_pinned(key)
@@ -209,6 +218,10 @@ class BlobStore(EvictionGuard):
 
     def wants_evicted(self, tier: Tier) -> bool:
         return self._demotes_from(tier) is not None
+
+    def evicted(self, tier: Tier, keys: Sequence[str]) -> None:
+        if self.events.active:
+            self.events.publish("removed", tier.name, tier.kind, keys, "evicted")
 
     def on_evict(self, tier: Tier, key: str, blob: Buffer) -> None:
         idx = self._demotes_from(tier)
@@ -272,7 +285,8 @@ class BlobStore(EvictionGuard):
                     log.warning("tier %s: %s blob %s (%s); deleted", lv.name, what, keys[i][:16], value)
                     lv.tier.count(**{what: 1})
                     self._count(**{what: 1})
-                    self._safe(lv, "delete", partial(lv.tier.delete, keys[i]), False)
+                    if self._safe(lv, "delete", partial(lv.tier.delete, keys[i]), False):
+                        self._emit("removed", lv, [keys[i]], "corrupt")
                     rest.append(i)
                     continue
                 out[i] = (value, depth)
@@ -298,6 +312,7 @@ class BlobStore(EvictionGuard):
         new = self.formats.blob_for(payload, 0, key)
         if new is not None and self._safe(top, "put", partial(top.tier.put, key, new), False):
             self._count(promotions=1)
+            self._emit("stored", top, [key], "promoted")
 
     # ------------------------------------------------------------------ write path
     def put(self, key: str, blob: Buffer, *, block: bool = True, durable: bool = False,
@@ -322,6 +337,7 @@ class BlobStore(EvictionGuard):
                              [False] * len(items))
         finally:
             self._tls.block = False
+        self._emit("stored", top, [k for (k, _, _), ok in zip(items, oks, strict=True) if ok], "put")
         return [self._put_below(k, b, p, ok, block=block, durable=durable)
                 for (k, b, p), ok in zip(items, oks, strict=True)]
 
@@ -342,6 +358,8 @@ class BlobStore(EvictionGuard):
             lv = self.levels[i]
             b = self.formats.blob_for(source(), i, key)
             ok = b is not None and self._safe(lv, "put", partial(lv.tier.put, key, b), False)
+            if ok:
+                self._emit("stored", lv, [key], "put")
         below = len(self.levels) - (last + 1)
         if below > 0 and self.write_policy == "write_through":
             self._enqueue(_Job(tuple(range(last + 1, len(self.levels))), key, source()), block=block)
@@ -424,6 +442,7 @@ class BlobStore(EvictionGuard):
             oks = self._safe(lv, "put", partial(lv.tier.put_many, list(items.items())),
                              [False] * len(items))
             self._count(dropped_writes=sum(not ok for ok in oks))
+            self._emit("stored", lv, [k for k, ok in zip(items, oks, strict=True) if ok], "written")
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued background write has finished."""
@@ -448,7 +467,11 @@ class BlobStore(EvictionGuard):
         # Tiers only count what they removed, so "removed" = stored somewhere before the deletes.
         stored = sum(w is not None for w in self.locate(targets))
         for lv in self.levels:
+            # with subscribers, ask first which keys each tier has: only those are reported removed
+            had = (self._safe(lv, "exists", partial(lv.tier.exists_many, targets), [False] * len(targets))
+                   if self.events.active else [])
             self._safe(lv, "delete", partial(lv.tier.delete_many, targets), 0)
+            self._emit("removed", lv, [k for k, h in zip(targets, had, strict=False) if h], "deleted")
         return stored
 
     def _cancel_writes(self, keys: set[str]) -> None:
@@ -486,7 +509,14 @@ class BlobStore(EvictionGuard):
         self.flush()
         self.pins.clear()
         for lv in self.levels:
-            self._safe(lv, "clear", lv.tier.clear, None)
+            # a tier that indexes its keys in memory reports each one; others say "cleared"
+            keys = lv.tier.keys() if self.events.active and isinstance(lv.tier, LocalTier) else None
+            if not self._safe(lv, "clear", partial(_cleared, lv.tier), False):
+                continue
+            if keys is not None:
+                self._emit("removed", lv, keys, "cleared")
+            else:
+                self._emit("cleared", lv, [], "cleared")
 
     def stats(self) -> dict[str, Any]:
         with self._clock:
@@ -515,3 +545,8 @@ class BlobStore(EvictionGuard):
             self._worker.join(timeout=5)
         for lv in self.levels:
             self._safe(lv, "close", lv.tier.close, None)
+
+
+def _cleared(tier: Tier) -> bool:
+    tier.clear()
+    return True

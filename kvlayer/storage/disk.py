@@ -285,7 +285,8 @@ class DiskTier(LocalTier):
                 # Deleted while being written: the file must not outlive its index entry.
                 final.unlink(missing_ok=True)
         self.count(puts=1, bytes_written=size, evictions=len(evicted))
-        if g is not None:
+        if g is not None and evicted:
+            g.evicted(self, [k for k, _ in evicted])
             for k, b in evicted:
                 if b is not None:
                     g.on_evict(self, k, b)

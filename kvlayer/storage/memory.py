@@ -50,7 +50,8 @@ class MemoryTier(LocalTier):
             self._lru.add(key, size)
         self.count(puts=1, bytes_written=size, evictions=len(evicted))
         g = self.guard
-        if g is not None:
+        if g is not None and evicted:
+            g.evicted(self, [k for k, _ in evicted])
             for k, b in evicted:
                 g.on_evict(self, k, b)
         return True
