@@ -27,11 +27,16 @@ from . import pair as pairs
 from .config import build_spec, check_chunk_size, parse_extra_config
 from .metadata import ConnectorMeta
 from .scheduler import SchedulerSide
+from .telemetry import SchedulerTelemetry, WorkerTelemetry, events_enabled
 from .worker import WorkerSide
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
     from vllm.forward_context import ForwardContext
+
+    from .events import KVLayerKVEvents
 
 log = logging.getLogger("kvlayer.vllm")
 
@@ -71,11 +76,14 @@ class KVLayerConnector(KVConnectorBase_V1):
         self.cache: KVCache = self.pair.cache
         self.scheduler: SchedulerSide | None = None
         self.worker: WorkerSide | None = None
+        self.sched_telemetry: SchedulerTelemetry | None = None  # vLLM's metrics and KV events (telemetry.py)
+        self.worker_telemetry: WorkerTelemetry | None = None
         if role == KVConnectorRole.SCHEDULER:
             remote = not self.pair.has_local_worker
             self.scheduler = SchedulerSide(self.cache, self.options, block_size=self.block_size,
                                            remote_worker=remote, guard=self.guard)
             self.pair.scheduler = self.scheduler
+            self.sched_telemetry = SchedulerTelemetry(self.scheduler, self.guard)
             if remote:
                 log.info("kvlayer: vLLM's worker runs in another process; hits are tracked from its reports")
         else:
@@ -83,6 +91,7 @@ class KVLayerConnector(KVConnectorBase_V1):
             self.worker = WorkerSide(self.cache, block_size=self.block_size, num_blocks=int(kv_cache_config.num_blocks),
                                      layer_names=layer_names, guard=self.guard, options=self.options)
             self.pair.worker = self.worker
+            self.worker_telemetry = WorkerTelemetry(self.worker, self.cache, events=events_enabled(vllm_config))
         self._closed = False
         log.info("kvlayer connector (%s): chunk %d tokens, tiers %s, namespace %s", role.name, self.config.chunk_size,
                  self.cache.tier_names, self.cache.namespace.hex()[:12])
@@ -156,7 +165,36 @@ class KVLayerConnector(KVConnectorBase_V1):
         return self.worker.take_load_errors() if self.worker is not None else set()
 
     def build_connector_worker_meta(self) -> Any:
-        return self.worker.take_worker_meta() if self.worker is not None else None
+        meta = self.worker.take_worker_meta() if self.worker is not None else None
+        if self.worker_telemetry is not None and meta is not None:
+            self.worker_telemetry.on_worker_meta(meta)
+        return meta
+
+    # ============================================================== vLLM's metrics and KV events
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        side = self.worker_telemetry or self.sched_telemetry
+        return self.guard.call("stats", side.stats, None) if side is not None else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        from .metrics import KVLayerConnectorStats
+
+        return KVLayerConnectorStats(data=data) if data is not None else KVLayerConnectorStats()
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict[Any, Any], labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> KVConnectorPromMetrics | None:
+        from .metrics import KVLayerPromMetrics
+
+        return KVLayerPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    def get_kv_connector_kv_cache_events(self) -> KVLayerKVEvents | None:
+        tel = self.worker_telemetry
+        return self.guard.call("events", tel.take_events, None) if tel is not None else None
+
+    def take_events(self) -> list[KVCacheEvent]:
+        tel = self.sched_telemetry
+        return tel.events.take() if tel is not None else []
 
     def shutdown(self) -> None:
         self.close()
@@ -171,12 +209,15 @@ class KVLayerConnector(KVConnectorBase_V1):
                                miss, then="treated as a miss")
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
-        sched = self.scheduler
+        sched, tel = self.scheduler, self.sched_telemetry
         if sched is not None:
+            before = tel.hit_tokens() if tel is not None else 0
             self.guard.call("update_state_after_alloc",
                             lambda: sched.update_state_after_alloc(request, blocks, num_external_tokens), None,
                             then="nothing is loaded for the request",
                             on_error=lambda _e: sched.abandon_claim(request, num_external_tokens))
+            if tel is not None:
+                tel.record_hits(request, before)
 
     def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int) -> dict[CacheHitSource, int]:
         sched = self.scheduler
@@ -207,6 +248,9 @@ class KVLayerConnector(KVConnectorBase_V1):
         if sched is not None:
             report = getattr(connector_output, "kv_connector_worker_meta", None)
             self.guard.call("worker report", lambda: sched.on_worker_meta(report), None, then="report ignored")
+        tel = self.sched_telemetry
+        if tel is not None:
+            self.guard.call("worker events", lambda: tel.on_output(connector_output), None, then="events lost")
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """True keeps the request's blocks until the worker has gathered its last partial chunk
@@ -235,6 +279,8 @@ class KVLayerConnector(KVConnectorBase_V1):
         if self.scheduler is not None:
             self.scheduler.reset()
             self.pair.scheduler = None
+        if self.worker_telemetry is not None:
+            self.worker_telemetry.close()
         if self.worker is not None:
             self.worker.close()
             self.pair.worker = None
