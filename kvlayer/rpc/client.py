@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 
 from kvlayer.codec.base import Buffer
+from kvlayer.events import StoreEvent
 from kvlayer.rpc import wire
 from kvlayer.rpc._gen import kvlayer_pb2 as pb
 from kvlayer.rpc._gen import kvlayer_pb2_grpc as pb_grpc
@@ -169,6 +170,19 @@ class KVLayerClient:
     def keys(self, limit: int = 0, timeout: float | None = None) -> list[str]:
         return list(self.stub.Keys(pb.KeysRequest(limit=limit), timeout=self._t(timeout), metadata=self.metadata).keys)
 
+    def watch_events(self, *, max_keys: int = 0, all_tenants: bool = False, timeout: float | None = None) -> EventStream:
+        """Follow what the server's tiers gain and lose. Returns once the subscription is live (every
+        later change is in the stream, unless ``dropped`` grows); iterate it for ``StoreEvent``s,
+        ``cancel()`` to stop. ``timeout``: the stream's whole life (None: until cancelled)."""
+        call = self.stub.WatchEvents(pb.WatchEventsRequest(max_keys=max_keys, all_tenants=all_tenants),
+                                     timeout=timeout, metadata=self.metadata)
+        first = next(call)
+        if first.kind != pb.StoreEvent.SUBSCRIBED:
+            call.cancel()
+            raise ValueError(f"server started the event stream with {pb.StoreEvent.Kind.Name(first.kind)}")
+        return EventStream(call)
+
+
     # ------------------------------------------------------------------ data
     def _frames(self, items: Sequence[tuple[str, Buffer]], durable: bool) -> Iterator[bytes]:
         fb = self.frame_bytes
@@ -223,3 +237,32 @@ class KVLayerClient:
             if b is not None and fill[i] != len(b):
                 raise ValueError(f"blob {i} truncated: {fill[i]} of {len(b)} bytes")
         return out
+
+
+_KINDS = {pb.StoreEvent.STORED: "stored", pb.StoreEvent.REMOVED: "removed", pb.StoreEvent.CLEARED: "cleared"}
+
+
+class EventStream:
+    """A live ``WatchEvents`` stream: iterating yields ``kvlayer.events.StoreEvent`` (keys as the
+    caller names them); ``dropped`` is how many the server's bound has dropped so far."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self.dropped = 0
+
+    def __iter__(self) -> Iterator[StoreEvent]:
+        for m in self._call:
+            kind = _KINDS.get(m.kind)
+            if kind is None:
+                continue  # a kind this client does not know (a newer server)
+            self.dropped = int(m.dropped)
+            yield StoreEvent(int(m.seq), kind, m.tier, m.medium, tuple(m.keys), m.reason, float(m.ts))  # type: ignore[arg-type]
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()

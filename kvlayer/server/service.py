@@ -42,6 +42,7 @@ from google.protobuf.message import DecodeError
 
 from kvlayer.codec.header import verify
 from kvlayer.errors import CorruptBlobError
+from kvlayer.events import StoreEvent, only_prefix
 from kvlayer.keys import chunk_bounds, document_keys, prefix_keys
 from kvlayer.rpc import wire
 from kvlayer.rpc._gen import kvlayer_pb2 as pb
@@ -90,6 +91,8 @@ class Limits:
     max_tokens: int = 1 << 20  # tokens of one TokenPrefix (the keys of 4096 chunks of 256)
     max_chunk_size: int = 1 << 16
     max_message_bytes: int = 4 << 20  # what the gRPC server accepts and sends (responses are cut to fit)
+    max_watchers: int = 8  # WatchEvents streams at once (each holds a handler thread)
+    watch_max_keys: int = 100_000  # keys queued per WatchEvents stream the client does not read
     tenants: TenantLimits = field(default_factory=TenantLimits)
 
 
@@ -199,7 +202,7 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
         self.tenants = TenantRegistry(store.pins, self.limits.tenants, docs_path)
         self._ctr_lock = threading.Lock()
         self.counters: dict[str, int] = {"bytes_in": 0, "bytes_out": 0, "blobs_in": 0, "blobs_out": 0,
-                                         "get_misses": 0, "rejected": 0}
+                                         "get_misses": 0, "rejected": 0, "watchers": 0}
 
     # ------------------------------------------------------------------ plumbing
     def _bump(self, **kw: int) -> None:
@@ -511,6 +514,41 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
                 break
             out.append(k[plen:])
         return pb.KeysResponse(keys=out, truncated=len(out) < len(keys))
+
+    # ------------------------------------------------------------------ events
+    @_rpc("WatchEvents", streaming_response=True)
+    def WatchEvents(self, request: pb.WatchEventsRequest, context: grpc.ServicerContext,
+                    caller: Caller) -> Iterator[pb.StoreEvent]:
+        """The store's events (``kvlayer.events``) for the caller's tenant, from a bounded queue of
+        its own; a stream holds a handler thread, so at most ``max_watchers`` run at once."""
+        if request.all_tenants and not caller.admin:
+            raise Abort(grpc.StatusCode.PERMISSION_DENIED, "watching all tenants needs the admin token")
+        lim = self.limits
+        with self._ctr_lock:
+            if self.counters["watchers"] >= lim.max_watchers:
+                raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"{lim.max_watchers} event streams are open, the server's limit; retry later")
+            self.counters["watchers"] += 1
+        sub = self.store.events.subscribe(min(request.max_keys or lim.watch_max_keys, lim.watch_max_keys))
+        try:
+            context.add_callback(sub.wake)  # the client went away or its deadline passed: stop waiting
+            prefix = "" if request.all_tenants else caller.prefix
+            yield pb.StoreEvent(kind=pb.StoreEvent.SUBSCRIBED, ts=time.time())
+            while context.is_active() and not self.draining:
+                for ev in only_prefix(sub.wait(1.0, max_events=256), prefix):
+                    yield _event_message(ev, sub.dropped)
+        finally:
+            sub.close()
+            with self._ctr_lock:
+                self.counters["watchers"] -= 1
+
+
+_KINDS = {"stored": pb.StoreEvent.STORED, "removed": pb.StoreEvent.REMOVED, "cleared": pb.StoreEvent.CLEARED}
+
+
+def _event_message(ev: StoreEvent, dropped: int) -> pb.StoreEvent:
+    return pb.StoreEvent(seq=ev.seq, kind=_KINDS[ev.kind], tier=ev.tier, medium=ev.medium, keys=list(ev.keys),
+                         reason=ev.reason, ts=ev.ts, dropped=dropped)
 
 
 def _serialize_frame(x: Any) -> bytes:

@@ -271,3 +271,43 @@ class KeysResponse(_message.Message):
     keys: _containers.RepeatedScalarFieldContainer[str]
     truncated: bool
     def __init__(self, keys: _Optional[_Iterable[str]] = ..., truncated: _Optional[bool] = ...) -> None: ...
+
+class WatchEventsRequest(_message.Message):
+    __slots__ = ("max_keys", "all_tenants")
+    MAX_KEYS_FIELD_NUMBER: _ClassVar[int]
+    ALL_TENANTS_FIELD_NUMBER: _ClassVar[int]
+    max_keys: int
+    all_tenants: bool
+    def __init__(self, max_keys: _Optional[int] = ..., all_tenants: _Optional[bool] = ...) -> None: ...
+
+class StoreEvent(_message.Message):
+    __slots__ = ("seq", "kind", "tier", "medium", "keys", "reason", "ts", "dropped")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        UNKNOWN: _ClassVar[StoreEvent.Kind]
+        STORED: _ClassVar[StoreEvent.Kind]
+        REMOVED: _ClassVar[StoreEvent.Kind]
+        CLEARED: _ClassVar[StoreEvent.Kind]
+        SUBSCRIBED: _ClassVar[StoreEvent.Kind]
+    UNKNOWN: StoreEvent.Kind
+    STORED: StoreEvent.Kind
+    REMOVED: StoreEvent.Kind
+    CLEARED: StoreEvent.Kind
+    SUBSCRIBED: StoreEvent.Kind
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    MEDIUM_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    TS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    kind: StoreEvent.Kind
+    tier: str
+    medium: str
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    reason: str
+    ts: float
+    dropped: int
+    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[_Union[StoreEvent.Kind, str]] = ..., tier: _Optional[str] = ..., medium: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ..., ts: _Optional[float] = ..., dropped: _Optional[int] = ...) -> None: ...

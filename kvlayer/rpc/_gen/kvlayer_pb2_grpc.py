@@ -94,6 +94,11 @@ class KVLayerStub:
                 request_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.KeysRequest.SerializeToString,
                 response_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.KeysResponse.FromString,
                 _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/kvlayer.v1.KVLayer/WatchEvents',
+                request_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.StoreEvent.FromString,
+                _registered_method=True)
 
 
 class KVLayerServicer:
@@ -182,6 +187,15 @@ class KVLayerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchEvents(self, request, context):
+        """Follow what the tiers gain and lose (stored, removed, cleared) as it happens: first one
+        SUBSCRIBED event (from then on nothing is missed but what the stream's bound drops), then
+        events until the client cancels. A router takes Keys after SUBSCRIBED for the snapshot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVLayerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -244,6 +258,11 @@ def add_KVLayerServicer_to_server(servicer, server):
                     servicer.Keys,
                     request_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.KeysRequest.FromString,
                     response_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.KeysResponse.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.WatchEventsRequest.FromString,
+                    response_serializer=kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.StoreEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -570,6 +589,33 @@ class KVLayer:
             '/kvlayer.v1.KVLayer/Keys',
             kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.KeysRequest.SerializeToString,
             kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.KeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvlayer.v1.KVLayer/WatchEvents',
+            kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.WatchEventsRequest.SerializeToString,
+            kvlayer_dot_rpc_dot___gen_dot_kvlayer__pb2.StoreEvent.FromString,
             options,
             channel_credentials,
             insecure,
