@@ -159,7 +159,7 @@ def scenario_events(args: dict[str, Any]) -> dict[str, Any]:
 
     P = make_prompts()
     # a CPU tier of ~5 chunks of the tiny model (float32: 2 layers x 2 x 256 tokens x 2 heads x 32 x 4 B
-    # = 64 KiB per full chunk, plus headers): the 'pressure' prompts evict the 'long' prompt's chunks
+    # = 256 KiB per full chunk): the 'long' prompt fits, the 'pressure' prompts evict its chunks
     pub, replay = f"tcp://127.0.0.1:{args['pub_port']}", f"tcp://127.0.0.1:{args['replay_port']}"
     llm = _engine(_kv_config(None, cpu_bytes=args["cpu_bytes"]),
                   kv_events_config={"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": pub,
@@ -194,7 +194,7 @@ def engine_events(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from tests.integration.test_vllm import run_scenario
 
     tiny_model_dir()
-    return run_scenario("events", tmp_path_factory.mktemp("events"), script=Path(__file__), cpu_bytes="400KiB",
+    return run_scenario("events", tmp_path_factory.mktemp("events"), script=Path(__file__), cpu_bytes="1300KiB",
                         pub_port=_free_port(), replay_port=_free_port())
 
 
