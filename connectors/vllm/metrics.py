@@ -169,6 +169,13 @@ class KVLayerPromMetrics(KVConnectorPromMetrics):
             hist: Any = self._histogram_cls  # vLLM types the three classes as one TypeVar
             self._families[key] = hist(name=s.name, documentation=s.doc, buckets=list(BUCKETS),
                                        labelnames=labelnames + (["tier"] if s.by_tier else []))
+        # every series exists (at 0) from the start, as vLLM's own do: dashboards and rates need it
+        tiers = _tier_names(vllm_config)
+        for engine_idx in per_engine_labelvalues:
+            for key in self._families:
+                series = COUNTER_SERIES.get(key) or HISTOGRAM_SERIES[key]
+                for label in tiers if series.by_tier else [""]:
+                    self._child(key, engine_idx, label)
 
     def _child(self, key: str, engine_idx: int, label: str) -> Any:
         ck = (key, engine_idx, label)
@@ -190,3 +197,14 @@ class KVLayerPromMetrics(KVConnectorPromMetrics):
                     child = self._child(key, engine_idx, label)
                     for v in values:
                         child.observe(v)
+
+
+def _tier_names(vllm_config: Any) -> list[str]:
+    """The tier names the connector's config gives (none if it cannot be read here)."""
+    from .config import parse_extra_config
+
+    try:
+        cfg, _ = parse_extra_config(dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {}))
+        return [t.name for t in cfg.tier_configs()]
+    except Exception:
+        return []
