@@ -60,6 +60,12 @@ class ConnectorOptions(AdapterOptions):
     estimate_refresh_s: float = Field(default=30.0, gt=0)
     #: Save and reuse the last partial chunk of a request at vLLM block granularity.
     partial_chunks: bool = True
+    #: ``kv_consumer`` (prefill/decode disaggregation, ``roles.py``): how long a request handed
+    #: off by a producer waits for the producer's save to land in the store before the tokens
+    #: still missing are computed here (a producer that died or an evicted chunk costs this much).
+    pd_wait_s: float = Field(default=5.0, ge=0)
+    #: ... and how often it asks the store meanwhile.
+    pd_poll_s: float = Field(default=0.01, gt=0)
     #: Test only: seconds added per chunk read from the named tier (makes a tier slower than
     #: recompute, or keeps a load in flight long enough to stop its server).
     test_tier_delay_s: dict[str, NonNegativeFloat] = Field(default_factory=dict)

@@ -26,6 +26,7 @@ from ..core import FailureGuard
 from . import pair as pairs
 from .config import build_spec, check_chunk_size, parse_extra_config
 from .metadata import ConnectorMeta
+from .roles import parse_role
 from .scheduler import SchedulerSide
 from .telemetry import SchedulerTelemetry, WorkerTelemetry, events_enabled
 from .worker import WorkerSide
@@ -61,6 +62,7 @@ class KVLayerConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         ktc = self._kv_transfer_config
         self.config, self.options = parse_extra_config(dict(ktc.kv_connector_extra_config or {}))
+        self.kv_role = parse_role(ktc.kv_role)  # prefill/decode disaggregation: roles.py
         self.block_size = int(vllm_config.cache_config.block_size)
         check_chunk_size(self.config.chunk_size, self.block_size)
         if self.options.recompute_on_load_failure and getattr(ktc, "kv_load_failure_policy", None) == "fail":
@@ -81,7 +83,7 @@ class KVLayerConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             remote = not self.pair.has_local_worker
             self.scheduler = SchedulerSide(self.cache, self.options, block_size=self.block_size,
-                                           remote_worker=remote, guard=self.guard)
+                                           remote_worker=remote, guard=self.guard, role=self.kv_role)
             self.pair.scheduler = self.scheduler
             self.sched_telemetry = SchedulerTelemetry(self.scheduler, self.guard)
             if remote:
@@ -89,7 +91,8 @@ class KVLayerConnector(KVConnectorBase_V1):
         else:
             layer_names = list(kv_cache_config.kv_cache_groups[0].layer_names)
             self.worker = WorkerSide(self.cache, block_size=self.block_size, num_blocks=int(kv_cache_config.num_blocks),
-                                     layer_names=layer_names, guard=self.guard, options=self.options)
+                                     layer_names=layer_names, guard=self.guard, options=self.options,
+                                     role=self.kv_role)
             self.pair.worker = self.worker
             self.worker_telemetry = WorkerTelemetry(self.worker, self.cache, events=events_enabled(vllm_config))
         self._closed = False
@@ -254,11 +257,13 @@ class KVLayerConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """True keeps the request's blocks until the worker has gathered its last partial chunk
-        (``save_generated``); ``get_finished`` then reports it in ``finished_sending``."""
+        (``save_generated``), or, in a producer, until its saves are written (``roles.py``: its
+        output then carries the hand-off params); ``get_finished`` reports it in ``finished_sending``."""
         sched = self.scheduler
         if sched is None:
             return False, None
-        return self.guard.call("request_finished", lambda: sched.request_finished(request, block_ids), False), None
+        keep: tuple[bool, dict[str, Any] | None] = (False, None)
+        return self.guard.call("request_finished", lambda: sched.finish(request, block_ids), keep)
 
     def reset_cache(self) -> bool | None:
         """``LLM.reset_prefix_cache(reset_connector=True)``: empty kvlayer's store too."""

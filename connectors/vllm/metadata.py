@@ -33,12 +33,18 @@ class SaveOp:
     #: the request has finished and vLLM keeps its blocks until ``get_finished`` reports this
     #: request in ``finished_sending`` (``request_finished`` returned True)
     finished: bool = False
+    #: tokens of the chunk when it ends inside its last block (a producer's prompt tail); 0 =
+    #: whole blocks
+    tokens: int = 0
 
 
 @dataclass
 class ConnectorMeta(KVConnectorMetadata):
     loads: list[LoadOp] = field(default_factory=list)
     saves: list[SaveOp] = field(default_factory=list)
+    #: finished requests of a producer: report each in ``finished_sending`` once its saves are
+    #: written (vLLM keeps its blocks until then)
+    sends: list[str] = field(default_factory=list)
     #: tokens and attention work this step computes (the worker times the step: prefill model)
     step_tokens: int = 0
     step_attention: float = 0.0

@@ -3,7 +3,9 @@ background thread encodes them and writes the tiers.
 
 Bounded: at most ``limit_bytes`` of gathered chunks wait; beyond that a save is dropped and
 counted, never waited for. Keys stay visible while queued (``queued``/``wait``), so a load of a
-chunk still in the queue waits for it instead of missing.
+chunk still in the queue waits for it instead of missing. ``durable`` (a ``kv_producer``): a save
+counts as written only once every tier has it (the store's write-through flushed), since a
+consumer on another machine reads it from the shared tier.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from .stats import WorkerCounters
 log = logging.getLogger("kvlayer.vllm")
 
 _Job = tuple[list[str], list[torch.Tensor], int]
+#: the most a durable save waits for the store's lower tiers (a hung tier must not hold a
+#: producer's blocks forever: its breaker and timeouts fail the write long before this)
+DURABLE_FLUSH_S = 60.0
 
 
 def lower_priority(nice: int) -> None:
@@ -41,8 +46,9 @@ def lower_priority(nice: int) -> None:
 
 class SaveQueue:
     def __init__(self, cache: KVCache, *, limit_bytes: int, guard: FailureGuard, counters: WorkerCounters,
-                 nice: int = 0) -> None:
+                 nice: int = 0, durable: bool = False) -> None:
         self.cache = cache
+        self.durable = durable
         self.nice = nice
         self.limit_bytes = limit_bytes
         self.guard = guard
@@ -98,7 +104,9 @@ class SaveQueue:
         where = self.cache.locate(keys)
         todo = [(k, c) for k, c, w in zip(keys, chunks, where, strict=True) if w is None]
         if todo:
-            self.cache.store_chunks([k for k, _ in todo], [c for _, c in todo], block=False)
+            self.cache.store_chunks([k for k, _ in todo], [c for _, c in todo], block=self.durable)
+            if self.durable and len(self.cache.tier_names) > 1:
+                self.cache.flush(DURABLE_FLUSH_S)
             self.counters.samples.observe("save_seconds", time.perf_counter() - t0)
         self.counters.add(saved_chunks=len(todo), saved_bytes=sum(c.numel() * c.element_size() for _, c in todo),
                           skipped_saves=len(keys) - len(todo))

@@ -10,6 +10,9 @@ A lookup claims the leading run of stored full chunks, then at most one partial 
 after them, at vLLM block granularity: one extra ``locate`` of at most ``blocks_per_chunk - 1``
 keys). It claims only as much as loads faster than it recomputes (``estimate.py``), and loads in
 the background (vLLM's async path) unless every claimed chunk is in process memory.
+
+``kv_role`` (``roles.py``): a producer saves and never looks up; a consumer looks up (waiting
+for a producer's hand-off, and for its token-granular prompt tail) and never saves.
 """
 
 from __future__ import annotations
@@ -32,13 +35,16 @@ from ..core import FailureGuard
 from .config import ConnectorOptions
 from .estimate import Estimates, step_attention
 from .metadata import ConnectorMeta, LoadOp, SaveOp
-from .stats import SchedulerCounters
+from .roles import Role, RoleCounters, handoff_params, handoff_tokens
 
 log = logging.getLogger("kvlayer.vllm")
 
 #: Tier name of chunks only the worker's report vouches for (queued saves; in multi-process mode
 #: the worker's own CPU tier): loaded synchronously.
 WORKER = "worker"
+#: How long an ask for a request waiting on a producer's hand-off may block while the engine has
+#: nothing else to run (its loop would otherwise spin on the cores the producer needs).
+IDLE_NAP_S = 0.005
 
 
 @dataclass
@@ -79,6 +85,14 @@ class ReqState:
     load: LoadPlan | None = None
     lookup: Lookup | None = None
     partial_saved: bool = False
+    asked: bool = False  # a lookup was started for this request
+    # kv_consumer: prompt tokens a producer announced (0: no hand-off), until when to wait for
+    # them and when to ask the store again
+    handoff: int = 0
+    handoff_deadline: float = 0.0
+    next_poll: float = 0.0
+    waited: bool = False
+    saved_tokens: int = 0  # kv_producer: prompt tokens whose saves were planned
     # multimodal / LoRA / embeddings, or a request that opted out with
     # SamplingParams(extra_args={"kv_transfer_params": {"kvlayer_skip": True}}): never load or save
     skip: bool = False
@@ -90,10 +104,11 @@ class SchedulerSide:
     except where a lost async plan would leave a request waiting forever)."""
 
     def __init__(self, cache: KVCache, options: ConnectorOptions, *, block_size: int, remote_worker: bool = False,
-                 guard: FailureGuard | None = None) -> None:
+                 guard: FailureGuard | None = None, role: Role = "kv_both") -> None:
         self.cache = cache
         self.options = options
-        self.counters = SchedulerCounters()
+        self.role = role
+        self.counters = RoleCounters()
         self.guard = guard or FailureGuard(log, "vLLM scheduler")
         self.block_size = block_size
         self.chunk_size = cache.chunk_size
@@ -109,6 +124,8 @@ class SchedulerSide:
         self._async_new: list[str] = []  # async plans made this step (their requests are not scheduled)
         self._orphans: list[LoadOp] = []  # async loads that cannot run: the worker reports them failed
         self._finish_saves: list[SaveOp] = []  # saves of finished requests whose blocks vLLM keeps for us
+        self._finish_sends: list[str] = []  # finished producer requests: blocks kept until their saves land
+        self._idle = False  # the last step scheduled no tokens
         # Keys the worker reported: queued saves not yet in the store (the store answers for them once
         # they land) or, with the worker in another process, what its own store holds (invisible
         # from here). Bounded; a stale entry costs one recompute.
@@ -182,6 +199,8 @@ class SchedulerSide:
             st.skip = bool(getattr(request, "mm_features", None) or getattr(request, "lora_request", None)
                            or getattr(request, "prompt_embeds", None) is not None
                            or (isinstance(params, dict) and params.get("kvlayer_skip")))
+            if self.role == "kv_consumer":
+                st.handoff = handoff_tokens(request)
             self._reqs[request.request_id] = st
         return st
 
@@ -189,8 +208,8 @@ class SchedulerSide:
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         with self._lock:
             st = self._state(request)
-            if st.skip:
-                return 0, False
+            if st.skip or self.role == "kv_producer":
+                return 0, False  # a producer never loads (its saves skip what the store holds)
             if st.load is not None and st.load.background and st.load.emitted:
                 # vLLM asks again only after this request's background load failed (or was abandoned
                 # at its deadline): recompute, without asking a tier that just failed it
@@ -203,25 +222,55 @@ class SchedulerSide:
             keys, chain = st.keys[:full], list(st.chain[:full])
             if self._inline_lookups:  # process memory answers at once
                 return self._claim(st, self._find(keys, chain, st.namespace, prompt), num_computed_tokens, len(prompt))
-            first_ask = st.lookup is None
+            first_ask = not st.asked
+            nap = 0.0
             if st.lookup is None:
-                if self._lookups is None:
-                    self._lookups = ThreadPoolExecutor(2, thread_name_prefix="kvlayer-lookup")
-                st.lookup = Lookup(self._lookups.submit(self._find, keys, chain, st.namespace, prompt),
-                                   time.monotonic())
+                now = time.monotonic()
+                if first_ask and st.handoff:
+                    st.handoff_deadline = now + self.options.pd_wait_s
+                    self.counters.add(handoffs=1)
+                if now < st.next_poll:  # waiting for a hand-off: not time to ask the store again yet
+                    nap = min(st.next_poll - now, IDLE_NAP_S) if self._idle else 0.0
+                else:
+                    if self._lookups is None:
+                        self._lookups = ThreadPoolExecutor(2, thread_name_prefix="kvlayer-lookup")
+                    st.asked = True
+                    st.lookup = Lookup(self._lookups.submit(self._find, keys, chain, st.namespace, prompt), now)
             job = st.lookup
-        found = self._answer(job, self.options.lookup_wait_s if first_ask else 0.0)  # outside the lock
+        if job is None:
+            if nap:
+                time.sleep(nap)
+            return None, False
+        wait = self.options.lookup_wait_s if first_ask else (IDLE_NAP_S if st.handoff and self._idle else 0.0)
+        found = self._answer(job, wait)  # outside the lock
         with self._lock:
             if st.lookup is not job:
                 return 0, False  # dropped meanwhile (finished, preempted)
+            now = time.monotonic()
             if found is None:
-                if time.monotonic() - job.started < self.options.lookup_deadline_s:
+                deadline = max(job.started + self.options.lookup_deadline_s, st.handoff_deadline)
+                if now < deadline:
                     return None, False  # vLLM asks again next step; the batch runs meanwhile
                 st.lookup = None
                 self.counters.add(lookups=1, lookup_timeouts=1)
                 return 0, False  # a tier that does not answer in time is a miss
             st.lookup = None
+            if st.handoff and not self._handed_over(st, found, len(prompt)):
+                if now < st.handoff_deadline:  # the producer's save has not landed yet: ask again
+                    if not st.waited:
+                        st.waited = True
+                        self.counters.add(handoff_waits=1)
+                    st.next_poll = now + self.options.pd_poll_s
+                    return None, False
+                st.handoff = 0  # not coming (producer died, chunk evicted): compute what is missing
+                self.counters.add(handoff_timeouts=1)
             return self._claim(st, found, num_computed_tokens, len(prompt))
+
+    def _handed_over(self, st: ReqState, found: tuple[list[str], tuple[str, str, int] | None], prompt_len: int
+                     ) -> bool:
+        """Whether the store holds every prompt token the producer announced (but the last)."""
+        tokens = len(found[0]) * self.chunk_size + (found[1][2] if found[1] is not None else 0)
+        return tokens >= min(st.handoff, prompt_len - 1)
 
     def _answer(self, job: Lookup, wait_s: float) -> tuple[list[str], tuple[str, str, int] | None] | None:
         try:
@@ -240,15 +289,17 @@ class SchedulerSide:
         if not self.options.partial_chunks:
             return tiers, None
         bs, c, i = self.block_size, self.chunk_size, len(tiers)
-        most = min(self.blocks_per_chunk - 1, (len(prompt) - i * c) // bs)
-        if most < 1:
+        rest = len(prompt) - i * c
+        sizes = [k * bs for k in range(min(self.blocks_per_chunk - 1, rest // bs), 0, -1)]
+        if self.role == "kv_consumer" and 0 < rest < c and rest % bs:
+            sizes.insert(0, rest)  # a producer's whole prompt tail (saved at token granularity)
+        if not sizes:
             return tiers, None
         parent = chain[i - 1] if i > 0 else b""
-        counts = list(range(most, 0, -1))
-        cands = [partial_key(namespace, parent, prompt[i * c:i * c + k * bs]) for k in counts]
-        for k, key, tier in zip(counts, cands, self._where(cands), strict=True):
+        cands = [partial_key(namespace, parent, prompt[i * c:i * c + n]) for n in sizes]
+        for n, key, tier in zip(sizes, cands, self._where(cands), strict=True):
             if tier is not None:
-                return tiers, (key, tier, k * bs)
+                return tiers, (key, tier, n)
         return tiers, None
 
     def _claim(self, st: ReqState, found: tuple[list[str], tuple[str, str, int] | None], num_computed_tokens: int,
@@ -284,8 +335,9 @@ class SchedulerSide:
         c = self.chunk_size
         first = computed // c
         bounds = [(max(i * c, computed), min(i * c + sizes[i], prompt_len - 1)) for i in range(first, len(tiers))]
-        if not self.options.load_or_recompute or not bounds or bounds[0][0] >= bounds[0][1]:
-            return len(tiers)
+        if self.role == "kv_consumer" or not self.options.load_or_recompute or not bounds \
+                or bounds[0][0] >= bounds[0][1]:
+            return len(tiers)  # a decode engine loads what it can: recomputing there is what P/D avoids
         claim = self.estimates.best_claim(tiers[first:], bounds)
         fmt = "%.4f"
         est = (fmt % claim.load_s if claim.load_s is not None else "?",
@@ -370,11 +422,13 @@ class SchedulerSide:
                     self._emit_load(st, meta)
             meta.loads.extend(self._orphans)
             meta.saves.extend(self._finish_saves)
-            self._async_new, self._orphans, self._finish_saves = [], [], []
+            meta.sends.extend(self._finish_sends)
+            self._async_new, self._orphans, self._finish_saves, self._finish_sends = [], [], [], []
             try:
                 self._plan_step(so, meta)
             except Exception as e:
                 self.guard.record("planning the step", e, then="no saves this step")
+            self._idle = meta.step_tokens == 0
         return meta
 
     def _plan_step(self, so: Any, meta: ConnectorMeta) -> None:
@@ -440,7 +494,11 @@ class SchedulerSide:
         bpc, bs, c = self.blocks_per_chunk, self.block_size, self.chunk_size
         if st.load is not None and not st.load.emitted:
             self._emit_load(st, meta)
-        tokens = st.request.all_token_ids if self.options.save_generated else st.request.prompt_token_ids
+        if self.role == "kv_consumer":
+            return  # a consumer never saves
+        producer = self.role == "kv_producer"
+        generated = self.options.save_generated and not producer
+        tokens = st.request.all_token_ids if generated else st.request.prompt_token_ids
         limit = min(computed_after, len(tokens or []))
         if limit // c > len(st.keys):
             self._extend_keys(st, list(tokens[:limit]))
@@ -448,6 +506,10 @@ class SchedulerSide:
         for ci in range(st.stored_chunks, upto):
             meta.saves.append(SaveOp(st.req_id, st.keys[ci], st.block_ids[ci * bpc:(ci + 1) * bpc]))
         st.stored_chunks = max(st.stored_chunks, upto)
+        if producer:
+            st.saved_tokens = max(st.saved_tokens, upto * c)
+            self._emit_tail(st, meta, list(tokens or []), limit)
+            return
         # The prompt's last partial chunk, once its whole blocks are computed (with save_generated,
         # at the end instead: request_finished).
         if self.options.partial_chunks and not self.options.save_generated and not st.partial_saved:
@@ -460,6 +522,38 @@ class SchedulerSide:
                 if st.load is None or key not in st.load.keys:
                     meta.saves.append(SaveOp(st.req_id, key, st.block_ids[full * bpc:full * bpc + k]))
                     self.counters.add(partial_saves=1)
+
+    def _emit_tail(self, st: ReqState, meta: ConnectorMeta, prompt: list[int], limit: int) -> None:
+        """A producer's prompt tail after its full chunks, at token granularity (a consumer with
+        the same prompt then computes only its last token), once all of it is computed."""
+        bpc, bs, c = self.blocks_per_chunk, self.block_size, self.chunk_size
+        n = len(prompt)
+        full, rest = n // c, n % c
+        if st.partial_saved or rest == 0 or limit < n or len(st.keys) < full:
+            return
+        blocks = st.block_ids[full * bpc:full * bpc + -(-rest // bs)]
+        if len(blocks) * bs < rest:
+            return
+        st.partial_saved = True
+        meta.saves.append(SaveOp(st.req_id, self._partial_key(st, full, prompt[full * c:]), blocks, tokens=rest))
+        st.saved_tokens = n
+        self.counters.add(partial_saves=1)
+
+    def finish(self, request: Any, block_ids: Sequence[int] = ()) -> tuple[bool, dict[str, Any] | None]:
+        """vLLM's ``request_finished``: (keep the blocks until ``finished_sending``, the params the
+        request's output carries). A producer keeps them until its saves are written and announces
+        the saved tokens (``roles.handoff_params``)."""
+        if self.role != "kv_producer":
+            return self.request_finished(request, block_ids), None
+        with self._lock:
+            st = self._reqs.get(request.request_id)
+            tokens = st.saved_tokens if st is not None and not st.skip else 0
+            self._drop(request.request_id)
+            if tokens <= 0:
+                return False, None
+            self._finish_sends.append(request.request_id)
+            self.counters.add(handed_off=1)
+            return True, handoff_params(tokens)
 
     def request_finished(self, request: Any, block_ids: Sequence[int] = ()) -> bool:
         """Drop the request's state. Returns True when vLLM must keep its blocks until the worker

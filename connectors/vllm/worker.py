@@ -13,7 +13,9 @@ failed, which vLLM then recomputes.
 Saves: the step only gathers the chunk out of vLLM's blocks (``wait_for_save``, after the forward
 pass); encoding and tier writes run on one background thread (``saves.SaveQueue``). A finished
 request's last partial chunk is gathered in the next step from blocks vLLM keeps for us until
-``get_finished`` reports the request in ``finished_sending``.
+``get_finished`` reports the request in ``finished_sending``. A producer (``kv_role``,
+``roles.py``) writes each save through to every tier and reports a finished request in
+``finished_sending`` once all its saves are written.
 
 Every read is timed per tier and every forward pass per token count; the scheduler side turns
 those into its load-or-recompute estimates (``estimate.py``).
@@ -38,6 +40,7 @@ from ..core import FailureGuard, LayoutError
 from .config import ConnectorOptions
 from .layout import Adapter, Layout, make_adapter, probe_layout, table_layout
 from .metadata import ConnectorMeta, KVLayerWorkerMeta, LoadOp
+from .roles import Role
 from .saves import SaveQueue, lower_priority
 from .stats import WorkerCounters
 
@@ -68,9 +71,11 @@ class WorkerSide:
     ``KVLayerConnector``, which guards them."""
 
     def __init__(self, cache: KVCache, *, block_size: int, num_blocks: int, layer_names: list[str],
-                 guard: FailureGuard | None = None, options: ConnectorOptions | None = None) -> None:
+                 guard: FailureGuard | None = None, options: ConnectorOptions | None = None,
+                 role: Role = "kv_both") -> None:
         self.cache = cache
         self.options = options or ConnectorOptions()
+        self.role = role
         self.counters = WorkerCounters()
         self.guard = guard or FailureGuard(log, "vLLM worker")
         self.block_size = block_size
@@ -87,6 +92,8 @@ class WorkerSide:
         self._steps: list[tuple[int, float, float]] = []
         self._background: dict[str, BackgroundLoad] = {}
         self._sent: set[str] = set()
+        self._sending: dict[str, list[str]] = {}  # producer: request -> keys it queued for saving
+        self._awaiting: set[str] = set()  # finished producer requests whose saves may not be written yet
         self._loader: ThreadPoolExecutor | None = None
         self._step: tuple[float, ConnectorMeta] | None = None
         self._idle = False  # the current step runs no forward pass
@@ -94,7 +101,8 @@ class WorkerSide:
         self.load_seconds = 0.0
         self.save_seconds = 0.0
         self.saves = SaveQueue(cache, limit_bytes=int(cache.config.write_queue_bytes), guard=self.guard,
-                               counters=self.counters, nice=self.options.background_nice)
+                               counters=self.counters, nice=self.options.background_nice,
+                               durable=role == "kv_producer")
 
     # ------------------------------------------------------------------ setup
     def register(self, kv_caches: dict[str, torch.Tensor], forward_context: dict[str, Any], backend: str) -> Layout:
@@ -277,7 +285,14 @@ class WorkerSide:
         blocks = op.blocks[i][skip:]
         if blocks:
             bs = self.block_size
-            self.adapter.scatter(blocks, chunk[:, :, skip * bs:(skip + len(blocks)) * bs])
+            part = chunk[:, :, skip * bs:(skip + len(blocks)) * bs]
+            whole = part.shape[2] // bs
+            if whole:
+                self.adapter.scatter(blocks[:whole], part[:, :, :whole * bs])
+            if whole < len(blocks):  # a chunk that ends inside its last block (a producer's prompt tail)
+                last = part.new_zeros((*part.shape[:2], bs, *part.shape[3:]))
+                last[:, :, :part.shape[2] - whole * bs] = part[:, :, whole * bs:]
+                self.adapter.scatter(blocks[whole:], last)
         self.counters.add(loaded_chunks=1, loaded_tokens=len(blocks) * self.block_size)
         return True
 
@@ -321,6 +336,11 @@ class WorkerSide:
                 del self._background[req_id]
                 recving.add(req_id)
             sending, self._sent = self._sent, set()
+            for req_id in list(self._awaiting):
+                if self.saves.wait(self._sending.get(req_id, ()), 0):  # all written (or dropped)
+                    self._awaiting.discard(req_id)
+                    self._sending.pop(req_id, None)
+                    sending.add(req_id)
         for job in gone:
             self._unpin(job.op)
         if gone:
@@ -360,6 +380,10 @@ class WorkerSide:
             with self._lock:
                 self._sent |= finished
             self.counters.add(finished_saves=len(finished))
+        if meta.sends:  # reported by get_finished once their saves are written
+            with self._lock:
+                self._awaiting.update(meta.sends)
+            self.counters.add(finished_saves=len(meta.sends))
         self.save_seconds += time.perf_counter() - t0
 
     def _save(self, meta: ConnectorMeta) -> None:
@@ -368,12 +392,16 @@ class WorkerSide:
             return
         keys, chunks, seen = [], [], set()
         for op in meta.saves:
+            if self.role == "kv_producer":
+                with self._lock:
+                    self._sending.setdefault(op.req_id, []).append(op.key)
             if op.key in seen:
                 self.counters.add(skipped_saves=1)
                 continue
             seen.add(op.key)
             keys.append(op.key)
-            chunks.append(self.adapter.gather(op.blocks))
+            chunk = self.adapter.gather(op.blocks)
+            chunks.append(chunk[:, :, :op.tokens].contiguous() if op.tokens else chunk)
         if keys and self.saves.submit(keys, chunks):
             with self._lock:
                 self._stored.extend(keys)
