@@ -18,6 +18,7 @@ import torch
 redis = pytest.importorskip("redis")
 
 from kvlayer import KVCache  # noqa: E402
+from kvlayer.codec.buffers import MIN_POOLED  # noqa: E402
 from kvlayer.config import KVLayerConfig, TierConfig  # noqa: E402
 from kvlayer.errors import ConfigError, TierError  # noqa: E402
 from kvlayer.storage import build_tier  # noqa: E402
@@ -66,7 +67,12 @@ def test_round_trip_standalone_bit_exact(redis_server, raw):
         assert tier.put_many(items) == [True] * len(items)
         got = tier.get_many(keys[::-1] + [hexkey(999)])
         assert got[-1] is None
-        assert all(type(g) is bytes for g in got[:-1])  # redis-py's reply objects, handed over as they are
+        # small values are redis-py's reply objects as they are; from 64 KiB on, writable views of
+        # recycled pooled buffers (the reply's bytes object is dropped right after its copy)
+        for v, g in zip(vals[::-1], got[:-1], strict=True):
+            big = len(v) >= MIN_POOLED
+            assert type(g) is (memoryview if big else bytes), (len(v), type(g))
+            assert not big or not memoryview(g).readonly
         for k, v, g in zip(keys[::-1], vals[::-1], got[:-1], strict=True):
             assert g is not None and bytes(g) == v, k
         assert tier.get(keys[5]) == vals[5]
@@ -308,7 +314,7 @@ def test_large_values_split_and_reassembled(redis_server, raw):
         assert sorted(tier.keys()) == [hexkey(1), hexkey(2), hexkey(3)]
         g = tier.get_many([hexkey(1), hexkey(2), hexkey(3)])
         assert [bytes(x) for x in g] == [big, exact, small]  # type: ignore[arg-type]
-        assert isinstance(g[0], bytearray)  # parts joined into one writable buffer (decoded in place)
+        assert isinstance(g[0], memoryview) and not g[0].readonly  # parts joined into one writable pooled buffer
         assert tier.exists_many([hexkey(1)]) == [True]
 
         # overwrite a split value with a small one: the old parts are removed
