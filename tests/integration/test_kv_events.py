@@ -12,9 +12,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -213,9 +215,41 @@ def test_engine_kv_events_show_kvlayer_chunks_stored_then_evicted(engine_events)
     assert any(not (e["ownership"] or "").startswith("kvlayer:") for e in r["events"])
 
 
-if __name__ == "__main__":
-    import json
+@pytest.mark.vllm
+def test_openai_server_kv_events_carry_kvlayer_chunks(tmp_path: Path) -> None:
+    """The OpenAI server: the worker (its own process) hands the events to the engine core, whose
+    publisher a router reads."""
+    pytest.importorskip("vllm")
+    from kvlayer.testing import VLLMServer, http_json
+    from tests.fixtures.tiny_model import tiny_model_dir
+    from tests.integration.test_vllm import engine_env, make_prompts
 
+    model = tiny_model_dir()
+    env = engine_env()
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # the server's default: engine in its own process
+    replay = f"tcp://127.0.0.1:{_free_port()}"
+    events_cfg = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://127.0.0.1:{_free_port()}",
+                  "replay_endpoint": replay}
+    extra = {"chunk_size": CHUNK, "cpu_bytes": "128MiB"}
+    prompt = make_prompts()["long"]
+    with VLLMServer(model, tmp_path, extra=extra, env=env,
+                    args=("--max-model-len", "2048", "--kv-events-config", json.dumps(events_cfg))) as srv:
+        body = {"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0.0, "ignore_eos": True}
+        assert http_json("POST", srv.url + "/v1/completions", body)[0] == 200
+        deadline = time.monotonic() + 60
+        while True:
+            # the saves land in the background; a later step carries their events to the publisher
+            assert http_json("POST", srv.url + "/v1/completions", {**body, "prompt": prompt[:40]})[0] == 200
+            events = replay_events(replay)
+            ours = [e for e in events if (getattr(e, "ownership", None) or "").startswith("kvlayer:")]
+            stored = {h for e in ours if type(e).__name__ == "BlockStored" for h in e.block_hashes}
+            if len(stored) >= len(prompt) // CHUNK or time.monotonic() > deadline:
+                break
+    assert len(stored) >= len(prompt) // CHUNK, [type(e).__name__ for e in events]
+    assert all(e.medium == "CPU" and e.block_size == CHUNK for e in ours if type(e).__name__ == "BlockStored")
+
+
+if __name__ == "__main__":
     name, arg_file = sys.argv[1], sys.argv[2]
     a = json.loads(Path(arg_file).read_text())
     res = globals()[f"scenario_{name}"](a)
