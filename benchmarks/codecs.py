@@ -20,17 +20,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import lz4.block
 import torch
+from _common import add_output_args, emit_json, markdown_table, time_gbps, write_results
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import add_output_args, emit_json, markdown_table, time_gbps, write_results  # noqa: E402
-from kvlayer.codec import Codec, decode  # noqa: E402
-from kvlayer.codec import _ext as codec_ext  # noqa: E402
+from kvlayer.codec import Codec, decode
+from kvlayer.codec import _ext as codec_ext
 
 CODECS = [
     "raw",
@@ -46,10 +43,16 @@ CODECS = [
     "fp8+lz4",
     "mixed+lz4",
     "lz4_forced",
+    "int8-kivi",
+    "int4-kivi",
 ]
 # Extra rows: name -> (codec, params). lz4 stores incompressible payloads as is (probe); the forced
-# row always runs lz4, to show what that would cost.
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"lz4_forced": ("lz4", {"min_gain": 1.0})}
+# row always runs lz4, to show what that would cost. ``-kivi``: the int codecs' older scheme.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lz4_forced": ("lz4", {"min_gain": 1.0}),
+    "int8-kivi": ("int8", {"scheme": "kivi"}),
+    "int4-kivi": ("int4", {"scheme": "kivi"}),
+}
 
 
 def _log(msg: str) -> None:
