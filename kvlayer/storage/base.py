@@ -175,7 +175,7 @@ class EvictionGuard(ABC):
         over, which is wasted I/O when nothing below takes demotions)."""
         return True
 
-    def evicted(self, tier: Tier, keys: Sequence[str]) -> None:  # noqa: B027 - optional: only events need it
+    def on_evicted_keys(self, tier: Tier, keys: Sequence[str]) -> None:  # noqa: B027 - optional: only events need it
         """Called with every batch of keys ``tier`` evicted under pressure (demoted or not)."""
 
     @abstractmethod

@@ -219,7 +219,7 @@ class BlobStore(EvictionGuard):
     def wants_evicted(self, tier: Tier) -> bool:
         return self._demotes_from(tier) is not None
 
-    def evicted(self, tier: Tier, keys: Sequence[str]) -> None:
+    def on_evicted_keys(self, tier: Tier, keys: Sequence[str]) -> None:
         if self.events.active:
             self.events.publish("removed", tier.name, tier.kind, keys, "evicted")
 

@@ -314,7 +314,7 @@ class DiskTier(LocalTier):
                 final.unlink(missing_ok=True)
         self.count(puts=1, bytes_written=size, evictions=len(evicted))
         if g is not None and evicted:
-            g.evicted(self, [k for k, _ in evicted])
+            g.on_evicted_keys(self, [k for k, _ in evicted])
             for k, b in evicted:
                 if b is not None:
                     g.on_evict(self, k, b)

@@ -51,7 +51,7 @@ class MemoryTier(LocalTier):
         self.count(puts=1, bytes_written=size, evictions=len(evicted))
         g = self.guard
         if g is not None and evicted:
-            g.evicted(self, [k for k, _ in evicted])
+            g.on_evicted_keys(self, [k for k, _ in evicted])
             for k, b in evicted:
                 g.on_evict(self, k, b)
         return True
