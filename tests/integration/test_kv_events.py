@@ -124,6 +124,24 @@ def test_server_stream_reports_stored_then_evicted_in_order(kvlayer_server_facto
         team.watch_events(all_tenants=True, timeout=10)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
+    # each stream holds a handler thread: beyond max_watchers (8) the server says so, and a
+    # cancelled stream gives its place back
+    with KVLayerClient(srv.url, token=TOKEN) as c:
+        streams = [c.watch_events(timeout=60) for _ in range(8)]
+        with pytest.raises(grpc.RpcError) as err:
+            c.watch_events(timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for st in streams:
+            st.cancel()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                c.watch_events(timeout=10).cancel()
+                break
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                time.sleep(0.2)
+
 
 # ============================================================================ vLLM engine
 def _free_port() -> int:
