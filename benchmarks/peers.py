@@ -321,12 +321,16 @@ class Rounds:
         self.times: dict[str, list[float]] = {}
         self.rates: dict[str, list[float]] = {}  # GB/s a contender reports itself (redis-benchmark)
         self.loads: list[float] = []
+        self.op_loads: dict[str, list[float]] = {}  # the 1-minute load average right after each timed op
+        self.cpu: dict[str, list[float]] = {}  # this process's CPU seconds (all threads) per timed op
         self.warming_up = False
 
     def add(self, name: str, fn: Op, *, before: Op | None = None, after: Callable[[Any], None] | None = None) -> None:
         """``before`` (untimed) prepares, ``fn`` is timed, ``after(result)`` (untimed) cleans up."""
         self.groups[-1].append((name, before, fn, after))
         self.times[name] = []
+        self.op_loads[name] = []
+        self.cpu[name] = []
 
     def group(self) -> None:
         if self.groups[-1]:
@@ -345,10 +349,12 @@ class Rounds:
             for name, before, fn, after in ops:
                 if before is not None:
                     before()
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 out = fn()
                 if r >= 0:
                     self.times[name].append(time.perf_counter() - t0)
+                    self.cpu[name].append(time.process_time() - c0)
+                    self.op_loads[name].append(os.getloadavg()[0])
                 if after is not None:
                     after(out)
                 del out
@@ -360,6 +366,14 @@ class Rounds:
         out = {k: self.nbytes / statistics.median(v) / 1e9 for k, v in self.times.items() if v}
         out.update({k: statistics.median(v) for k, v in self.rates.items() if v})
         return out
+
+    def cpu_s_per_gb(self) -> dict[str, float]:
+        """Median client CPU seconds per GB (this process only: not redis-server's, not the kernel's
+        work for other processes)."""
+        return {k: statistics.median(v) / self.nbytes * 1e9 for k, v in self.cpu.items() if v}
+
+    def load_during(self) -> dict[str, float]:
+        return {k: statistics.median(v) for k, v in self.op_loads.items() if v}
 
 
 # ----------------------------------------------------------------------------- report
@@ -401,7 +415,11 @@ def summarize(g: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def table(g: dict[str, float]) -> tuple[str, list[dict[str, Any]]]:
+def table(g: dict[str, float], cpu: dict[str, float] | None = None, load: dict[str, float] | None = None,
+          ) -> tuple[str, list[dict[str, Any]]]:
+    """The markdown table; ``cpu`` (client CPU s/GB) and ``load`` (1-minute load average after
+    each op, median) per op name add a column each where given."""
+    cpu, load = cpu or {}, load or {}
     rows = []
     for path, ours, theirs, resp, floors in PATHS:
         row: dict[str, Any] = {"_name": path, "kvlayer": g.get(ours), "LMCache": g.get(theirs),
@@ -409,8 +427,14 @@ def table(g: dict[str, float]) -> tuple[str, list[dict[str, Any]]]:
                                "floors": ", ".join(f"{FLOOR_NAMES[f]} {g[f]:.2f}" for f in floors if f in g)}
         row["kvlayer / LMCache"] = g[ours] / g[theirs] if g.get(ours) and g.get(theirs) else None
         row["kvlayer / RESP"] = g[ours] / g[resp] if resp and g.get(ours) and g.get(resp) else None
+        names = [n for n in (ours, theirs, resp) if n]
+        row["client CPU s/GB (kvlayer / LMCache / RESP)"] = " / ".join(
+            f"{cpu[n]:.3f}" for n in names if n in cpu) if cpu else None
+        loads = [load[n] for n in names if n in load]
+        row["load (1 min)"] = statistics.median(loads) if loads else None
         rows.append(row)
     cols = ["kvlayer", "LMCache", "LMCache RESP", "kvlayer / LMCache", "kvlayer / RESP", "floors"]
+    cols += [c for c in ("client CPU s/GB (kvlayer / LMCache / RESP)", "load (1 min)") if any(r[c] for r in rows)]
     return markdown_table(rows, cols, first="path (GB/s)"), rows
 
 
@@ -567,7 +591,8 @@ def main() -> int:
     g = {k: v for k, v in R.gbps().items() if not k.startswith("_")}
     g["memcpy"] = max(g["memcpy_torch"], g["memcpy_numpy"])
     summary = summarize(g)
-    md_table, rows = table(g)
+    cpu, load_during = R.cpu_s_per_gb(), R.load_during()
+    md_table, rows = table(g, cpu, load_during)
     load_end = os.getloadavg()
     print(md_table, file=sys.stderr)
     for k, v in summary.items():
@@ -575,7 +600,9 @@ def main() -> int:
     log(f"load average (1, 5, 15 min): start {load_start}, end {load_end}; per round {R.loads}")
     data: dict[str, Any] = {
         **summary, "gbps": g, "lmcache": LMCACHE if lm is not None or not why else f"not run: {why}",
-        "loadavg": {"start": list(load_start), "end": list(load_end), "rounds": R.loads},
+        "cpu_s_per_gb": {k: v for k, v in cpu.items() if not k.startswith("_")},
+        "loadavg": {"start": list(load_start), "end": list(load_end), "rounds": R.loads,
+                    "per_op": {k: v for k, v in load_during.items() if not k.startswith("_")}},
         "cpus": os.cpu_count(), "rounds": rounds, "chunks": n, "chunk_mib": nbytes / n / 2**20,
         "kv_source": source, "quick": args.quick, "malloc_tuning": args.malloc_tuning,
         "seconds": time.perf_counter() - t_start,
@@ -615,19 +642,37 @@ NOTES = """## Reading the table
   is bookkeeping, not bandwidth; `cpu_vs_memcpy` is the round trip (store + get) against a
   tensor copy of the same bytes. kvlayer's CPU tier stores blobs unsealed (no checksum pass) and
   seals them when they leave the process.
-- Redis get: redis-py with hiredis copies each reply three times in the client (socket buffer,
-  hiredis's reply buffer, the `bytes` object) before kvlayer checks its checksum; LMCache's
-  native RESP client receives straight into its memory object. With glibc's default malloc
-  most of the client's time is page faults on those `bytes` objects (see `--malloc-tuning`).
+- Redis get: LMCache's native RESP client (C++) receives each value straight into its memory
+  object and checks nothing: about 0.2 client CPU s/GB. kvlayer reads with redis-py + hiredis
+  (Cluster, TLS and its failure handling come with it), which copies each reply twice in the
+  client (into hiredis's read buffer, then into a fresh `bytes` object) before kvlayer checks
+  its checksum; no well-kept Python client receives a value into a caller's buffer. The fresh
+  `bytes` used to cost more than the copies (glibc maps multi-MiB ones in fresh pages and gives
+  them back when a batch is freed: ~34k page faults per 189 MB batch); kvlayer now copies each
+  large reply into a recycled pooled buffer and frees the `bytes` at once, so the next reply
+  reuses it: ~0.5 instead of ~0.9 client CPU s/GB, but still more than the RESP client's. A
+  reader that received `$<len>\r\n` bulk replies straight into pooled buffers (measured as a
+  ceiling, not shipped: it is a hand-written protocol reader) used 0.25 s/GB with the check.
+- Client CPU s/GB is this process's CPU time (all its threads) during each op, median over
+  rounds: the redis-server's share and other processes' are not in it. On 2 shared CPUs it
+  says more than GB/s about what each client costs.
 - memcpy is the faster of torch's parallel `copy_` and numpy's one-thread `copyto` (both in the
   JSON's `gbps`): in a process with other busy threads torch's thread pool often stalls, which is
   also what LMCache's CPU put (a torch copy into its memory object) pays; kvlayer's encode copies
   with numpy.
-- Disk get: every kvlayer read is checked (xxh3, hashed piece by piece as the file arrives);
-  LMCache reads its files unchecked; on a memory-bound box that pass costs about a third of a
-  warm read (the copy from the page cache alone runs at LMCache's speed). Cold reads are fsynced
-  and dropped from the page cache (`posix_fadvise(DONTNEED)`) before each round, so they measure
-  the device; kvlayer reads a file the page cache does not hold with `O_DIRECT`.
+- Disk get: both sides `readinto` a buffer that is already faulted in, on 4 threads; every
+  kvlayer read is also checked (xxh3 right after the copy, on the same thread and CPU slot),
+  LMCache reads its files unchecked. A warm read is a copy out of the page cache, so the check
+  (~0.03 CPU s/GB on top of a ~0.09-0.10 s/GB copy) and the store's bookkeeping are what
+  separate the two: kvlayer cannot pass an unchecked copy while it copies too. Mapping the files
+  instead (`mmap` + `MADV_POPULATE_READ` + xxh3, no copy) measured 0.115 CPU s/GB against 0.137
+  for the copy alone, but a mapped file that another process truncates, or a page that fails to
+  read back after reclaim, is a SIGBUS in the engine instead of a miss, so it is not done.
+  kvlayer lets at most one copy or check per CPU run at once (on 2 CPUs, 4 threads copying at
+  once were slower than 2); O_DIRECT reads are not counted, so cold files keep 4 reads in
+  flight. Cold reads are fsynced and dropped from the page cache (`posix_fadvise(DONTNEED)`)
+  before each round, so they measure the device; kvlayer reads a file the page cache does not
+  hold with `O_DIRECT`.
 """
 
 
