@@ -5,7 +5,7 @@
 
 Codec names are ``transform[+lz4]``: transforms are ``raw`` (lossless), ``int8``/``int4``/``int2``
 (Hadamard-rotated, keys per channel, values per token, outlier tokens exact: kvlayer.codec.rotq),
-``mixed`` (salient tokens at more bits), ``fp8`` (e4m3); ``lz4`` alone means ``raw+lz4``.
+``mixed`` (retired: its blobs still decode), ``fp8`` (e4m3); ``lz4`` alone means ``raw+lz4``.
 """
 
 from __future__ import annotations
@@ -56,7 +56,10 @@ class Codec:
             raise ConfigError(f"codec {name!r}: expected 'transform[+lz4]', e.g. 'raw', 'lz4', 'int4+lz4'")
         _load_optional()
         if parts[0] not in TRANSFORMS:
-            raise ConfigError(f"codec {name!r}: unknown transform {parts[0]!r}; choose from {sorted(TRANSFORMS)}")
+            raise ConfigError(f"codec {name!r}: unknown transform {parts[0]!r}; choose from {_writable()}")
+        if not TRANSFORMS[parts[0]].writable:
+            raise ConfigError(f"codec {name!r}: {parts[0]!r} is retired (its blobs still decode, nothing writes "
+                              f"them); choose from {_writable()}, see docs/codecs.md")
         comp_cls = None
         if len(parts) == 2:
             if parts[1] not in COMPRESSORS:
@@ -128,9 +131,14 @@ def encode(x: torch.Tensor, codec: str = "raw", *, key: str | None = None, **par
     return get_codec(codec, **params).encode(x, key=key)
 
 
+def _writable() -> list[str]:
+    return sorted(n for n, cls in TRANSFORMS.items() if cls.writable)
+
+
 def available_codecs() -> list[str]:
+    """The codec names a tier can be configured with (retired transforms only decode)."""
     _load_optional()
-    names = sorted(TRANSFORMS)
+    names = _writable()
     return names + [f"{n}+lz4" for n in names if n != "raw"] + ["lz4"]
 
 

@@ -26,6 +26,8 @@ class Transform(ABC):
 
     name: str = ""
     lossless: bool = False
+    #: False: a retired transform, kept only so that its blobs still decode; no codec writes it.
+    writable: bool = True
 
     def __init__(self, **params: Any) -> None:
         self.params = params

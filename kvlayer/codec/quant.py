@@ -1,6 +1,7 @@
-"""KIVI-style asymmetric integer quantization of KV chunks: the ``mixed`` codec and the ``kivi`` scheme
+"""KIVI-style asymmetric integer quantization of KV chunks: the ``kivi`` scheme
 of ``int8``/``int4``/``int2`` (:mod:`kvlayer.codec.rotq`: the layout of their blobs before the
-rotated scheme, still written with ``scheme: kivi`` and by the GPU encoder, and always decoded).
+rotated scheme, still written with ``scheme: kivi``, on a GPU too, and always decoded), and the
+retired ``mixed`` codec's blobs (decoded only).
 
 Why this shape of quantizer (KIVI, Liu et al. 2024): keys have outlier *channels*, so keys are
 quantized **per channel** (for each layer and channel, one scale/zero per group of ``k_group_size``
@@ -50,7 +51,7 @@ from typing import Any
 import torch
 
 from kvlayer.codec import register_transform
-from kvlayer.codec.base import Buffer, Transform, tensor_bytes
+from kvlayer.codec.base import Buffer, Transform
 from kvlayer.errors import ConfigError
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -313,26 +314,12 @@ def _check_group(name: str, v: Any) -> int:
 # ----------------------------------------------------------------------------- mixed precision
 
 
-def token_salience(x: torch.Tensor) -> torch.Tensor:
-    """Per-token salience ``[T]``: the key L2 norm summed over layers (values for MLA chunks).
-
-    Why key norm: it is available at save time without attention scores, and tokens with large
-    keys (attention sinks, outliers) both draw attention and widen per-channel key groups.
-    """
-    L, P, T, H, D = canonical_shape(tuple(x.shape))
-    x5 = x.reshape(L, P, T, H * D)
-    k = x5[:, 0].float()
-    n = torch.linalg.vector_norm(k, dim=-1)  # [L, T]
-    n = torch.nan_to_num(n, nan=float("inf"))  # damaged tokens keep the most bits
-    return n.sum(0)
-
-
 @register_transform
 class MixedTransform(Transform):
-    """ZipCache-style mixed precision: the ``high_frac`` most salient tokens at ``high_bits``, the
-    rest at ``low_bits``; each subset is quantized KIVI-style on its own (so outlier tokens no
-    longer widen the low-bit key groups). Error bound: the int bound of the bit width of the subset
-    holding the element, with group statistics taken over that subset.
+    """Retired: ZipCache-style mixed precision (the ``nh`` most salient tokens, by key norm, at
+    ``hb`` bits, the rest at ``lb`` bits, each subset quantized KIVI-style on its own). The rotated
+    int4/int2 beat it on both compression and model quality (docs/codecs.md), so nothing writes
+    it any more; its blobs still decode.
 
     Payload: token bitmap (1 bit per token, set = high) | high-bit payload | low-bit payload,
     the first two zero-padded to 4-byte multiples so the meta arrays stay aligned.
@@ -340,46 +327,10 @@ class MixedTransform(Transform):
 
     name = "mixed"
     lossless = False
-    _own = frozenset({"high_bits", "low_bits", "high_frac", "group_size", "k_group_size", "v_group_size"})
-
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        unknown = set(params) - self._own - _COMPRESSOR_PARAMS
-        if unknown:
-            raise ConfigError(f"codec 'mixed': unknown parameter(s) {sorted(unknown)}; accepted: {sorted(self._own)}")
-        self.high_bits = params.get("high_bits", 8)
-        self.low_bits = params.get("low_bits", 4)
-        for k, b in (("high_bits", self.high_bits), ("low_bits", self.low_bits)):
-            if b not in (2, 4, 8):
-                raise ConfigError(f"codec 'mixed': {k}={b!r}, expected 2, 4 or 8")
-        frac = params.get("high_frac", 0.1)
-        if isinstance(frac, bool) or not isinstance(frac, int | float) or not 0.0 <= frac <= 1.0:
-            raise ConfigError(f"codec 'mixed': high_frac={frac!r}, expected a number in [0, 1]")
-        self.high_frac = float(frac)
-        g = _check_group("group_size", params.get("group_size", DEFAULT_GROUP))
-        self.gk = _check_group("k_group_size", params.get("k_group_size", g))
-        self.gv = _check_group("v_group_size", params.get("v_group_size", g))
+    writable = False
 
     def encode(self, x: torch.Tensor) -> tuple[Buffer, dict[str, Any], int]:
-        x = x.detach().cpu().contiguous()
-        shape = tuple(x.shape)
-        L, P, T, H, D = canonical_shape(shape)
-        make_layout(shape, x.dtype, self.high_bits, self.gk, self.gv)  # validates dtype/shape
-        n_high = min(T, math.ceil(self.high_frac * T - 1e-9)) if T else 0
-        mask = torch.zeros(T, dtype=torch.bool)
-        if n_high:
-            order = torch.sort(token_salience(x), descending=True, stable=True).indices
-            mask[order[:n_high]] = True
-        x5 = x.reshape(L, P, T, H, D)
-        parts: list[torch.Tensor] = [_pad4(_pack_mask(mask))]
-        for bits, sel in ((self.high_bits, mask), (self.low_bits, ~mask)):
-            sub = x5[:, :, sel].contiguous()
-            lay = make_layout(tuple(sub.shape), x.dtype, bits, self.gk, self.gv)
-            buf = torch.zeros(_up4(lay.total), dtype=torch.uint8)
-            quantize_into(sub, lay, buf[: lay.total])
-            parts.append(buf)
-        params = {"hb": self.high_bits, "lb": self.low_bits, "gk": self.gk, "gv": self.gv, "nh": n_high}
-        return tensor_bytes(torch.cat(parts)), params, 1
+        raise ConfigError("codec 'mixed' is retired: its blobs decode, nothing writes them (use int4 or int2)")
 
     def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype, params: dict[str, Any]) -> torch.Tensor:
         L, P, T, H, D = canonical_shape(shape)
@@ -410,10 +361,6 @@ def _up4(n: int) -> int:
     return (n + 3) & ~3
 
 
-def _pad4(b: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.pad(b, (0, _up4(b.numel()) - b.numel()))
-
-
 def _pack_mask(mask: torch.Tensor) -> torch.Tensor:
     n = mask.numel()
     m = torch.nn.functional.pad(mask.to(torch.uint8), (0, (-n) % 8)).view(-1, 8)
@@ -436,5 +383,4 @@ __all__ = [
     "dequantize_torch",
     "make_layout",
     "quantize_torch",
-    "token_salience",
 ]

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from kvlayer.codec import decode, encode
-from kvlayer.codec.quant import token_salience
 from tests.unit.test_codecs import _rot_bound as rot_bound
+from tests.unit.test_codecs import legacy_mixed_blob, legacy_salience
 
 REPO = Path(__file__).resolve().parents[2]
 SMOL_DIR = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct-hf"
@@ -104,11 +104,11 @@ def check_all_codecs(chunk: torch.Tensor, what: str) -> dict[str, float]:
     assert_within(chunk, y, fp8_bound(chunk, y), f"{what} fp8")
     errs["fp8"] = rel(y)
     T = chunk.shape[2]
-    for hi, lo, frac in ((8, 4, 0.1), (8, 2, 0.1), (4, 2, 0.25)):
-        y = decode(encode(chunk, "mixed", high_bits=hi, low_bits=lo, high_frac=frac))
+    for hi, lo, frac in ((8, 4, 0.1), (8, 2, 0.1), (4, 2, 0.25)):  # retired, still decoded
+        y = decode(legacy_mixed_blob(chunk, hi, lo, frac))
         n_high = min(T, math.ceil(frac * T - 1e-9))
         mask = torch.zeros(T, dtype=torch.bool)
-        mask[torch.sort(token_salience(chunk), descending=True, stable=True).indices[:n_high]] = True
+        mask[torch.sort(legacy_salience(chunk), descending=True, stable=True).indices[:n_high]] = True
         for bits, sel in ((hi, mask), (lo, ~mask)):
             xs, ys = chunk[:, :, sel], y[:, :, sel]
             assert_within(xs, ys, int_bound(xs, ys, bits, 32, 32), f"{what} mixed {hi}/{lo} ({bits}-bit part)")
@@ -218,7 +218,6 @@ def test_bounds_hold_on_smollm2_essay_kv() -> None:
     check_all_codecs(kv[:, :, 256:].contiguous(), "SmolLM2 fp16 tail chunk")
     # Quality ordering on real KV: each halving of the bits costs error.
     assert errs["int8{}"] < errs["fp8"] < errs["int4{}"] < errs["int2{}"], errs
-    assert errs["mixed8/4"] < errs["int4{}"], errs
     # What the rotated scheme is for: the next-token distribution, not the element error. Over the
     # 44 tokens after the stored chunk, KL(p_raw || p_codec) of int4 is well below KIVI's.
     from benchmarks.codec_quality import forced_logprobs
@@ -258,7 +257,7 @@ def test_codec_doc_config_examples_load(tmp_path: Path) -> None:
     gp = {"group_size": 64}
     assert got[0] == {"cpu": ("raw", gp), "disk": ("int4+lz4", gp), "redis": ("int4+lz4", gp)}
     assert got[1]["cpu"] == ("raw", {}) and got[1]["disk"] == ("int8+lz4", {})
-    assert got[1]["redis"][0] == "mixed+lz4" and got[1]["redis"][1]["low_bits"] == 4
+    assert got[1]["redis"] == ("int4+lz4", {"group_size": 64})
     bash = re.search(r"```bash\n(.*?)```", text, re.S)
     assert bash, "docs/codecs.md lost its environment example"
     words = shlex.split(bash[1])
