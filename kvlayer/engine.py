@@ -318,6 +318,11 @@ class KVCache:
     def clear(self) -> None:
         self._store.clear()
 
+    def hits_by_tier(self) -> dict[str, int]:
+        """Chunks read from each tier since start (each read counts at the hottest tier holding
+        it); unlike ``stats()`` it asks no tier anything, so engines can poll it every step."""
+        return self._store.blobs.hits_by_tier()
+
     def stats(self) -> dict[str, Any]:
         s = self._store.stats()
         s["documents"] = len(self._docs)

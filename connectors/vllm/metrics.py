@@ -51,6 +51,8 @@ COUNTER_SERIES: dict[str, Series] = {
                             "recomputing was estimated faster than loading."),
     "declined_tokens": Series("vllm:kvlayer_declined_tokens", "Tokens of declined hits (recomputed)."),
     "loaded_chunks": Series("vllm:kvlayer_loaded_chunks", "Chunks copied from kvlayer into vLLM's KV cache."),
+    "tier_reads": Series("vllm:kvlayer_tier_reads", "Chunks the worker's store read for loads, by the tier that "
+                         "served each (the hottest holding it).", by_tier=True),
     "loaded_bytes": Series("vllm:kvlayer_loaded_bytes", "KV bytes copied from kvlayer into vLLM's KV cache."),
     "load_errors": Series("vllm:kvlayer_load_errors", "Chunks that failed to load (their blocks were recomputed)."),
     "saved_chunks": Series("vllm:kvlayer_saved_chunks", "Chunks saved to kvlayer."),

@@ -77,6 +77,8 @@ class WorkerTelemetry:
         self.bytes_per_token = cache.spec.bytes_per_token()
         self.events = WorkerEvents(cache.events, block_size=cache.chunk_size, max_keys=EVENT_KEYS) if events else None
         self._dropped = 0
+        self.cache = cache
+        self._reads = cache.hits_by_tier()
         self.reporter = Reporter(worker.counters, WORKER_KEYS, samples=self.samples, extra=self._extra)
 
     def on_worker_meta(self, meta: Any) -> None:
@@ -86,6 +88,10 @@ class WorkerTelemetry:
 
     def _extra(self, out: KVLayerConnectorStats, delta: Any) -> None:
         out.add("loaded_bytes", delta.get("loaded_tokens", 0) * self.bytes_per_token)
+        reads = self.cache.hits_by_tier()  # the worker side is the one reading chunks out of its store
+        for tier, n in reads.items():
+            out.add("tier_reads", n - self._reads.get(tier, 0), tier)
+        self._reads = reads
         if self.events is not None:
             dropped = self.events.dropped
             out.add("dropped_events", dropped - self._dropped)

@@ -518,6 +518,11 @@ class BlobStore(EvictionGuard):
             else:
                 self._emit("cleared", lv, [], "cleared")
 
+    def hits_by_tier(self) -> dict[str, int]:
+        """Reads served by each tier since start (in-process counters only: cheap, any time)."""
+        with self._clock:
+            return dict(self.counters.hits_by_tier)
+
     def stats(self) -> dict[str, Any]:
         with self._clock:
             c = dict(self.counters.__dict__)

@@ -106,6 +106,8 @@ def test_prometheus_series_equal_the_connector_counters(in_process) -> None:
     hits = prom["vllm:kvlayer_hit_tokens_total"]
     assert hits.get("cpu", 0) > 0 and hits.get("disk", 0) > 0, hits  # one warm request from each tier
     assert c["hit_tokens"] > 0 and c["saved_chunks"] > 0 and c["saved_bytes"] > 0
+    reads = prom["vllm:kvlayer_tier_reads_total"]  # what the worker's store served, per tier
+    assert reads.get("cpu", 0) > 0 and reads.get("disk", 0) > 0 and sum(reads.values()) == c["loaded_chunks"], reads
     loads = prom["vllm:kvlayer_load_seconds_count"]
     assert loads.get("cpu", 0) > 0 and loads.get("disk", 0) > 0, loads
     assert sum(prom["vllm:kvlayer_save_seconds_count"].values()) > 0
@@ -176,6 +178,9 @@ def test_openai_server_metrics_show_kvlayer_series(server) -> None:
     # the engine core's scheduler knows only that the worker process holds the chunks: tier "worker"
     assert all('tier="worker"' in k or 'tier="cpu"' in k for k, v in hits.items() if v > 0), hits
     assert saved == files > 0
+    # the worker process knows which of its tiers served the loads
+    reads = _series(text, "vllm:kvlayer_tier_reads_total")
+    assert any('tier="cpu"' in k and v > 0 for k, v in reads.items()), reads
     assert sum(_series(text, "vllm:kvlayer_loaded_bytes_total").values()) > 0
     assert sum(_series(text, "vllm:kvlayer_load_seconds_count").values()) > 0
     assert sum(_series(text, "vllm:kvlayer_save_seconds_count").values()) > 0
