@@ -165,6 +165,7 @@ class Proxy:
         if rejected is not None:
             return rejected
         url = self.decode.next()
+        log.debug("%s: decode on %s with hand-off %s", path, url, handoff)
         try:
             upstream = await self._session.post(url + path, json=decode_request(body, handoff), headers=headers)
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:

@@ -369,6 +369,10 @@ class WorkerSide:
     # ------------------------------------------------------------------ save
     def save(self, meta: ConnectorMeta) -> None:
         self._end_step()
+        if meta.sends:  # reported by get_finished once their saves are written
+            with self._lock:
+                self._awaiting.update(meta.sends)
+            self.counters.add(finished_saves=len(meta.sends))
         if not meta.saves:
             return
         t0 = time.perf_counter()
@@ -380,10 +384,6 @@ class WorkerSide:
             with self._lock:
                 self._sent |= finished
             self.counters.add(finished_saves=len(finished))
-        if meta.sends:  # reported by get_finished once their saves are written
-            with self._lock:
-                self._awaiting.update(meta.sends)
-            self.counters.add(finished_saves=len(meta.sends))
         self.save_seconds += time.perf_counter() - t0
 
     def _save(self, meta: ConnectorMeta) -> None:
