@@ -372,6 +372,12 @@ class Rounds:
         work for other processes)."""
         return {k: statistics.median(v) / self.nbytes * 1e9 for k, v in self.cpu.items() if v}
 
+    def paired(self, ours: str, theirs: str) -> list[float]:
+        """Round by round, ``theirs``' time over ``ours`` (the two ran within seconds of each
+        other), sorted: the spread a median hides on a shared machine."""
+        a, b = self.times.get(ours) or [], self.times.get(theirs) or []
+        return sorted(tb / ta for ta, tb in zip(a, b, strict=False) if ta > 0)
+
     def load_during(self) -> dict[str, float]:
         return {k: statistics.median(v) for k, v in self.op_loads.items() if v}
 
@@ -386,6 +392,15 @@ PATHS = [  # (row, kvlayer op, LMCache op, LMCache RESP op, floors)
     ("disk get, warm page cache", "kvlayer_disk_get_warm", "lmcache_disk_get_warm", None, []),
     ("disk get, cold page cache", "kvlayer_disk_get_cold", "lmcache_disk_get_cold", None, []),
 ]
+#: ratio key -> (kvlayer op, peer op), for the round-by-round spread
+PAIRS = {
+    "redis_put_vs_lmcache": ("kvlayer_redis_put", "lmcache_redis_put"),
+    "redis_get_vs_lmcache": ("kvlayer_redis_get", "lmcache_redis_get"),
+    "redis_get_vs_lmcache_resp": ("kvlayer_redis_get", "lmcache_resp_get"),
+    "disk_put_vs_lmcache": ("kvlayer_disk_put", "lmcache_disk_put"),
+    "disk_get_warm_vs_lmcache": ("kvlayer_disk_get_warm", "lmcache_disk_get_warm"),
+    "disk_get_cold_vs_lmcache": ("kvlayer_disk_get_cold", "lmcache_disk_get_cold"),
+}
 FLOOR_NAMES = {"memcpy": "memcpy", "redispy_set": "redis-py SET", "redispy_get": "redis-py GET",
                "redis_benchmark_set": "redis-benchmark SET", "redis_benchmark_get": "redis-benchmark GET"}
 
@@ -592,6 +607,7 @@ def main() -> int:
     g["memcpy"] = max(g["memcpy_torch"], g["memcpy_numpy"])
     summary = summarize(g)
     cpu, load_during = R.cpu_s_per_gb(), R.load_during()
+    per_round = {k: R.paired(a, b) for k, (a, b) in PAIRS.items() if R.paired(a, b)}
     md_table, rows = table(g, cpu, load_during)
     load_end = os.getloadavg()
     print(md_table, file=sys.stderr)
@@ -601,6 +617,7 @@ def main() -> int:
     data: dict[str, Any] = {
         **summary, "gbps": g, "lmcache": LMCACHE if lm is not None or not why else f"not run: {why}",
         "cpu_s_per_gb": {k: v for k, v in cpu.items() if not k.startswith("_")},
+        "per_round": per_round,
         "loadavg": {"start": list(load_start), "end": list(load_end), "rounds": R.loads,
                     "per_op": {k: v for k, v in load_during.items() if not k.startswith("_")}},
         "cpus": os.cpu_count(), "rounds": rounds, "chunks": n, "chunk_mib": nbytes / n / 2**20,
@@ -616,7 +633,11 @@ def main() -> int:
 
 def markdown(data: dict[str, Any], md_table: str, png: str) -> str:
     ld = data["loadavg"]
-    ratios = "\n".join(f"- `{k}`: {data[k]:.3g}" if data[k] is not None else f"- `{k}`: n/a"
+    def spread(k: str) -> str:
+        rs = data.get("per_round", {}).get(k)
+        return f" (round by round: {', '.join(f'{r:.2f}' for r in rs)})" if rs else ""
+
+    ratios = "\n".join(f"- `{k}`: {data[k]:.3g}{spread(k)}" if data[k] is not None else f"- `{k}`: n/a"
                        for k in ("redis_put_vs_lmcache", "redis_get_vs_lmcache", "redis_get_vs_lmcache_resp",
                                  "disk_put_vs_lmcache", "disk_get_vs_lmcache", "disk_get_warm_vs_lmcache",
                                  "disk_get_cold_vs_lmcache", "cpu_vs_memcpy", "cpu_put_vs_memcpy"))
