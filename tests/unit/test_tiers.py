@@ -34,13 +34,13 @@ class Pins(EvictionGuard):
 
     def __init__(self, pinned: set[str]) -> None:
         self.pinned = pinned
-        self.evicted: list[str] = []
+        self.dropped: list[str] = []  # not "evicted": EvictionGuard.evicted is a hook
 
     def is_pinned(self, key: str) -> bool:
         return key in self.pinned
 
     def on_evict(self, tier: Tier, key: str, blob) -> None:
-        self.evicted.append(key)
+        self.dropped.append(key)
 
 
 @pytest.fixture(params=["memory", "disk"])
@@ -114,11 +114,11 @@ def test_pinned_keys_are_not_evicted_and_a_full_tier_refuses(make_tier):
         assert t.put(key(i), blob(i))
     for j in range(n, n + 10):  # every resident key is pinned: refuse rather than evict
         assert not t.put(key(j), blob(j))
-    assert sorted(t.keys()) == sorted(guard.pinned) and guard.evicted == []
+    assert sorted(t.keys()) == sorted(guard.pinned) and guard.dropped == []
     guard.pinned = {key(0)}
     assert t.put(key(100), blob(100))
     assert t.contains(key(0)) and t.contains(key(100))
-    assert guard.evicted == [key(1)]  # the oldest unpinned key went, and the guard heard of it
+    assert guard.dropped == [key(1)]  # the oldest unpinned key went, and the guard heard of it
 
 
 def test_clear(make_tier):
