@@ -101,7 +101,9 @@ class WorkerSide:
         self.load_seconds = 0.0
         self.save_seconds = 0.0
         self.saves = SaveQueue(cache, limit_bytes=int(cache.config.write_queue_bytes), guard=self.guard,
-                               counters=self.counters, nice=self.options.background_nice,
+                               # a producer's saves are the hand-off a decode engine waits for:
+                               # they do not yield to the engine's next prefill
+                               counters=self.counters, nice=0 if role == "kv_producer" else self.options.background_nice,
                                durable=role == "kv_producer")
 
     # ------------------------------------------------------------------ setup
@@ -314,6 +316,10 @@ class WorkerSide:
         idle = self._idle
         recving: set[str] = set()
         gone: list[BackgroundLoad] = []
+        if idle and self._awaiting:  # a producer with nothing to run waits for its saves, not spins
+            with self._lock:
+                pending = [k for r in self._awaiting for k in self._sending.get(r, ())]
+            self.saves.wait(pending, IDLE_WAIT_S)
         with self._lock:
             if idle and self._background and not any(j.state is State.DONE for j in self._background.values()):
                 nearest = min(j.deadline for j in self._background.values()) - time.monotonic()
