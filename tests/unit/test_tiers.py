@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import os
@@ -237,6 +238,44 @@ def test_disk_reads_cold_warm_and_partly_cached_files_bit_exact(cached, tmp_path
     assert [bytes(g) for g in got] == list(blobs.values())  # type: ignore[arg-type]
     assert [bytes(g) for g in again] == list(blobs.values())  # type: ignore[arg-type]
     assert all(memoryview(g).nbytes == len(b) for g, b in zip(got, blobs.values(), strict=True))
+    t.close()
+
+
+def test_disk_batch_reads_give_back_their_cpu_slots_whatever_the_check_does(tmp_path):
+    """Copies out of the page cache and checks hold one of a few CPU slots; a check that raises,
+    or finds a corrupt blob, must give its slot back, or later batches would wait forever."""
+    t = DiskTier(tmp_path / "d", 1 << 30)
+    keys = [key(i) for i in range(12)]
+    for i, k in enumerate(keys):
+        assert t.put(k, blob(i, 256 << 10))
+
+    def boom(k: str, b: object) -> object:
+        raise RuntimeError("a check that fails for its own reasons")
+
+    failed: list[BaseException] = []
+    done: list[object] = []
+
+    def run() -> None:
+        for _ in range(3):  # more failed reads than there are slots
+            try:
+                t.get_opened(keys, boom)
+            except RuntimeError as e:
+                failed.append(e)
+        done.append(t.get_opened(keys, lambda k, b: verify(b)))
+
+    reader = threading.Thread(target=run, daemon=True)
+    reader.start()
+    reader.join(60)
+    if not done:  # free the stuck readers, so this fails instead of hanging at exit
+        deadline = time.monotonic() + 60
+        while reader.is_alive() and time.monotonic() < deadline:
+            with contextlib.suppress(ValueError):
+                t._cpu_slots.release()
+            time.sleep(0.01)
+        pytest.fail("a batch read waited for CPU slots that failed reads never gave back")
+    assert len(failed) == 3
+    got = done[0]
+    assert isinstance(got, list) and all(g is not None and not isinstance(g[1], Exception) for g in got)
     t.close()
 
 
