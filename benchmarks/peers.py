@@ -671,8 +671,8 @@ NOTES = """## Reading the table
   `bytes` used to cost more than the copies (glibc maps multi-MiB ones in fresh pages and gives
   them back when a batch is freed: ~34k page faults per 189 MB batch); kvlayer now copies each
   large reply into a recycled pooled buffer and frees the `bytes` at once, so the next reply
-  reuses it: ~0.5 instead of ~0.9 client CPU s/GB, but still more than the RESP client's. A
-  reader that received `$<len>\r\n` bulk replies straight into pooled buffers (measured as a
+  reuses it: ~0.5-0.65 instead of ~0.9 client CPU s/GB, still more than the RESP client's. A
+  reader that received bulk-string replies straight into pooled buffers (measured as a
   ceiling, not shipped: it is a hand-written protocol reader) used 0.25 s/GB with the check.
 - Client CPU s/GB is this process's CPU time (all its threads) during each op, median over
   rounds: the redis-server's share and other processes' are not in it. On 2 shared CPUs it
