@@ -41,6 +41,9 @@ ROUTES = ("/v1/completions", "/v1/chat/completions")
 #: request fields that only shape the answer's length or form: the prefill request must not
 #: carry them (it answers one token, whole, once)
 _PREFILL_DROP = ("stream_options", "min_tokens", "best_of", "n")
+#: the hand-off's key in ``kv_transfer_params`` (``kvlayer.connectors.vllm.roles.PD_PARAM``; not
+#: imported: the proxy runs without vLLM)
+HANDOFF_KEY = "kvlayer_pd"
 #: headers passed on to the engines (authentication, tracing)
 _FORWARD_HEADERS = ("authorization", "x-request-id", "traceparent", "tracestate")
 
@@ -57,25 +60,33 @@ def parse_urls(text: str | Sequence[str], what: str) -> list[str]:
     return urls
 
 
+def _client_params(body: dict[str, Any]) -> dict[str, Any]:
+    """The client's own ``kv_transfer_params`` (e.g. ``kvlayer_skip``), never a hand-off: only a
+    prefill engine's answer may announce one."""
+    params = body.get("kv_transfer_params")
+    return {k: v for k, v in params.items() if k != HANDOFF_KEY} if isinstance(params, dict) else {}
+
+
+def _with_params(body: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in body.items() if k != "kv_transfer_params"}
+    if params:
+        out["kv_transfer_params"] = params
+    return out
+
+
 def prefill_request(body: dict[str, Any]) -> dict[str, Any]:
     """The prefill engine's version of a client request: one token, not streamed, one choice."""
-    out = {k: copy.deepcopy(v) for k, v in body.items() if k not in _PREFILL_DROP}
+    out = _with_params({k: copy.deepcopy(v) for k, v in body.items() if k not in _PREFILL_DROP}, _client_params(body))
     out["max_tokens"] = 1
     if "max_completion_tokens" in out:  # chat: the newer name wins in vLLM
         out["max_completion_tokens"] = 1
     out["stream"] = False
-    out.pop("kv_transfer_params", None)
     return out
 
 
 def decode_request(body: dict[str, Any], handoff: dict[str, Any] | None) -> dict[str, Any]:
     """The decode engine's version: the client's request plus the prefill engine's hand-off."""
-    out = dict(body)
-    if handoff:
-        out["kv_transfer_params"] = handoff
-    else:
-        out.pop("kv_transfer_params", None)
-    return out
+    return _with_params(body, {**_client_params(body), **(handoff or {})})
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:

@@ -29,9 +29,11 @@ HANDOFF = {"kvlayer_pd": {"tokens": 7}}
 # ------------------------------------------------------------------ rewriting
 def test_prefill_request_asks_one_unstreamed_token_and_keeps_the_prompt():
     body = {"model": "m", "prompt": [1, 2, 3], "max_tokens": 50, "stream": True, "stream_options": {"x": 1},
-            "n": 3, "best_of": 3, "min_tokens": 5, "temperature": 0.0, "kv_transfer_params": {"a": 1}}
+            "n": 3, "best_of": 3, "min_tokens": 5, "temperature": 0.0,
+            "kv_transfer_params": {"kvlayer_skip": True, "kvlayer_pd": {"tokens": 3}}}
     out = prefill_request(body)
-    assert out == {"model": "m", "prompt": [1, 2, 3], "max_tokens": 1, "stream": False, "temperature": 0.0}
+    assert out == {"model": "m", "prompt": [1, 2, 3], "max_tokens": 1, "stream": False, "temperature": 0.0,
+                   "kv_transfer_params": {"kvlayer_skip": True}}  # the client's own params, no hand-off
     assert body["max_tokens"] == 50 and body["stream"] is True  # the client's request is not changed
 
 
@@ -45,8 +47,11 @@ def test_prefill_request_of_a_chat_caps_both_length_fields():
 def test_decode_request_is_the_clients_plus_the_handoff():
     body = {"model": "m", "prompt": "x", "max_tokens": 5, "stream": True}
     assert decode_request(body, HANDOFF) == {**body, "kv_transfer_params": HANDOFF}
-    # no hand-off (the prefill engine failed): a client's own params are not passed as one
+    # no hand-off (the prefill engine failed): a client cannot announce one itself
     assert decode_request({**body, "kv_transfer_params": {"kvlayer_pd": {"tokens": 9}}}, None) == body
+    # the client's own params go along, beside the hand-off
+    assert decode_request({**body, "kv_transfer_params": {"x": 1}}, HANDOFF)["kv_transfer_params"] == {
+        "x": 1, **HANDOFF}
 
 
 def test_urls_are_parsed_and_checked():
