@@ -117,6 +117,7 @@ class ServerApp:
         from kvlayer.server.service import client_key
         from kvlayer.storage import BlobStore, build_tier, retry_policy
         from kvlayer.storage.blobstore import Formats
+        from kvlayer.storage.memory import MemoryTier
 
         self.args = args
         cli: dict[str, Any] = {"cpu_bytes": args.cpu_bytes, "disk_bytes": args.disk_bytes, "redis_url": args.redis_url,
@@ -132,7 +133,8 @@ class ServerApp:
         tiers, retry = [], []
         for tc in tcs:
             if tc.kind == "memory":
-                tc = tc.model_copy(update={"capacity": budget.memory_tier})
+                tc = tc.model_copy(update={"capacity": budget.memory_tier, "options": {
+                    "key_overhead": MemoryTier.SERVER_KEY_OVERHEAD, **tc.options}})  # any client's blobs
                 if budget.memory_tier <= 0:
                     continue
             if tc.kind == "disk":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import NonNegativeInt
+
 from kvlayer.codec.base import Buffer
 from kvlayer.config import TierConfig
 from kvlayer.storage.base import Tier, TierOptions
@@ -11,16 +13,20 @@ from kvlayer.storage.lru import LocalTier
 class MemoryTier(LocalTier):
     """Holds blobs as writable buffers so decoders can view them without a copy.
 
-    Budget accounting counts blob bytes; the process holds at most the budget plus per-key
-    bookkeeping (~200 bytes a key).
+    Each key is charged its blob's bytes plus ``key_overhead`` and the key's length. An engine's
+    CPU tier holds megabyte chunks its own engine made, so it charges blob bytes only (0). A
+    server's tier takes blobs of any size from any client: charging blob bytes alone let a
+    flood of 83-byte blobs grow ``kvlayer serve`` 247 MiB over a 64 MiB budget (866 bytes of RSS
+    per key: dict, LRU order, key string, buffer object), so it charges ``SERVER_KEY_OVERHEAD``.
     """
 
     kind = "memory"
+    SERVER_KEY_OVERHEAD = 768  # bytes per key, measured (above) and rounded up
 
-    def __init__(self, name: str = "cpu", capacity_bytes: int = 4 << 30) -> None:
+    def __init__(self, name: str = "cpu", capacity_bytes: int = 4 << 30, key_overhead: int = 0) -> None:
         super().__init__(name, capacity_bytes)
         self._data: dict[str, Buffer] = {}
-
+        self.key_overhead = key_overhead
 
     def get(self, key: str) -> Buffer | None:
         with self._lru.lock:
@@ -34,7 +40,8 @@ class MemoryTier(LocalTier):
         return blob
 
     def put(self, key: str, blob: Buffer) -> bool:
-        size = memoryview(blob).nbytes
+        nbytes = memoryview(blob).nbytes
+        size = nbytes + (self.key_overhead + len(key) if self.key_overhead else 0)
         if memoryview(blob).readonly:
             blob = bytearray(blob)  # keep a writable copy so decoders can view it without copying
         evicted: list[tuple[str, Buffer]] = []
@@ -48,7 +55,7 @@ class MemoryTier(LocalTier):
                 evicted.append((v, self._data.pop(v)))
             self._data[key] = blob
             self._lru.add(key, size)
-        self.count(puts=1, bytes_written=size, evictions=len(evicted))
+        self.count(puts=1, bytes_written=nbytes, evictions=len(evicted))
         g = self.guard
         if g is not None and evicted:
             g.on_evicted_keys(self, [k for k, _ in evicted])
@@ -61,7 +68,6 @@ class MemoryTier(LocalTier):
             self._data.pop(key, None)
             return self._lru.remove(key) is not None
 
-
     def clear(self) -> None:
         with self._lru.lock:
             for k in self._lru.keys():
@@ -70,8 +76,11 @@ class MemoryTier(LocalTier):
 
 
 class Options(TierOptions):
-    """A memory tier takes no options (its budget is the tier's ``capacity``)."""
+    """``key_overhead``: bytes charged per key on top of its blob (and its key's length): 0 for
+    an engine's own chunks; ``kvlayer serve`` sets ``MemoryTier.SERVER_KEY_OVERHEAD``."""
+
+    key_overhead: NonNegativeInt = 0
 
 
 def build(cfg: TierConfig, options: Options) -> Tier:
-    return MemoryTier(cfg.name, cfg.capacity or (4 << 30))
+    return MemoryTier(cfg.name, cfg.capacity or (4 << 30), key_overhead=options.key_overhead)

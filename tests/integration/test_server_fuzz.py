@@ -306,3 +306,25 @@ def test_fuzz_every_rpc_then_server_is_up_exact_and_within_budget(kvlayer_server
     assert "Traceback" not in srv.log_text()
     assert codes["INVALID_ARGUMENT"] > 500 and codes["UNAUTHENTICATED"] > 100 and codes["RESOURCE_EXHAUSTED"] > 10
     assert grown <= 1.1 * budget, f"RSS grew {grown >> 20} MiB over a {budget >> 20} MiB budget"
+
+
+def test_a_flood_of_tiny_blobs_evicts_instead_of_outgrowing_the_budget(kvlayer_server_factory) -> None:
+    """Per-key bookkeeping is charged: 100k blobs of ~83 bytes cost ~87 MiB of RSS when only
+    their bytes counted (8 MiB), far over a 32 MiB budget; charged, the CPU tier evicts."""
+    from kvlayer.rpc.client import KVLayerClient
+
+    budget = 32 << 20
+    srv = kvlayer_server_factory(cpu_bytes="32MiB", disk=False)
+    client = KVLayerClient(srv.url)
+    x = torch.zeros(1, 1, 1, 1, 1, dtype=torch.float16)
+    baseline = srv.rss()
+    n = 100_000
+    for i in range(0, n, 1000):
+        keys = [key(j, "tiny") for j in range(i, i + 1000)]
+        assert all(client.put([(k, bytes(encode(x, key=k))) for k in keys]))
+    grown = srv.rss() - baseline
+    cpu = next(t for t in client.stats().tiers if t.kind == "memory")
+    assert cpu.used_bytes <= cpu.capacity_bytes and cpu.evictions > 0 and cpu.num_keys < n
+    assert client.get([key(n - 1, "tiny")])[0] is not None  # the newest are kept
+    assert grown <= 1.1 * budget, f"RSS grew {grown >> 20} MiB over a {budget >> 20} MiB budget"
+    client.close()
