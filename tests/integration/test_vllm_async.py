@@ -32,6 +32,9 @@ pytestmark = pytest.mark.vllm
 
 DEADLINE_S = 1.5  # the load deadline in this engine
 DECODE_TOKENS = 700  # the request that keeps decoding while another request's load hangs (fits the 16 blocks)
+# Paces the steps while a load or lookup hangs: a fast machine took ~2 ms a step and the decoder
+# spent all its tokens during the first 1.5 s stall, leaving none to show the second one.
+STEP_PACE_S = 0.01
 COMPARE = 100  # tokens of long decodes compared with solo decoding (see PRESSURE_COMPARE in test_vllm)
 
 
@@ -200,6 +203,7 @@ def scenario_async(args: dict[str, Any]) -> dict[str, Any]:
         stopped = True
         steps_while_loading = gained = 0
         while worker.inflight() > 0:
+            time.sleep(STEP_PACE_S)
             before = len(toks.get("decoder", []))
             for o in eng.step():
                 toks[o.request_id] = list(o.outputs[0].token_ids)
@@ -213,6 +217,7 @@ def scenario_async(args: dict[str, Any]) -> dict[str, Any]:
         limit = time.monotonic() + 60
         while sched.counters.lookup_timeouts == st["stall_abandoned"]["c"]["lookup_timeouts"]:
             assert time.monotonic() < limit, "the lookup never timed out"
+            time.sleep(STEP_PACE_S)
             before = len(toks.get("decoder", []))
             for o in eng.step():
                 toks[o.request_id] = list(o.outputs[0].token_ids)
