@@ -73,7 +73,11 @@ class DocOp:
 
 @dataclass
 class BlendOp:
-    """Blend ``tokens``: exact ``[0, computed)`` in the blocks already, write ``[computed, end)``."""
+    """Blend ``tokens``: exact ``[0, computed)`` in the blocks already, write ``[write_from, end)``.
+
+    ``write_from`` > ``computed`` only for a resumed request: its blocks up to ``write_from`` are
+    its own earlier blend, found in vLLM's prefix cache; the blend is run again from ``computed``
+    (the same inputs as the first time, so the same KV) and only the missing blocks are written."""
 
     req_id: str
     tokens: list[int]
@@ -83,6 +87,11 @@ class BlendOp:
     end: int
     block_ids: list[int]
     ratio: float
+    write_from: int = -1  # -1: ``computed``
+
+    def __post_init__(self) -> None:
+        if self.write_from < 0:
+            self.write_from = self.computed
 
 
 @dataclass
@@ -135,8 +144,17 @@ def salt_block_hashes(request: Any, first_block: int, salt: bytes) -> int:
 class _Blend:
     request: Any
     op: BlendOp
+    salted: Any = None  # the request's first salted block hash (None: no full block was salted)
     allocated: bool = False
     emitted: bool = False
+
+
+@dataclass
+class _Preempted:
+    """A blended request vLLM preempted: how to blend it the same way when it resumes."""
+
+    computed: int  # the exact prefix its blend started from
+    salted: Any  # its first salted block hash, to tell whether its hashes are still salted
 
 
 @dataclass
@@ -167,6 +185,8 @@ class BlendScheduler:
         self._indexed: dict[str, int] = {}
         self._synced = float("-inf")
         self._blends: dict[str, _Blend] = {}
+        self._preempted: dict[str, _Preempted] = {}  # until the request finishes
+        self._refused: set[str] = set()  # requests refused (counted once), until they finish
         self._registers: dict[str, _Register] = {}
         self._lock = threading.Lock()
         self._said: set[str] = set()
@@ -178,7 +198,9 @@ class BlendScheduler:
         self._said.add(reason)
 
     def _refuse(self, req_id: str, reason: str) -> None:
-        self.counters.add(blend_refused=1)
+        if req_id not in self._refused:  # vLLM asks again each step a request waits for blocks
+            self._refused.add(req_id)
+            self.counters.add(blend_refused=1)
         self._say(f"request {req_id}: prefix reuse + recompute instead of blending: {reason}")
 
     def _sync(self) -> None:
@@ -222,12 +244,17 @@ class BlendScheduler:
         if not self.options.enabled:
             return None
         known = self._blends.get(req_id)
-        if known is not None and known.request is request and known.op.computed == num_computed:
+        if known is not None and known.request is request and known.op.write_from == num_computed:
             return known.op.end - num_computed  # asked again (allocation failed last step)
         prompt = np.asarray(request.prompt_token_ids or [], dtype=np.int64)
         n = len(prompt)
         if n < 2 or num_computed >= n - 1:
             return None
+        # A preempted blend resumes from the exact prefix it started from, whatever part of its
+        # own blended blocks vLLM's prefix cache still holds: the same blend, so the same tokens.
+        # (Blending again from where the cache ends selected other tokens: other answers.)
+        was = self._preempted.get(req_id)
+        prefix_len = was.computed if was is not None and num_computed >= was.computed else num_computed
         self._sync()
         if not self.index.docs and "kvlayer_spans" not in params:
             return None
@@ -239,7 +266,7 @@ class BlendScheduler:
                 unknown = [d for d, _ in spans if d not in docs]
                 if unknown:
                     raise ValueError(f"unknown documents {unknown}")
-            segs = plan(prompt[:n - 1], prefix_len=num_computed, index=self.index, spans=spans,
+            segs = plan(prompt[:n - 1], prefix_len=prefix_len, index=self.index, spans=spans,
                         docs={k: d.tokens for k, d in docs.items()}, min_len=self.options.min_match)
         except (ValueError, KeyError, TypeError) as e:
             self._refuse(req_id, f"bad kvlayer_spans ({e})")
@@ -272,16 +299,22 @@ class BlendScheduler:
             self._refuse(req_id, "vLLM's block hashes do not follow the block size (hybrid cache?)")
             return None
         salt = hashlib.sha256(repr((ratio, [(s.doc_id, s.start) for s in used])).encode()).digest()
-        try:
-            salt_block_hashes(request, num_computed // self.block_size, salt)
-        except BlendUnavailable as e:
-            self._refuse(req_id, str(e))
-            return None
+        first = prefix_len // self.block_size
+        hashes = request.block_hashes
+        salted = hashes[first] if first < len(hashes) else None
+        if was is None or prefix_len != was.computed or salted is None or salted != was.salted:
+            try:  # (a resumed request whose hashes still carry its first salt keeps them)
+                salt_block_hashes(request, first, salt)
+            except BlendUnavailable as e:
+                self._refuse(req_id, str(e))
+                return None
+            salted = hashes[first] if first < len(hashes) else None
         op = BlendOp(req_id, [int(t) for t in prompt], [(s.doc_id or "", s.start) for s in used],
                      [(s.doc_id or "", docs[s.doc_id or ""].tokens.tolist(), docs[s.doc_id or ""].context.tolist())
-                      for s in used], num_computed, n - 1, [], ratio)
-        self._blends[req_id] = _Blend(request, op)
-        self.counters.add(blend_requests=1)
+                      for s in used], prefix_len, n - 1, [], ratio, write_from=num_computed)
+        if known is None or known.request is not request:  # not a re-claim of a waiting request
+            self.counters.add(blend_requests=1)
+        self._blends[req_id] = _Blend(request, op, salted)
         return op.end - num_computed
 
     def _register(self, request: Any, reg: Any) -> None:
@@ -310,9 +343,9 @@ class BlendScheduler:
             b = self._blends.get(request.request_id)
             if b is None:
                 return
-            if num_external_tokens != b.op.end - b.op.computed:
+            if num_external_tokens != b.op.end - b.op.write_from:
                 log.warning("request %s: vLLM allocated %d external tokens, the blend claimed %d; not blending",
-                            b.op.req_id, num_external_tokens, b.op.end - b.op.computed)
+                            b.op.req_id, num_external_tokens, b.op.end - b.op.write_from)
                 del self._blends[b.op.req_id]
                 return
             b.allocated = True
@@ -323,10 +356,13 @@ class BlendScheduler:
         blends: list[BlendOp] = []
         with self._lock:
             num_sched = so.num_scheduled_tokens
-            for req_id in list(getattr(so, "preempted_req_ids", None) or ()) + list(
-                    getattr(so, "finished_req_ids", None) or ()):
-                self._blends.pop(req_id, None)
+            for req_id in getattr(so, "preempted_req_ids", None) or ():
+                b = self._blends.pop(req_id, None)
+                if b is not None and b.emitted:  # its blocks were written: it may find them again
+                    self._preempted[req_id] = _Preempted(b.op.computed, b.salted)
                 self._registers.pop(req_id, None)
+            for req_id in getattr(so, "finished_req_ids", None) or ():
+                self._forget(req_id)
             seen: list[tuple[str, list[int] | None, bool, int]] = []
             for nr in so.scheduled_new_reqs:
                 seen.append((nr.req_id, list(nr.block_ids[0]) if nr.block_ids else None, True,
@@ -356,12 +392,18 @@ class BlendScheduler:
 
     def finished(self, request: Any) -> None:
         with self._lock:
-            self._blends.pop(request.request_id, None)
-            self._registers.pop(request.request_id, None)
+            self._forget(request.request_id)
+
+    def _forget(self, req_id: str) -> None:
+        """Under the lock: drop every trace of a finished request."""
+        self._blends.pop(req_id, None)
+        self._preempted.pop(req_id, None)
+        self._refused.discard(req_id)
+        self._registers.pop(req_id, None)
 
     def num_requests(self) -> int:
         with self._lock:
-            return len(self._blends) + len(self._registers)
+            return len(self._blends) + len(self._preempted) + len(self._refused) + len(self._registers)
 
 
 # ============================================================================ worker side
@@ -409,7 +451,7 @@ class BlendWorker:
             try:
                 self._blend(op)
             except Exception as e:
-                first, last = op.computed // self.block_size, self._blocks(op.end)
+                first, last = op.write_from // self.block_size, self._blocks(op.end)
                 self._errors.update(op.block_ids[first:last])
                 self.counters.add(blend_failures=1)
                 self.guard.record("blend", e, then=f"request {op.req_id}: vLLM recomputes its claimed blocks")
@@ -447,7 +489,7 @@ class BlendWorker:
         for doc_id, start in op.spans:
             if doc_id not in placed and start + sizes[doc_id] > res.prefix_tokens:
                 raise BlendUnavailable(f"document {doc_id!r} could not be read (evicted, corrupt or tier down)")
-        first, last = op.computed // bs, self._blocks(op.end)
+        first, last = op.write_from // bs, self._blocks(op.end)
         region = res.kv[:, :, first * bs:last * bs]
         if region.shape[2] < (last - first) * bs:  # the last block is partial: vLLM fills the rest
             pad = torch.zeros(*region.shape[:2], (last - first) * bs - region.shape[2], *region.shape[3:],

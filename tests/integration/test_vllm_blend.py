@@ -41,6 +41,10 @@ TOPK = 20
 #: position or rotation by more: 1e-3 leaves room for a top-k selection tie broken the other way
 #: on another CPU, and catches any real difference.
 LOGPROB_TOL = 1e-3
+#: Decode length under preemption (see scenario_preempt) and the tokens compared with solo runs:
+#: batched decoding may drift from solo decoding by rounding (see PRESSURE_COMPARE in test_vllm.py).
+PREEMPT_TOKENS = 150
+PREEMPT_COMPARE = 100
 
 
 # ============================================================================ engine side (script)
@@ -59,16 +63,17 @@ def make_prompts() -> dict[str, list[int]]:
     q1, q2 = ids(45, 30), ids(46, 24)
     return {"pre": pre, "doc_a": doc_a, "doc_b": doc_b,
             "p1": pre + doc_a + doc_b + q1,  # doc_a right after the context it was computed after
-            "p2": pre2 + doc_b + doc_a + q2}  # reordered, after another prefix
+            "p2": pre2 + doc_b + doc_a + q2,  # reordered, after another prefix
+            "p3": pre + doc_b + doc_a + q2}  # (preemption only) the registered context, documents swapped
 
 
-def _engine(kv: dict[str, Any] | None) -> Any:
+def _engine(kv: dict[str, Any] | None, **kw: Any) -> Any:
     from vllm import LLM
 
     from tests.fixtures.tiny_model import tiny_model_dir
 
     args: dict[str, Any] = dict(distributed_executor_backend="uni", enforce_eager=True, max_model_len=2048, seed=0,
-                                dtype="float32")
+                                dtype="float32", **kw)
     if kv is not None:
         args["kv_transfer_config"] = kv
     return LLM(tiny_model_dir(), **args)
@@ -233,6 +238,46 @@ def scenario_blend(args: dict[str, Any]) -> dict[str, Any]:
     return r
 
 
+def scenario_preempt(args: dict[str, Any]) -> dict[str, Any]:
+    """Blended requests that vLLM preempts: a KV cache of 16 usable blocks of 128 tokens; three
+    ~640-token prompts take 15 of them, and their decodes need 6 more, so vLLM must preempt. A
+    resumed request is matched afresh and blended again (or, if its blocks are still in vLLM's
+    prefix cache under the blend's salted hashes, reuses them): its tokens must be those of the
+    same request run alone, and nothing of it may stay behind (pins, blend state)."""
+    from kvlayer.connectors.vllm import connector_of
+
+    P = make_prompts()
+    kv = {"kv_connector": "KVLayerBlendConnector", "kv_connector_module_path": "kvlayer.connectors.vllm",
+          "kv_role": "kv_both",
+          "kv_connector_extra_config": {"chunk_size": 256, "cpu_bytes": "256MiB",
+                                        "blend": {"enabled": True, "gate": False}}}
+    llm = _engine(kv, num_gpu_blocks_override=17, max_num_seqs=3)
+    conn = connector_of(llm)
+    _gen(llm, [P["pre"] + P["doc_a"]], {"kvlayer_document": {"id": "a", "context_tokens": len(P["pre"])}},
+         max_tokens=1)
+    _gen(llm, [P["doc_b"]], {"kvlayer_document": {"id": "b", "context_tokens": 0}}, max_tokens=1)
+    conn.cache.flush()
+    names = ("p1", "p2", "p3")
+    r: dict[str, Any] = {"solo": {}, "batch": {}, "stats": {}}
+
+    def snap(name: str) -> None:
+        s = conn.stats()
+        r["stats"][name] = {"blend": s["blend"], "preemptions": s["connector"]["preemptions"],
+                            "leases": s["store"]["store"]["leases"], "pinned": s["store"]["store"]["pinned_keys"],
+                            "blend_requests": conn.blend_scheduler.num_requests() if conn.blend_scheduler else -1,
+                            "scheduler_requests": s["scheduler_requests"]}
+
+    snap("start")
+    for mode, params in (("exact", {"kvlayer_blend": False}), ("r1", {"kvlayer_blend_ratio": 1.0}),
+                         ("default", None)):
+        # alone: no pressure (7 blocks of 16), so no preemption
+        r["solo"][mode] = [_gen(llm, [P[n]], params, max_tokens=PREEMPT_TOKENS)[0]["tokens"] for n in names]
+        snap(f"{mode}_solo")
+        r["batch"][mode] = [o["tokens"] for o in _gen(llm, [P[n] for n in names], params, max_tokens=PREEMPT_TOKENS)]
+        snap(f"{mode}_batch")
+    return r
+
+
 def scenario_replica(args: dict[str, Any]) -> dict[str, Any]:
     """Another engine on the same ``kvlayer serve``: blends documents a server process registered."""
     from kvlayer.connectors.vllm import connector_of
@@ -293,7 +338,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     tiny_model_dir()
     tmp = tmp_path_factory.mktemp("vllm_blend")
     yield {"baseline": _run("baseline", tmp),
-           "blend": _run("blend", tmp, calibration=str(tmp / "calibration.json"), disk=str(tmp / "disk"))}
+           "blend": _run("blend", tmp, calibration=str(tmp / "calibration.json"), disk=str(tmp / "disk")),
+           "preempt": _run("preempt", tmp)}
 
 
 def _delta(b: dict[str, Any], after: str, before: str, key: str) -> int:
@@ -372,3 +418,26 @@ def test_fallback_paths_taken(runs):
     b = runs["blend"]
     assert b["out"]["after_faults"]["tokens"] == runs["baseline"]["p1"]["tokens"]
     assert s["after_faults"]["blended"] - s["dead_tier"]["blended"] == 1  # healthy again
+
+
+def test_preempted_blends_resume_to_the_tokens_of_solo_runs_and_leave_nothing(runs):
+    r = runs["preempt"]
+    st = r["stats"]
+    for mode in ("exact", "r1", "default"):
+        before = st[f"{mode}_solo"]
+        after = st[f"{mode}_batch"]
+        assert after["preemptions"] > before["preemptions"], f"{mode}: vLLM did not preempt (the test needs it)"
+        assert [len(t) for t in r["batch"][mode]] == [PREEMPT_TOKENS] * 3
+        assert [t[:PREEMPT_COMPARE] for t in r["batch"][mode]] == [t[:PREEMPT_COMPARE] for t in r["solo"][mode]], mode
+        assert (after["leases"], after["pinned"]) == (st["start"]["leases"], st["start"]["pinned"]), (mode, after)
+        assert after["blend_requests"] == 0 and after["scheduler_requests"] == 0, (mode, after)
+    # ratio 1.0 recomputes every token: with or without preemption, the tokens of vLLM alone
+    assert r["solo"]["r1"] == r["solo"]["exact"]
+    assert [t[:PREEMPT_COMPARE] for t in r["batch"]["r1"]] == [t[:PREEMPT_COMPARE] for t in r["solo"]["exact"]]
+    # the blended modes really blended, the batches more than once per request (resumed requests)
+    for mode in ("r1", "default"):
+        solo = st[f"{mode}_solo"]["blend"]["blended"] - st[("start" if mode == "r1" else "r1_batch")]["blend"]["blended"]
+        batch = st[f"{mode}_batch"]["blend"]["blended"] - st[f"{mode}_solo"]["blend"]["blended"]
+        assert solo == 3 and batch >= 3, (mode, solo, batch)
+        assert st[f"{mode}_batch"]["blend"]["blend_failures"] == 0
+    assert st["exact_batch"]["blend"]["blended"] == st["start"]["blend"]["blended"]

@@ -86,3 +86,14 @@ def test_registration_request_is_recorded_not_claimed(env):
     bad = _request("h", doc, {"kvlayer_document": {"id": "x", "context_tokens": len(doc)}})
     assert s.match(bad, 0) is None and s.num_requests() == 1  # context covering the prompt: refused
     assert np.array_equal(cache.document("d").tokens, doc)
+
+
+def test_a_waiting_request_is_refused_once_and_forgotten_when_it_finishes(env):
+    cache, doc, calib = env
+    s = _sched(cache, calib, gate=False)
+    r = _request("w", list(range(40)) + doc + list(range(50, 70)), {"kvlayer_blend": False})
+    for _ in range(5):  # vLLM asks each step while the request waits for blocks
+        assert s.match(r, 0) is None
+    assert s.counters.blend_refused == 1 and s.num_requests() == 1
+    s.finished(r)
+    assert s.num_requests() == 0
