@@ -17,8 +17,13 @@ error is what changes the next token, and three things cut it at no or little co
   tokens, each group's (min, max) as two 8-bit codes on the channel's fp32 (min, max) over the
   chunk (rounded outward, so the range is covered); values per token over groups of ``gv``
   channels, symmetric mid-rise levels, the scale as an 8-bit code: a float with 5 mantissa bits
-  within 8 octaves below the (layer, head)'s largest scale. int4: 4.5 bits per element (3.56x
+  within 8 octaves below the (layer, head)'s largest scale. int4: 4.5 bits per element (3.55x
   fp16) against KIVI's 5 bits at the same group sizes.
+* **Group sizes that spend the metadata on the keys** (``rot_groups``): int4 keys over 28 tokens
+  with one value scale per (token, head) (``v_group_size`` 64), int8 keys over 16 tokens and
+  values over 32 channels; int2 and any explicit ``group_size`` keep equal groups. On SmolLM2 the
+  keys' error costs 3x the values' (KL), and shorter key groups cut it where longer value groups
+  cost little; see docs/codecs.md for the sweep.
 
 Arithmetic (fp32, shared bit for bit by the torch reference below and the C++ kernels; no fused
 multiply-add)::
@@ -485,6 +490,10 @@ class _IntQuant(Transform):
     """Shared encode/decode of int8/int4/int2; subclasses only fix ``bits``."""
 
     bits: int = 8
+    #: Default (key, value) group sizes of the rotated scheme: the keys' error is what changes the
+    #: next token (on SmolLM2, int4 keys alone cost 3x the KL of int4 values alone), so the
+    #: defaults give the keys shorter groups and pay for them with one value scale per head.
+    rot_groups: tuple[int, int] = (DEFAULT_GROUP, DEFAULT_GROUP)
     lossless = False
     _own_params = frozenset({"group_size", "k_group_size", "v_group_size", "scheme", "rotate", "outlier_tokens"})
 
@@ -493,12 +502,15 @@ class _IntQuant(Transform):
         unknown = set(params) - self._own_params - _COMPRESSOR_PARAMS
         if unknown:
             raise ConfigError(f"codec {self.name!r}: unknown parameter(s) {sorted(unknown)}; accepted: {sorted(self._own_params)}")
-        g = _check_group("group_size", params.get("group_size", DEFAULT_GROUP))
-        self.gk = _check_group("k_group_size", params.get("k_group_size", g))
-        self.gv = _check_group("v_group_size", params.get("v_group_size", g))
         self.scheme = params.get("scheme", "rot")
         if self.scheme not in ("rot", "kivi"):
             raise ConfigError(f"codec {self.name!r}: scheme={self.scheme!r}, expected 'rot' or 'kivi'")
+        if "group_size" in params:
+            dk = dv = _check_group("group_size", params["group_size"])
+        else:
+            dk, dv = self.rot_groups if self.scheme == "rot" else (DEFAULT_GROUP, DEFAULT_GROUP)
+        self.gk = _check_group("k_group_size", params.get("k_group_size", dk))
+        self.gv = _check_group("v_group_size", params.get("v_group_size", dv))
         self.rotate = params.get("rotate", True)
         if not isinstance(self.rotate, bool):
             raise ConfigError(f"codec {self.name!r}: rotate={self.rotate!r}, expected true or false")
@@ -560,6 +572,7 @@ class Int8Transform(_IntQuant):
 
     name = "int8"
     bits = 8
+    rot_groups = (16, 32)
 
 
 @register_transform
@@ -568,6 +581,7 @@ class Int4Transform(_IntQuant):
 
     name = "int4"
     bits = 4
+    rot_groups = (28, 64)
 
 
 @register_transform

@@ -212,20 +212,25 @@ def test_kivi_scheme_within_bound(x: torch.Tensor, bits: int, gk: int, gv: int) 
 
 
 def test_int_payload_sizes() -> None:
-    """Rotated scheme, groups of 32: bits per element + K: two u8 codes per group and an fp32
-    (min, max) per channel; V: one u8 per group and an fp32 top per (layer, head); the token
-    bitmap; no outlier token in random data. KIVI: one (scale, zero) pair per group, fp16 for
-    fp16 chunks, fp32 otherwise."""
+    """Rotated scheme: bits per element + K: two u8 codes per group of ``gk`` tokens and an fp32
+    (min, max) per channel; V: one u8 per group of ``gv`` channels and an fp32 top per (layer,
+    head); the token bitmap; no outlier token in random data. Default groups (gk, gv): int8
+    (16, 32), int4 (28, 64, the last key group partial), int2 (32, 32); ``group_size`` sets both.
+    KIVI: one (scale, zero) pair per group, fp16 for fp16 chunks, fp32 otherwise."""
     L, T, H, D = 2, 64, 2, 64
     x = torch.randn(L, 2, T, H, D, dtype=torch.float16)
     n, C = x.numel(), H * D
-    for b in (8, 4, 2):
-        h = hdr.verify(encode(x, f"int{b}"))
+    cases = [(8, {}, 16, 32), (4, {}, 28, 64), (2, {}, 32, 32), (4, {"group_size": 32}, 32, 32),
+             (8, {"k_group_size": 64}, 64, 32)]
+    for b, params, gk, gv in cases:
+        h = hdr.verify(encode(x, f"int{b}", **params))
         assert h.params["t"]["o"] == 0
-        meta = L * (T // 32) * 2 * C + L * 2 * C * 4 + L * T * H * (D // 32) + L * H * 4
+        assert (h.params["t"]["gk"], h.params["t"]["gv"]) == (gk, gv)
+        meta = L * -(-T // gk) * 2 * C + L * 2 * C * 4 + L * T * H * (D // gv) + L * H * 4
         codes = n * b // 8
         mask = T // 8 + (-(meta + codes + T // 8) % 4)
         assert h.payload_len == codes + meta + mask
+    for b in (8, 4, 2):
         h = hdr.verify(encode(x, f"int{b}", scheme="kivi"))
         assert h.payload_len == n * b // 8 + (n // 32) * 4
     h = hdr.verify(encode(x.float(), "int4", scheme="kivi"))  # fp32 meta for fp32/bf16 chunks
