@@ -11,13 +11,13 @@ OS when fragmentation would push RSS past that.
 
 Beside the budget, not in it: keys per request (``Limits.max_keys``), tokens per request
 (``Limits.max_tokens``) and RPCs in progress (``--max-concurrent-rpcs``, also the HTTP/2 streams
-one connection may open) are capped; gRPC transport state costs ~22 KiB per open connection
-(measured), and grpcio's Python server has no connection cap (it ignores
-``grpc.max_allowed_incoming_connections``), so connections are bounded by the open-file limit
-(``ulimit -n``) and idle ones are closed after ``--idle-timeout-s``. Not bounded yet: the tiers
-charge a blob's bytes to their budgets but not the ~0.9 KiB each key costs besides (index,
-buffer objects; measured: 100k 51-byte blobs, 5 MB charged, RSS +87 MiB), so a client that
-stores many tiny blobs can pass the budget.
+one connection may open) are capped. Open connections are in the budget: gRPC's transport state
+costs ~17 KiB per idle connection (measured), so ``--max-connections`` (default: as many as 1/32
+of the budget pays for at 32 KiB each, 64-2048) caps them through gRPC core's
+``grpc.max_allowed_incoming_connections`` (connections past it are closed at once; a client
+retries on its next call), and idle ones are closed after ``--idle-timeout-s``. The CPU tier
+charges each key's bookkeeping besides its bytes (``MemoryTier.SERVER_KEY_OVERHEAD``), so a
+flood of tiny blobs evicts instead of outgrowing the budget.
 """
 
 from __future__ import annotations
@@ -103,6 +103,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="close connections idle this long (clients reconnect on their next call; default 600)")
     g.add_argument("--max-concurrent-rpcs", type=int, default=64,
                    help="RPCs in progress at once; more are refused with RESOURCE_EXHAUSTED (default 64)")
+    g.add_argument("--max-connections", type=int, default=None,
+                   help="open client connections at once, 32 KiB of --cpu-bytes each; more are closed at once "
+                        "(default: 1/32 of the budget's worth, 64..2048)")
     g.add_argument("--workers", type=int, default=16, help="handler threads (default 16)")
     g.add_argument("--frame-bytes", type=_size, default=_size("1MiB"), help="bytes per Get stream frame (default 1MiB)")
     g.add_argument("--grace-s", type=float, default=30.0, help="SIGTERM: seconds to finish in-flight RPCs (default 30)")
@@ -129,7 +132,7 @@ class ServerApp:
             raise ConfigError("no storage tier: give --cpu-bytes > 0, a disk tier or --redis-url")
         budget = split_budget(cfg.cpu_bytes, args.inflight_bytes, args.write_queue_bytes,
                               lower_tiers=len(tcs) > len(mem_tcs), workers=args.workers, frame_bytes=args.frame_bytes,
-                              metadata=args.metadata_bytes)
+                              metadata=args.metadata_bytes, max_connections=args.max_connections)
         tiers, retry = [], []
         for tc in tcs:
             if tc.kind == "memory":
@@ -195,6 +198,7 @@ class ServerApp:
             # is sent (see ``kvlayer.server.service``: handlers decode, grpcio never does).
             ("grpc.max_concurrent_streams", max(1, args.max_concurrent_rpcs)),
             ("grpc.max_connection_idle_ms", max(1000, int(args.idle_timeout_s * 1000))),
+            ("grpc.max_allowed_incoming_connections", budget.max_connections),
             ("grpc.so_reuseport", 0),
         ]
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="kvlayer-rpc"),
@@ -227,9 +231,10 @@ class ServerApp:
             self.metrics_port = self.metrics.serve(a.host, 0 if a.metrics_port < 0 else a.metrics_port)
         tiers = ", ".join(f"{lv.tier.kind}:{lv.name}({lv.tier.capacity_bytes >> 20}MiB)" for lv in self.store.levels)
         log.info("kvlayer serve on %s:%d (tls=%s, auth=%s, durable=%s) tiers [%s]; in-flight %dMiB, queue %dMiB, "
-                 "frames %dMiB, metadata %dMiB; metrics on port %s", a.host, self.port, bool(a.tls_cert),
+                 "frames %dMiB, metadata %dMiB, %d connections; metrics on port %s", a.host, self.port, bool(a.tls_cert),
                  self.servicer.auth.enabled, a.durable, tiers, self.budget.inflight >> 20, self.budget.write_queue >> 20,
-                 self.budget.frames >> 20, self.budget.metadata >> 20, self.metrics_port or "off")
+                 self.budget.frames >> 20, self.budget.metadata >> 20, self.budget.max_connections,
+                 self.metrics_port or "off")
         if a.host not in ("127.0.0.1", "localhost", "::1") and not self.servicer.auth.enabled:
             log.warning("serving on %s without --auth-token: anyone who can reach port %d can read, write and clear "
                         "this cache", a.host, self.port)

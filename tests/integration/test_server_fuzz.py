@@ -328,3 +328,62 @@ def test_a_flood_of_tiny_blobs_evicts_instead_of_outgrowing_the_budget(kvlayer_s
     assert client.get([key(n - 1, "tiny")])[0] is not None  # the newest are kept
     assert grown <= 1.1 * budget, f"RSS grew {grown >> 20} MiB over a {budget >> 20} MiB budget"
     client.close()
+
+
+def test_connections_past_the_cap_are_closed_and_cost_no_memory(kvlayer_server_factory) -> None:
+    """2000 connections that send the HTTP/2 preface and then sit: uncapped they held ~33 MiB of
+    a server (17 KiB each); with ``--max-connections 16`` all but 16 are closed at once, the RSS
+    stays flat, and once they go a client is served again."""
+    import resource
+    import socket
+
+    from kvlayer.rpc.client import KVLayerClient
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    n = 2000
+    if soft < n + 100:
+        if hard != resource.RLIM_INFINITY and hard < n + 100:
+            pytest.skip(f"needs {n + 100} open files (ulimit -n hard limit {hard})")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n + 100, hard))
+    srv = kvlayer_server_factory("--max-connections", "16", cpu_bytes="64MiB", disk=False)
+    host, port = srv.url.split("//")[-1].rsplit(":", 1)
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + an empty SETTINGS
+    baseline = srv.rss()
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.create_connection((host, int(port)), timeout=5)
+            try:
+                s.sendall(preface)
+            except OSError:  # closed by the server before the preface went out
+                pass
+            socks.append(s)
+        time.sleep(2)
+        alive = 0
+        for s in socks:
+            s.setblocking(False)
+            try:
+                alive += 1 if s.recv(1 << 16) else 0  # EOF: the server closed it
+            except BlockingIOError:
+                alive += 1
+            except OSError:
+                pass
+        grown = srv.rss() - baseline
+        print(json.dumps({"connections": n, "alive": alive, "rss_above_start_mib": round(grown / 2**20, 1)}))
+        assert alive <= 16, f"{alive} connections stayed open past --max-connections 16"
+        assert grown < 8 << 20, f"RSS grew {grown >> 20} MiB holding {alive} connections"
+    finally:
+        for s in socks:
+            s.close()
+    client = KVLayerClient(srv.url)
+    deadline = time.monotonic() + 30
+    while True:  # the server notices the closed connections; then a new one gets in
+        try:
+            assert client.stats().tiers
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    assert "Traceback" not in srv.log_text()
+    client.close()
