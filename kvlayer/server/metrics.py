@@ -30,7 +30,7 @@ class _TierCollector(Collector):
                   for k in ("used_bytes", "capacity_bytes", "keys")}
         counters = {k: CounterMetricFamily(f"kvlayer_tier_{k}", f"tier {k.replace('_', ' ')}", labels=["tier"])
                     for k in ("hits", "misses", "evictions", "bytes_read", "bytes_written", "errors", "corrupt",
-                              "dropped_writes")}
+                              "misplaced", "dropped_writes")}
         for t in s.get("tiers", []):
             name = str(t.get("name"))
             gauges["used_bytes"].add_metric([name], float(t.get("used_bytes", 0)))

@@ -318,7 +318,8 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
         for t in s["tiers"]:
             resp.tiers.append(pb.TierStats(**{f: t[f] for f in (
                 "name", "kind", "capacity_bytes", "used_bytes", "num_keys", "hits", "misses", "puts", "bytes_read",
-                "bytes_written", "evictions", "errors", "corrupt", "dropped_writes", "available") if t.get(f) is not None}))
+                "bytes_written", "evictions", "errors", "corrupt", "misplaced", "dropped_writes", "available")
+                if t.get(f) is not None}))
         for k, v in {**s["store"], **s["server"]}.items():
             if isinstance(v, int | bool):
                 resp.counters[k] = int(v)

@@ -433,6 +433,30 @@ def test_sigterm_finishes_writes_and_restart_finds_them_on_disk(kvlayer_server_f
     assert [bytes(b) if b else None for b in got] == [bytes(b) for _, b in items]
 
 
+def test_blobs_swapped_on_the_server_disk_are_misplaced_misses_in_stats_and_metrics(kvlayer_server_factory) -> None:
+    """Two values swapped on the server's disk (intact blobs under the other's key): misses, counted
+    as ``misplaced`` per tier in Stats and in /metrics, and deleted."""
+    srv = kvlayer_server_factory(cpu_bytes="32MiB")
+    x = torch.randn(2, 2, 32, 2, 8).half()
+    items = [(k, encode(x + i, "raw", key=k)) for i, k in enumerate(key(i, "swap") for i in range(2))]  # key-bound
+    with srv.client() as c:
+        assert all(c.put(items))
+    srv.stop()  # SIGTERM: the disk writes are flushed
+    files = sorted(srv.disk_dir.rglob("*.kvb"))  # named by the server's (tenant-bound) keys
+    assert len(files) == 2 and {f.read_bytes() for f in files} == {bytes(v) for _, v in items}
+    a, b = (f.read_bytes() for f in files)
+    files[0].write_bytes(b)
+    files[1].write_bytes(a)
+    srv.start()
+    with srv.client() as c:
+        assert c.get([k for k, _ in items]) == [None, None]
+        disk = {t.name: t for t in c.stats().tiers}["disk"]
+        assert (disk.misplaced, disk.corrupt) == (2, 0)
+        assert c.get([k for k, _ in items]) == [None, None]  # deleted: not read again
+        assert {t.name: t for t in c.stats().tiers}["disk"].misplaced == 2
+    assert _metric(srv.metrics_url, "kvlayer_tier_misplaced_total") == 2
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--cpu-bytes", "0", "--no-disk"], "no storage tier"),
     (["--no-disk", "--durable"], "--durable needs a disk tier"),

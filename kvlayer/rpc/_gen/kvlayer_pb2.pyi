@@ -64,7 +64,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("name", "kind", "capacity_bytes", "used_bytes", "num_keys", "hits", "misses", "puts", "bytes_read", "bytes_written", "evictions", "errors", "corrupt", "dropped_writes", "available")
+    __slots__ = ("name", "kind", "capacity_bytes", "used_bytes", "num_keys", "hits", "misses", "puts", "bytes_read", "bytes_written", "evictions", "errors", "corrupt", "dropped_writes", "available", "misplaced")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class TierStats(_message.Message):
     CORRUPT_FIELD_NUMBER: _ClassVar[int]
     DROPPED_WRITES_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    MISPLACED_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     capacity_bytes: int
@@ -95,7 +96,8 @@ class TierStats(_message.Message):
     corrupt: int
     dropped_writes: int
     available: bool
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., num_keys: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., puts: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_written: _Optional[int] = ..., evictions: _Optional[int] = ..., errors: _Optional[int] = ..., corrupt: _Optional[int] = ..., dropped_writes: _Optional[int] = ..., available: _Optional[bool] = ...) -> None: ...
+    misplaced: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., num_keys: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., puts: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_written: _Optional[int] = ..., evictions: _Optional[int] = ..., errors: _Optional[int] = ..., corrupt: _Optional[int] = ..., dropped_writes: _Optional[int] = ..., available: _Optional[bool] = ..., misplaced: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("tiers", "counters", "tenant", "tenant_keys")
