@@ -471,11 +471,11 @@ class VLLMServer(HTTPProcess):
 
     def __init__(self, model: str, workdir: Path, *, role: str | None = "kv_both", extra: dict[str, Any] | None = None,
                  args: tuple[str, ...] = (), env: dict[str, str] | None = None, port: int | None = None,
-                 name: str = "vllm") -> None:
+                 name: str = "vllm", connector: str = "KVLayerConnector") -> None:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
                "--enforce-eager", *args]
         if role is not None:
-            kv = {"kv_connector": "KVLayerConnector", "kv_connector_module_path": "kvlayer.connectors.vllm",
+            kv = {"kv_connector": connector, "kv_connector_module_path": "kvlayer.connectors.vllm",
                   "kv_role": role, "kv_connector_extra_config": dict(extra or {})}
             cmd += ["--kv-transfer-config", json.dumps(kv)]
         super().__init__(cmd, workdir, port=port, env=env, name=name)

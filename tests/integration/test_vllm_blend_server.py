@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import pytest
 from tests.fixtures.kvlayer_server import kvlayer_server_factory_fixture  # noqa: F401
 from tests.integration.test_vllm import engine_env
 from tests.integration.test_vllm_blend import _run
-from tests.integration.test_vllm_server import _free_port, _http, _metric
+from tests.integration.test_vllm_server import _http, _metric
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -37,50 +36,24 @@ def _texts() -> dict[str, str]:
 @pytest.fixture
 def stack(tmp_path, kvlayer_server_factory):
     pytest.importorskip("vllm")
+    from kvlayer.testing import VLLMServer
     from tests.fixtures.tiny_model import tiny_model_dir
 
     srv = kvlayer_server_factory(cpu_bytes="256MiB")
     model = tiny_model_dir()
-    port = _free_port()
-    kv = {"kv_connector": "KVLayerBlendConnector", "kv_connector_module_path": "kvlayer.connectors.vllm",
-          "kv_role": "kv_both",
-          "kv_connector_extra_config": {"chunk_size": 256, "cpu_bytes": "128MiB", "server_url": srv.url,
-                                        "blend": {"enabled": True, "gate": False, "sync_s": 0}}}
     env = engine_env()
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # the server's default: engine core in its own process
     env["VLLM_SERVER_DEV_MODE"] = "1"  # /reset_prefix_cache
     env["PYTHONPATH"] = env.get("PYTHONPATH", "").replace(str(REPO), "").strip(os.pathsep)  # installed entry points
-    cmd = ["setsid", sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host",
-           "127.0.0.1", "--port", str(port), "--enforce-eager", "--max-model-len", "2048", "--dtype", "float32",
-           "--kv-transfer-config", json.dumps(kv)]
-    log = tmp_path / "server.log"
-    fh = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path))
-    base = f"http://127.0.0.1:{port}"
+    engine = VLLMServer(model, tmp_path, connector="KVLayerBlendConnector", name="server",
+                        extra={"chunk_size": 256, "cpu_bytes": "128MiB", "server_url": srv.url,
+                               "blend": {"enabled": True, "gate": False, "sync_s": 0}},
+                        args=("--max-model-len", "2048", "--dtype", "float32"), env=env)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited ({proc.returncode}):\n{log.read_text()[-5000:]}")
-            try:
-                if _http("GET", base + "/health", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"server not ready:\n{log.read_text()[-5000:]}")
-            time.sleep(1)
-        yield base, model, srv, tmp_path, log
+        engine.start(timeout=300)
+        yield engine.url, model, srv, tmp_path, engine.log_path
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        fh.close()
+        engine.stop()
 
 
 def test_register_through_the_server_blend_in_the_server_and_in_a_replica(stack):

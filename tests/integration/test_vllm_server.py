@@ -10,11 +10,7 @@ the prompt's KV loaded from kvlayer (vLLM's own ``external_prefix_cache_hits`` c
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,12 +23,6 @@ sys.path.insert(0, str(REPO))
 from tests.integration.test_vllm import CHUNK, engine_env  # noqa: E402
 
 pytestmark = pytest.mark.vllm
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _http(method: str, url: str, body: dict | None = None, timeout: float = 120) -> tuple[int, str]:
@@ -51,47 +41,21 @@ def _http(method: str, url: str, body: dict | None = None, timeout: float = 120)
 @pytest.fixture
 def server(tmp_path):
     pytest.importorskip("vllm")
+    from kvlayer.testing import VLLMServer
     from tests.fixtures.tiny_model import tiny_model_dir
 
     model = tiny_model_dir()
-    port = _free_port()
-    kv = {"kv_connector": "KVLayerConnector", "kv_connector_module_path": "kvlayer.connectors.vllm",
-          "kv_role": "kv_both", "kv_connector_extra_config": {"chunk_size": CHUNK, "cpu_bytes": "128MiB"}}
     env = engine_env()
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # the server's default: engine in its own process
     env["VLLM_SERVER_DEV_MODE"] = "1"  # /reset_prefix_cache
     env["KVLAYER_DISK_PATH"] = str(tmp_path / "disk")  # KVLAYER_* env reaches the connector too
-    cmd = ["setsid", sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-           "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--max-model-len", "2048",
-           "--kv-transfer-config", json.dumps(kv)]
-    log = tmp_path / "server.log"
-    fh = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
-    base = f"http://127.0.0.1:{port}"
+    srv = VLLMServer(model, tmp_path, extra={"chunk_size": CHUNK, "cpu_bytes": "128MiB"},
+                     args=("--max-model-len", "2048"), env=env, name="server")
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited ({proc.returncode}):\n{log.read_text()[-5000:]}")
-            try:
-                if _http("GET", base + "/health", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"server not ready:\n{log.read_text()[-5000:]}")
-            time.sleep(1)
-        yield base, model, tmp_path
+        srv.start(timeout=240)
+        yield srv.url, model, tmp_path
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        fh.close()
+        srv.stop()
 
 
 def _metric(text: str, name: str) -> float:
