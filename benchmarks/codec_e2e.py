@@ -40,9 +40,9 @@ CODECS: dict[str, tuple[str, dict[str, Any]]] = {
     "raw": ("raw", {}),
     "raw-again": ("raw", {}),  # a second lossless engine: how reproducible the reference itself is
     "int8": ("int8", {}),
-    "int8-g32": ("int8", {"group_size": 32}),  # the defaults before the group-size sweep
+    "int8-g32": ("int8", {"group_size": 32}),  # the default before the group-size sweep
     "int4": ("int4", {}),
-    "int4-g32": ("int4", {"group_size": 32}),
+    "int4-k24v64": ("int4", {"k_group_size": 24, "v_group_size": 64}),
     "int4-g64": ("int4", {"group_size": 64}),
     "int4-kivi": ("int4", {"scheme": "kivi"}),
     "int4-kivi-g64": ("int4", {"scheme": "kivi", "group_size": 64}),

@@ -29,10 +29,11 @@ SUBNORMAL = {torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134, torch.float32: 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 #: (codec, params, bits, k group, v group): the rotated scheme (default) and KIVI blobs.
 INT_CASES: list[tuple[str, dict[str, Any], int, int, int]] = [
-    ("int8", {}, 8, 16, 32),  # the rotated defaults: keys over 16 (int8) / 28 (int4) tokens
-    ("int4", {}, 4, 28, 64),
+    ("int8", {}, 8, 16, 32),  # the rotated int8 default: keys over 16 tokens
+    ("int4", {}, 4, 32, 32),
+    ("int4", {"k_group_size": 28, "v_group_size": 64}, 4, 28, 64),
     ("int4+lz4", {"group_size": 64}, 4, 64, 64),
-    ("int4", {"rotate": False, "outlier_tokens": 0}, 4, 28, 64),
+    ("int4", {"rotate": False, "outlier_tokens": 0}, 4, 32, 32),
     ("int2", {}, 2, 32, 32),
     ("int2", {"k_group_size": 16, "v_group_size": 8}, 2, 16, 8),
     ("int8", {"scheme": "kivi"}, 8, 32, 32),

@@ -220,8 +220,8 @@ def test_int_payload_sizes() -> None:
     L, T, H, D = 2, 64, 2, 64
     x = torch.randn(L, 2, T, H, D, dtype=torch.float16)
     n, C = x.numel(), H * D
-    cases = [(8, {}, 16, 32), (4, {}, 28, 64), (2, {}, 32, 32), (4, {"group_size": 32}, 32, 32),
-             (8, {"k_group_size": 64}, 64, 32)]
+    cases = [(8, {}, 16, 32), (4, {}, 32, 32), (2, {}, 32, 32), (8, {"group_size": 32}, 32, 32),
+             (8, {"k_group_size": 64}, 64, 32), (4, {"k_group_size": 28, "v_group_size": 64}, 28, 64)]
     for b, params, gk, gv in cases:
         h = hdr.verify(encode(x, f"int{b}", **params))
         assert h.params["t"]["o"] == 0
