@@ -87,11 +87,7 @@ class BlendOp:
     end: int
     block_ids: list[int]
     ratio: float
-    write_from: int = -1  # -1: ``computed``
-
-    def __post_init__(self) -> None:
-        if self.write_from < 0:
-            self.write_from = self.computed
+    write_from: int
 
 
 @dataclass
@@ -301,17 +297,18 @@ class BlendScheduler:
         salt = hashlib.sha256(repr((ratio, [(s.doc_id, s.start) for s in used])).encode()).digest()
         first = prefix_len // self.block_size
         hashes = request.block_hashes
-        salted = hashes[first] if first < len(hashes) else None
-        if was is None or prefix_len != was.computed or salted is None or salted != was.salted:
-            try:  # (a resumed request whose hashes still carry its first salt keeps them)
+        resumed = was is not None and prefix_len == was.computed and first < len(hashes) \
+            and hashes[first] == was.salted  # its hashes still carry its first salt: kept
+        if not resumed:
+            try:
                 salt_block_hashes(request, first, salt)
             except BlendUnavailable as e:
                 self._refuse(req_id, str(e))
                 return None
-            salted = hashes[first] if first < len(hashes) else None
+        salted = hashes[first] if first < len(hashes) else None
         op = BlendOp(req_id, [int(t) for t in prompt], [(s.doc_id or "", s.start) for s in used],
                      [(s.doc_id or "", docs[s.doc_id or ""].tokens.tolist(), docs[s.doc_id or ""].context.tolist())
-                      for s in used], prefix_len, n - 1, [], ratio, write_from=num_computed)
+                      for s in used], prefix_len, n - 1, [], ratio, num_computed)
         if known is None or known.request is not request:  # not a re-claim of a waiting request
             self.counters.add(blend_requests=1)
         self._blends[req_id] = _Blend(request, op, salted)
