@@ -53,6 +53,8 @@ from kvlayer.server.tenants import QuotaExceeded, TenantLimits, TenantRegistry
 from kvlayer.storage.blobstore import BlobStore
 
 log = logging.getLogger(__name__)
+#: Every TierStats field of the wire format, filled from the store's per-tier stats by name.
+_TIER_FIELDS = tuple(f.name for f in pb.TierStats.DESCRIPTOR.fields)
 
 SERVER_VERSION = "kvlayer.v1/0.1.0"
 KEY_RE = re.compile(r"^[0-9a-f]{16,112}$")
@@ -316,10 +318,7 @@ class KVLayerServicer(pb_grpc.KVLayerServicer):
         s = self.stats_dict()
         resp = pb.StatsResponse(tenant=caller.tenant)
         for t in s["tiers"]:
-            resp.tiers.append(pb.TierStats(**{f: t[f] for f in (
-                "name", "kind", "capacity_bytes", "used_bytes", "num_keys", "hits", "misses", "puts", "bytes_read",
-                "bytes_written", "evictions", "errors", "corrupt", "misplaced", "dropped_writes", "available")
-                if t.get(f) is not None}))
+            resp.tiers.append(pb.TierStats(**{f: t[f] for f in _TIER_FIELDS if t.get(f) is not None}))
         for k, v in {**s["store"], **s["server"]}.items():
             if isinstance(v, int | bool):
                 resp.counters[k] = int(v)
