@@ -89,6 +89,18 @@ def engine_spec(*, model: str, revision: str | None, dtype: torch.dtype | str, n
 
 
 # ---------------------------------------------------------------------------------- failures
+def apply_log_level(level: str) -> None:
+    """kvlayer's lines at the configured level inside an engine process. Engines configure only
+    their own loggers, so without a handler of ours Python would print WARNING and up alone,
+    bare; none is added where the process's root logger already has one."""
+    logger = logging.getLogger("kvlayer")
+    logger.setLevel(level)
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s"))
+        logger.addHandler(handler)
+
+
 class FailureGuard:
     """Runs engine-facing work so that nothing raises into the engine.
 

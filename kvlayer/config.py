@@ -124,7 +124,16 @@ class KVLayerConfig(BaseModel):
                                       "row (each multiplies it by retry_multiplier); None = retry_after_s, flat")
     retry_multiplier: float = Field(default=2.0, ge=1)
     tiers: list[TierConfig] | None = None
-    log_level: str = "WARNING"
+    log_level: str = Field(default="WARNING", description="level of kvlayer's log lines (DEBUG shows each "
+                           "lookup's claim or decline): DEBUG, INFO, WARNING, ERROR or CRITICAL")
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        level = str(v).upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"unknown log level {v!r}: use DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return level
 
     @field_validator("cpu_bytes", "disk_bytes", "write_queue_bytes", mode="before")
     @classmethod

@@ -55,7 +55,7 @@ from kvlayer.engine import KVCache
 from kvlayer.errors import ConfigError
 from kvlayer.spec import KVSpec
 
-from ..core import AdapterOptions, Counters, FailureGuard, engine_spec, split_extra_config
+from ..core import AdapterOptions, Counters, FailureGuard, apply_log_level, engine_spec, split_extra_config
 from .keys import KeyMapper
 from .layout import PageIndexError, PageLayout
 
@@ -102,6 +102,7 @@ class KVLayerStore(HiCacheStorage):
         self.interface_v1 = bool(extra.get("interface_v1", 0))
         config, options = split_extra_config(extra, BackendOptions, engine_keys=SGLANG_KEYS)
         self.config: KVLayerConfig = config
+        apply_log_level(config.log_level)
         self.model_override: str | None = options.model or options.model_fingerprint or None
         self.model_name: str | None = storage_config.model_name
         self.revision: str | None = options.revision

@@ -60,6 +60,14 @@ COUNTER_SERIES: dict[str, Series] = {
     "save_errors": Series("vllm:kvlayer_save_errors", "Saves that failed (a future miss)."),
     "dropped_saves": Series("vllm:kvlayer_dropped_saves", "Chunks not saved because the background save queue "
                             "was full (a future miss)."),
+    "handoffs": Series("vllm:kvlayer_handoffs", "Requests that arrived with a prefill engine's hand-off "
+                       "(kv_consumer)."),
+    "handoff_waits": Series("vllm:kvlayer_handoff_waits", "Hand-offs whose KV had not landed at the first lookup: "
+                            "the request waited for it (kv_consumer)."),
+    "handoff_timeouts": Series("vllm:kvlayer_handoff_timeouts", "Hand-offs not complete after pd_wait_s: the "
+                               "missing tokens were computed (kv_consumer)."),
+    "handed_off": Series("vllm:kvlayer_handed_off", "Requests whose prompt this engine saved and announced "
+                         "(kv_producer)."),
     "dropped_events": Series("vllm:kvlayer_dropped_events", "kvlayer KV events dropped because a bounded queue "
                              "was full (a router following them has lost sync)."),
 }
@@ -73,7 +81,8 @@ HISTOGRAM_SERIES: dict[str, Series] = {
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-SCHEDULER_KEYS = ("hit_requests", "lookups", "lookup_timeouts", "declined_hits", "declined_tokens")
+SCHEDULER_KEYS = ("hit_requests", "lookups", "lookup_timeouts", "declined_hits", "declined_tokens", "handoffs",
+                  "handoff_waits", "handoff_timeouts", "handed_off")
 WORKER_KEYS = ("loaded_chunks", "load_errors", "saved_chunks", "saved_bytes", "save_errors", "dropped_saves")
 
 

@@ -262,15 +262,23 @@ class SchedulerSide:
                         self.counters.add(handoff_waits=1)
                     st.next_poll = now + self.options.pd_poll_s
                     return None, False
+                log.warning("request %s: the prefill engine's hand-off of %d tokens is not complete after %.1f s "
+                            "(found %d): computing the rest", st.req_id, st.handoff, self.options.pd_wait_s,
+                            self._found_tokens(found))
                 st.handoff = 0  # not coming (producer died, chunk evicted): compute what is missing
                 self.counters.add(handoff_timeouts=1)
+            elif st.handoff:
+                log.debug("request %s: hand-off of %d tokens found (%d)", st.req_id, st.handoff,
+                          self._found_tokens(found))
             return self._claim(st, found, num_computed_tokens, len(prompt))
 
     def _handed_over(self, st: ReqState, found: tuple[list[str], tuple[str, str, int] | None], prompt_len: int
                      ) -> bool:
         """Whether the store holds every prompt token the producer announced (but the last)."""
-        tokens = len(found[0]) * self.chunk_size + (found[1][2] if found[1] is not None else 0)
-        return tokens >= min(st.handoff, prompt_len - 1)
+        return self._found_tokens(found) >= min(st.handoff, prompt_len - 1)
+
+    def _found_tokens(self, found: tuple[list[str], tuple[str, str, int] | None]) -> int:
+        return len(found[0]) * self.chunk_size + (found[1][2] if found[1] is not None else 0)
 
     def _answer(self, job: Lookup, wait_s: float) -> tuple[list[str], tuple[str, str, int] | None] | None:
         try:

@@ -7,7 +7,9 @@ the tier is skipped (``retry_*`` of its TierConfig); gRPC reconnects the channel
 Refusals by the server (too big, busy) are dropped writes, not failures.
 
 Options (``TierConfig.options`` / ``KVLayerConfig`` fields): ``auth_token``, ``tenant``,
-``timeout_s`` (control calls, default 1 s), ``channels`` (TCP connections a big batch is split
+``timeout_s`` (control calls and reads, default 1 s), ``put_timeout_s`` (writes, default 5 s: they
+run in the background, and a write whose process was descheduled for a few seconds on a busy host
+is late, not failed; failing it would drop it and skip the tier), ``channels`` (TCP connections a big batch is split
 across, in parallel, like the Redis tier's connections; default 4),
 ``frame_bytes``, ``durable`` (acknowledge puts only once on the server's disk), ``tls_ca``,
 ``max_backoff_s`` (the channels' reconnect backoff cap, default 2 s), ``batch_keys``.
@@ -43,10 +45,11 @@ class RemoteTier(Tier):
     def __init__(self, url: str, name: str = "remote", *, auth_token: str | None = None, tenant: str | None = None,
                  timeout_s: float = 1.0, channels: int = 4, frame_bytes: int = DEFAULT_FRAME_BYTES,
                  durable: bool = False, tls_ca: str | None = None, max_backoff_s: float = 2.0,
-                 batch_keys: int = 64) -> None:
+                 batch_keys: int = 64, put_timeout_s: float = 5.0) -> None:
         super().__init__(name, 0)
         self.url = url
         self.durable = durable
+        self.put_timeout_s = put_timeout_s
         self.batch_keys = max(1, int(batch_keys))
         self.client = KVLayerClient(url, token=auth_token, tenant=tenant, timeout_s=timeout_s, channels=channels,
                                     frame_bytes=frame_bytes, tls_ca=tls_ca, max_backoff_s=max_backoff_s)
@@ -101,7 +104,9 @@ class RemoteTier(Tier):
 
     def _put_part(self, part: list[tuple[str, Buffer]]) -> list[bool]:
         try:
-            return self._call("put", functools.partial(self.client.put, part, durable=self.durable))
+            nbytes = sum(memoryview(b).nbytes for _, b in part)
+            timeout = self.put_timeout_s + nbytes / 50e6  # a floor of 50 MB/s before we call it stuck
+            return self._call("put", functools.partial(self.client.put, part, durable=self.durable, timeout=timeout))
         except TierError as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
@@ -188,6 +193,7 @@ class Options(TierOptions):
     auth_token: str | None = None
     tenant: str | None = None
     timeout_s: float = Field(default=1.0, gt=0)
+    put_timeout_s: float = Field(default=5.0, gt=0)
     channels: int = Field(default=4, ge=1)
     frame_bytes: int = Field(default=DEFAULT_FRAME_BYTES, ge=1)
     durable: bool = False

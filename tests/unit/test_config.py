@@ -193,10 +193,29 @@ def test_unknown_tier_field_lists_tier_settings():
 
 def test_env_text_settings_are_not_coerced():
     env = {"KVLAYER_SALT": "yes", "KVLAYER_TENANT": "none", "KVLAYER_AUTH_TOKEN": "[abc]",
-           "KVLAYER_DISK_PATH": "null", "KVLAYER_PROMOTE_ON_HIT": "0", "KVLAYER_LOG_LEVEL": "on"}
+           "KVLAYER_DISK_PATH": "null", "KVLAYER_PROMOTE_ON_HIT": "0", "KVLAYER_LOG_LEVEL": "debug"}
     c = load_config(env=env)
-    assert (c.salt, c.tenant, c.auth_token, c.log_level) == ("yes", "none", "[abc]", "on")
+    assert (c.salt, c.tenant, c.auth_token, c.log_level) == ("yes", "none", "[abc]", "DEBUG")
     assert c.disk_path is None and c.promote_on_hit is False
+
+
+def test_log_level_is_checked_and_applied_to_kvlayers_loggers():
+    import logging
+
+    from kvlayer.connectors.core import apply_log_level
+
+    msg = _err(log_level="on")
+    assert "log_level" in msg and "DEBUG, INFO, WARNING, ERROR or CRITICAL" in msg
+    logger = logging.getLogger("kvlayer")
+    before = logger.level, list(logger.handlers)
+    try:
+        apply_log_level(KVLayerConfig(log_level="debug").log_level)
+        assert logging.getLogger("kvlayer.vllm").isEnabledFor(logging.DEBUG)
+        apply_log_level("ERROR")
+        assert not logging.getLogger("kvlayer.vllm").isEnabledFor(logging.WARNING)
+    finally:
+        logger.setLevel(before[0])
+        logger.handlers[:] = before[1]
 
 
 def test_env_json_settings_are_parsed():
