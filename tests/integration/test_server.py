@@ -475,6 +475,36 @@ def test_server_start_up_errors_are_one_clear_line(tmp_path: Path, flags: list[s
 
 @pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("redis-server") is None,
                     reason="needs openssl and redis-server")
+def test_a_write_outlasting_the_call_timeout_lands_within_put_timeout_s(kvlayer_server_factory) -> None:
+    """Writes run in the background: one held up longer than ``timeout_s`` (here: the server
+    stopped for 1.5 s) is late, not failed, unless it outlasts ``put_timeout_s``."""
+    from kvlayer.config import TierConfig
+    from kvlayer.errors import TierError
+    from kvlayer.storage import build_tier
+
+    srv = kvlayer_server_factory(disk=False)
+    tiers = {t: build_tier(TierConfig(kind="remote", name="remote", url=srv.url,
+                                      options={"timeout_s": 0.5, "put_timeout_s": t, "channels": 1}))
+             for t in (30.0, 0.5)}
+    try:
+        for t, tier in tiers.items():
+            assert tier.put(key(0, f"warm{t}"), blob(0, tag=f"warm{t}"))  # connected before the stop
+        for t, tier in tiers.items():
+            os.kill(srv.pid, signal.SIGSTOP)
+            threading.Timer(1.5, os.kill, (srv.pid, signal.SIGCONT)).start()
+            if t > 1.5:
+                assert tier.put(key(1, "late"), blob(1, tag="late"))
+            else:
+                with pytest.raises(TierError, match="DEADLINE_EXCEEDED"):
+                    tier.put(key(2, "late"), blob(2, tag="late"))
+                time.sleep(1.6)  # the server is running again before the next test
+        with srv.client() as c:
+            assert c.exists([key(1, "late")]) == [True]
+    finally:
+        for tier in tiers.values():
+            tier.close()
+
+
 def test_tls_durable_server_with_redis_lower_tier(kvlayer_server_factory, redis_server, tmp_path: Path) -> None:  # noqa: F811
     cert, keyf = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(keyf), "-out", str(cert),
