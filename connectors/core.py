@@ -89,12 +89,14 @@ def engine_spec(*, model: str, revision: str | None, dtype: torch.dtype | str, n
 
 
 # ---------------------------------------------------------------------------------- failures
-def apply_log_level(level: str) -> None:
+def apply_log_level(config: KVLayerConfig) -> None:
     """kvlayer's lines at the configured level inside an engine process. Engines configure only
     their own loggers, so without a handler of ours Python would print WARNING and up alone,
-    bare; none is added where the process's root logger already has one."""
+    bare; none is added where the process's root logger already has one. The default level does
+    not override a level the embedding program gave the ``kvlayer`` logger itself."""
     logger = logging.getLogger("kvlayer")
-    logger.setLevel(level)
+    if "log_level" in config.model_fields_set or logger.level == logging.NOTSET:
+        logger.setLevel(config.log_level)
     if not logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s"))

@@ -102,7 +102,7 @@ class KVLayerStore(HiCacheStorage):
         self.interface_v1 = bool(extra.get("interface_v1", 0))
         config, options = split_extra_config(extra, BackendOptions, engine_keys=SGLANG_KEYS)
         self.config: KVLayerConfig = config
-        apply_log_level(config.log_level)
+        apply_log_level(config)
         self.model_override: str | None = options.model or options.model_fingerprint or None
         self.model_name: str | None = storage_config.model_name
         self.revision: str | None = options.revision

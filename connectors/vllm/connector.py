@@ -62,7 +62,7 @@ class KVLayerConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         ktc = self._kv_transfer_config
         self.config, self.options = parse_extra_config(dict(ktc.kv_connector_extra_config or {}))
-        apply_log_level(self.config.log_level)
+        apply_log_level(self.config)
         self.kv_role = parse_role(ktc.kv_role)  # prefill/decode disaggregation: roles.py
         self.block_size = int(vllm_config.cache_config.block_size)
         check_chunk_size(self.config.chunk_size, self.block_size)

@@ -209,9 +209,11 @@ def test_log_level_is_checked_and_applied_to_kvlayers_loggers():
     logger = logging.getLogger("kvlayer")
     before = logger.level, list(logger.handlers)
     try:
-        apply_log_level(KVLayerConfig(log_level="debug").log_level)
+        apply_log_level(KVLayerConfig(log_level="debug"))
         assert logging.getLogger("kvlayer.vllm").isEnabledFor(logging.DEBUG)
-        apply_log_level("ERROR")
+        apply_log_level(KVLayerConfig())  # the default keeps a level the program set itself
+        assert logging.getLogger("kvlayer.vllm").isEnabledFor(logging.DEBUG)
+        apply_log_level(load_config(env={"KVLAYER_LOG_LEVEL": "error"}))
         assert not logging.getLogger("kvlayer.vllm").isEnabledFor(logging.WARNING)
     finally:
         logger.setLevel(before[0])
