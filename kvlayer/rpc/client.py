@@ -60,12 +60,14 @@ def _target_msg(keys: Sequence[str] | None = None, tokens: Sequence[int] | None 
 class KVLayerClient:
     def __init__(self, url: str, *, token: str | None = None, tenant: str | None = None, timeout_s: float = 5.0,
                  channels: int = 1, frame_bytes: int = DEFAULT_FRAME_BYTES, tls_ca: str | None = None,
-                 max_backoff_s: float = 2.0, per_key_timeout_s: float = 0.05) -> None:
+                 max_backoff_s: float = 2.0, per_key_timeout_s: float = 0.05, put_timeout_s: float | None = None
+                 ) -> None:
         target, tls = parse_url(url)
         self.url = url
         self.target = target
         self.timeout_s = timeout_s
         self.per_key_timeout_s = per_key_timeout_s  # Get deadline: timeout_s + this per key asked for
+        self.put_timeout_s = timeout_s if put_timeout_s is None else put_timeout_s  # Put: this + 1 s per 50 MB
         self.frame_bytes = int(frame_bytes)
         max_msg = max(4 << 20, self.frame_bytes + (64 << 10))
         backoff_ms = int(max_backoff_s * 1000)
@@ -200,7 +202,7 @@ class KVLayerClient:
             return []
         if timeout is None:
             nbytes = sum(memoryview(b).nbytes for _, b in items)
-            timeout = self.timeout_s + nbytes / 50e6  # a floor of 50 MB/s before we call it stuck
+            timeout = self.put_timeout_s + nbytes / 50e6  # a floor of 50 MB/s before we call it stuck
         r = self._puts[self._next()](self._frames(items, durable), timeout=timeout, metadata=self.metadata)
         return list(r.stored)
 

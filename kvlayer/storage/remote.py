@@ -9,8 +9,8 @@ Refusals by the server (too big, busy) are dropped writes, not failures.
 Options (``TierConfig.options`` / ``KVLayerConfig`` fields): ``auth_token``, ``tenant``,
 ``timeout_s`` (control calls and reads, default 1 s), ``put_timeout_s`` (writes, default 5 s: they
 run in the background, and a write whose process was descheduled for a few seconds on a busy host
-is late, not failed; failing it would drop it and skip the tier), ``channels`` (TCP connections a big batch is split
-across, in parallel, like the Redis tier's connections; default 4),
+is late, not failed; failing it would drop it and skip the tier), ``channels`` (TCP connections a
+big batch is split across, in parallel, like the Redis tier's connections; default 4),
 ``frame_bytes``, ``durable`` (acknowledge puts only once on the server's disk), ``tls_ca``,
 ``max_backoff_s`` (the channels' reconnect backoff cap, default 2 s), ``batch_keys``.
 """
@@ -49,10 +49,10 @@ class RemoteTier(Tier):
         super().__init__(name, 0)
         self.url = url
         self.durable = durable
-        self.put_timeout_s = put_timeout_s
         self.batch_keys = max(1, int(batch_keys))
         self.client = KVLayerClient(url, token=auth_token, tenant=tenant, timeout_s=timeout_s, channels=channels,
-                                    frame_bytes=frame_bytes, tls_ca=tls_ca, max_backoff_s=max_backoff_s)
+                                    frame_bytes=frame_bytes, tls_ca=tls_ca, max_backoff_s=max_backoff_s,
+                                    put_timeout_s=put_timeout_s)
         self._lock = threading.Lock()
         self._server_stats: tuple[float, Any] = (0.0, None)
         self.channels = max(1, int(channels))
@@ -104,9 +104,7 @@ class RemoteTier(Tier):
 
     def _put_part(self, part: list[tuple[str, Buffer]]) -> list[bool]:
         try:
-            nbytes = sum(memoryview(b).nbytes for _, b in part)
-            timeout = self.put_timeout_s + nbytes / 50e6  # a floor of 50 MB/s before we call it stuck
-            return self._call("put", functools.partial(self.client.put, part, durable=self.durable, timeout=timeout))
+            return self._call("put", functools.partial(self.client.put, part, durable=self.durable))
         except TierError as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise

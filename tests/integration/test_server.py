@@ -473,8 +473,6 @@ def test_server_start_up_errors_are_one_clear_line(tmp_path: Path, flags: list[s
     assert [ln for ln in r.stderr.splitlines() if ln.startswith("kvlayer serve: ")], r.stderr
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("redis-server") is None,
-                    reason="needs openssl and redis-server")
 def test_a_write_outlasting_the_call_timeout_lands_within_put_timeout_s(kvlayer_server_factory) -> None:
     """Writes run in the background: one held up longer than ``timeout_s`` (here: the server
     stopped for 1.5 s) is late, not failed, unless it outlasts ``put_timeout_s``."""
@@ -505,6 +503,8 @@ def test_a_write_outlasting_the_call_timeout_lands_within_put_timeout_s(kvlayer_
             tier.close()
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("redis-server") is None,
+                    reason="needs openssl and redis-server")
 def test_tls_durable_server_with_redis_lower_tier(kvlayer_server_factory, redis_server, tmp_path: Path) -> None:  # noqa: F811
     cert, keyf = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(keyf), "-out", str(cert),

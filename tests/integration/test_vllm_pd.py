@@ -110,10 +110,14 @@ def _text(status_body: tuple[int, Any]) -> str:
     return str(body["choices"][0]["text"])
 
 
-def _sources(url: str) -> dict[str, float]:
+def _metrics(url: str) -> str:
     from kvlayer.testing import http_json
 
-    text = http_json("GET", url + "/metrics")[1]
+    return str(http_json("GET", url + "/metrics")[1])
+
+
+def _sources(url: str) -> dict[str, float]:
+    text = _metrics(url)
     out = {}
     for src in ("local_compute", "local_cache_hit", "external_kv_transfer"):
         out[src] = sum(_metric(line, "vllm:prompt_tokens_by_source_total") for line in text.splitlines()
@@ -123,21 +127,16 @@ def _sources(url: str) -> dict[str, float]:
 
 def _kvlayer_series(fleet: dict[str, Any]) -> str:
     """Both engines' non-zero kvlayer counters, for a failure's message: which side lost the KV."""
-    from kvlayer.testing import http_json
-
     out = []
     for role in ("prefill", "decode"):
-        text = http_json("GET", fleet[role].url + "/metrics")[1]
-        out += [f"{role}: {line.split('{')[0]} {line.split()[-1]}" for line in text.splitlines()
+        out += [f"{role}: {line.split('{')[0]} {line.split()[-1]}" for line in _metrics(fleet[role].url).splitlines()
                 if line.startswith("vllm:kvlayer") and line.split("{")[0].endswith("_total")
                 and float(line.split()[-1]) != 0]
     return "\n".join(out)
 
 
 def _handoff_timeouts(url: str) -> float:
-    from kvlayer.testing import http_json
-
-    return _metric(http_json("GET", url + "/metrics")[1], "vllm:kvlayer_handoff_timeouts_total")
+    return _metric(_metrics(url), "vllm:kvlayer_handoff_timeouts_total")
 
 
 def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
