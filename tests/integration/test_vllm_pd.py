@@ -154,6 +154,17 @@ def _settled(url: str, before: dict[str, float], total: int) -> dict[str, float]
         time.sleep(0.25)
 
 
+def _writes_settled(client: Any, above: int) -> None:
+    """Wait until the server holds more than ``above`` keys and the count has not changed for a
+    second: the prefill engine answers before its background save lands (by design), so a test
+    that evicts a hand-off must let it land first."""
+    deadline, last, same = time.monotonic() + 20, -1, 0
+    while (same < 4 or last <= above) and time.monotonic() < deadline:
+        n = len(client.keys(timeout=10))
+        same, last = (same + 1, n) if n == last else (0, n)
+        time.sleep(0.25)
+
+
 def _reference(fleet: dict[str, Any], prompt: list[int]) -> str:
     """One engine doing both: the decode engine computes the whole request without kvlayer
     (``kvlayer_skip``), then forgets it (vLLM's own prefix cache reset)."""
@@ -218,11 +229,16 @@ def test_handoff_whose_chunks_are_gone_is_recomputed_by_the_consumer(fleet):
     model, decode = fleet["model"], fleet["decode"]
     prompt = _prompt(8, 900)
     ref = _reference(fleet, prompt)
-    status, body = http_json("POST", fleet["prefill"].url + "/v1/completions", _body(model, prompt, max_tokens=1))
-    assert status == 200, body
-    handoff = body["kv_transfer_params"]
-    with fleet["server"].client() as c:  # evicted before the decode engine asks
-        c.clear()
+    with fleet["server"].client() as c:  # one connection, made before the engines are busy
+        c.health(timeout=30, wait_for_ready=True)
+        held = len(c.keys(timeout=10))
+        status, body = http_json("POST", fleet["prefill"].url + "/v1/completions", _body(model, prompt, max_tokens=1))
+        assert status == 200, body
+        handoff = body["kv_transfer_params"]
+        # Evicted before the decode engine asks. The producer's save runs behind its answer (by
+        # design): one chunk landing after clear() was a hit of 256 tokens (CI, 2026-11-29).
+        _writes_settled(c, above=held)
+        c.clear(timeout=10)
     before, timeouts = _sources(decode.url), _handoff_timeouts(decode.url)
     t0 = time.monotonic()
     got = _text(http_json("POST", decode.url + "/v1/completions", _body(model, prompt, kv_transfer_params=handoff)))
