@@ -48,6 +48,10 @@ CODECS: dict[str, tuple[str, dict[str, Any]]] = {
     "int4-kivi-g64": ("int4", {"scheme": "kivi", "group_size": 64}),
     "fp8": ("fp8", {}),
     "int2": ("int2", {}),
+    # Keys quantized as stored (post-RoPE; the connector otherwise hands the codec the model's base).
+    "int8-norope": ("int8", {"rope_theta": 0}),
+    "int4-norope": ("int4", {"rope_theta": 0}),
+    "int4-k24v64-norope": ("int4", {"k_group_size": 24, "v_group_size": 64, "rope_theta": 0}),
 }
 QUICK_CODECS = ["raw", "int8", "int4"]
 FULL_CODECS = ["raw", "int8", "int4", "int4-kivi-g64", "fp8"]
@@ -135,6 +139,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     cold_tokens, warm_tokens = cold, warm
     connector.flush()
     return {"codec": args.worker, "warm": warm_tokens, "cold": cold_tokens, "loaded": loaded,
+            "rope_theta": connector.cache.config.rope_theta,
             "disk_bytes": dir_bytes(disk), "seconds": time.perf_counter() - t0}
 
 

@@ -33,8 +33,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from kvlayer.connectors.core import rope_theta_of
 
-from kvlayer.codec import Codec, backend_info, decode
+from kvlayer.codec import Codec, backend_info, decode, with_rope
 
 NAME = "codec_quality"
 CHUNK = 256
@@ -64,8 +65,13 @@ CODECS: dict[str, tuple[str | None, dict[str, Any]]] = {
     # being the default before it; int4 stays g32), and more outlier tokens.
     **{f"int{b}-k{k}v{v}": ("int" + str(b), {"k_group_size": k, "v_group_size": v}) for b, k, v in (
         (4, 28, 64), (4, 64, 16), (4, 16, 64), (4, 32, 16), (4, 16, 32), (4, 64, 32), (4, 32, 64), (4, 24, 64), (4, 20, 64),
-        (4, 24, 32), (8, 16, 64), (8, 8, 32), (8, 8, 64))},
+        (4, 24, 32), (8, 16, 64), (8, 8, 32), (8, 8, 64), (4, 128, 16), (4, 128, 32))},
     "int4-o8": ("int4", {"outlier_tokens": 8}),
+    # Keys quantized as stored (post-RoPE): the rotated scheme before RoPE-aware keys.
+    "int8-norope": ("int8", {"rope_theta": 0}),
+    "int4-norope": ("int4", {"rope_theta": 0}),
+    **{f"int4-k{k}v{v}-norope": ("int4", {"k_group_size": k, "v_group_size": v, "rope_theta": 0})
+       for k, v in ((28, 64), (24, 64))},
 }
 DEFAULT_ROWS = ["fp32", "int8", "int8-g32", "int8-kivi", "fp8", "int4", "int4-k24v64", "int4-g64", "int4-kivi",
                 "int4-kivi-g64", "int2", "int2-kivi"]
@@ -240,6 +246,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from kvlayer.assets import load_smollm2, smollm2_dir
 
     model, tok = load_smollm2()
+    # What the engine connectors give the codecs: the model's RoPE base (rows that name
+    # ``rope_theta`` keep theirs; 0 = keys quantized as stored).
+    rope = rope_theta_of(model.config)
     contexts = pick_contexts(tok, n_ctx, p_len + 1, args.seed)
     log(f"model {smollm2_dir()}; {n_ctx} contexts x {p_len} tokens, {n_new} continuation tokens; "
         f"codec backend {backend_info().get('backend')}")
@@ -272,6 +281,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t_ref = time.perf_counter() - t0
         for r in rows:
             name, params = CODECS[r]
+            if name is not None:
+                params = with_rope(name, params, rope)
             a = acc[r]
             if name is None:
                 dec, a.bytes_codec, a.bytes_codec_lz4 = kv32, 0, 0
@@ -339,6 +350,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             torch.tensor([0.01, 0.05, 0.5])).tolist(), strict=True)),
         "raw_blob_bytes": raw_bytes,
         "lz4_ratio_raw": raw_bytes / lz4_bytes,
+        "rope_theta": rope,
         "codec_params": {r: {"codec": CODECS[r][0], **CODECS[r][1], **({"raw_recent_tokens": RESIDUAL[r]}
                                                                         if r in RESIDUAL else {})} for r in rows},
         "backend": backend_info(),

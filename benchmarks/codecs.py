@@ -25,8 +25,9 @@ from typing import Any
 import lz4.block
 import torch
 from _common import add_output_args, emit_json, markdown_table, time_gbps, write_results
+from kvlayer.connectors.core import rope_theta_of
 
-from kvlayer.codec import Codec, decode
+from kvlayer.codec import Codec, decode, with_rope
 from kvlayer.codec import _ext as codec_ext
 
 CODECS = [
@@ -50,6 +51,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "lz4_forced": ("lz4", {"min_gain": 1.0}),
     "int8-kivi": ("int8", {"scheme": "kivi"}),
     "int4-kivi": ("int4", {"scheme": "kivi"}),
+    "int8-norope": ("int8", {"rope_theta": 0}),
+    "int4-norope": ("int4", {"rope_theta": 0}),
 }
 
 
@@ -167,7 +170,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
 
     t0 = time.perf_counter()
-    kv, source, _, _ = model_kv(tokens)
+    kv, source, model, _ = model_kv(tokens)
+    # What the engine connectors hand the codecs: the model's RoPE base (``-norope`` rows: none).
+    rope = rope_theta_of(getattr(model, "config", None))
     kv = kv.to(dtype).contiguous()
     chunks = [kv[:, :, i : i + args.chunk].contiguous() for i in range(0, kv.shape[2], args.chunk)]
     nbytes = sum(c.numel() * c.element_size() for c in chunks)
@@ -188,6 +193,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if be == "torch" and torch_subset is not None and name not in torch_subset:
                 continue
             cname, params = VARIANTS.get(name, (name, {}))
+            params = with_rope(cname, params, rope)
             with codec_ext.use_backend(None if be == "auto" else be):
                 r = bench_codec(cname, chunks, nbytes, repeat, **params)
             if be == "auto":
@@ -207,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     meta = {
         "source": source,
+        "rope_theta": rope,
         "chunk_shape": list(chunks[0].shape),
         "chunks": len(chunks),
         "dtype": args.dtype,

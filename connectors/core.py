@@ -8,7 +8,8 @@ way, so they live here once:
   setting fail with the list of valid names.
 - ``engine_spec``: the KVSpec from what the engine knows about its model; the default fingerprint
   is ``kvlayer.spec.model_fingerprint`` for every engine, so one model served by two engines gets
-  one namespace and shares chunks.
+  one namespace and shares chunks. ``with_model_rope``: the model's RoPE base into the config,
+  for the codecs that quantize keys with RoPE undone.
 - ``FailureGuard``: an engine call never raises because of kvlayer. A failure becomes the call's
   default answer (a miss, a dropped save), is counted per operation and logged once per burst.
 - ``Counters``: named event counts an adapter reports through its own ``stats()``, never through
@@ -86,6 +87,41 @@ def engine_spec(*, model: str, revision: str | None, dtype: torch.dtype | str, n
     fp = fingerprint or model_fingerprint(model, revision, name)
     return KVSpec(model=fp, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=name,
                   tp_rank=tp_rank, tp_size=tp_size, is_mla=is_mla, extra=tuple(extra))
+
+
+#: Model types whose attention applies RoPE in the rotate-half layout (pairs ``j, j + D/2``), the
+#: one the int codecs' key transform undoes; others (interleaved pairs: GPT-J, ChatGLM, Cohere)
+#: would get a transform that fits nothing (still lossless to invert, only no gain).
+ROTATE_HALF_MODELS = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "phi3",
+    "granite", "granitemoe", "olmo", "olmo2", "starcoder2", "internlm2", "deepseek", "exaone", "smollm3",
+})
+
+
+def rope_theta_of(hf_config: Any) -> float | None:
+    """The RoPE base of a transformers model config when the model rotates its whole head in the
+    rotate-half layout (``ROTATE_HALF_MODELS``), else None."""
+    if getattr(hf_config, "model_type", None) not in ROTATE_HALF_MODELS:
+        return None
+    if float(getattr(hf_config, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
+        return None
+    params = getattr(hf_config, "rope_parameters", None)
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    if theta is None:
+        theta = getattr(hf_config, "rope_theta", None)
+    try:
+        value = float(theta)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return value if value > 0 and value == value and value != float("inf") else None
+
+
+def with_model_rope(config: KVLayerConfig, hf_config: Any) -> KVLayerConfig:
+    """``config`` with the model's RoPE base filled in, unless it names one (or none fits)."""
+    if config.rope_theta is not None:
+        return config
+    theta = rope_theta_of(hf_config)
+    return config if theta is None else config.model_copy(update={"rope_theta": theta})
 
 
 # ---------------------------------------------------------------------------------- failures

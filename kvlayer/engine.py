@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from kvlayer import docrecords
-from kvlayer.codec import get_codec
+from kvlayer.codec import get_codec, with_rope
 from kvlayer.config import KVLayerConfig, load_config, make_config
 from kvlayer.errors import CorruptBlobError, DocumentNotFound, KVLayerError, SpecMismatchError, UsageError
 from kvlayer.events import EventHub
@@ -89,7 +89,8 @@ class KVCache:
         if not tcs:
             raise KVLayerError("no storage tier configured: set cpu_bytes > 0, disk_path, redis_url or server_url")
         self._store = TieredStore(
-            [(build_tier(tc), get_codec(tc.codec, **tc.codec_params)) for tc in tcs],
+            [(build_tier(tc), get_codec(tc.codec, **with_rope(tc.codec, tc.codec_params, config.rope_theta)))
+             for tc in tcs],
             write_policy=config.write_policy,
             write_queue_bytes=config.write_queue_bytes,
             promote_on_hit=config.promote_on_hit,

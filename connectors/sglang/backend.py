@@ -55,7 +55,15 @@ from kvlayer.engine import KVCache
 from kvlayer.errors import ConfigError
 from kvlayer.spec import KVSpec
 
-from ..core import AdapterOptions, Counters, FailureGuard, apply_log_level, engine_spec, split_extra_config
+from ..core import (
+    AdapterOptions,
+    Counters,
+    FailureGuard,
+    apply_log_level,
+    engine_spec,
+    split_extra_config,
+    with_model_rope,
+)
 from .keys import KeyMapper
 from .layout import PageIndexError, PageLayout
 
@@ -93,6 +101,19 @@ class BackendCounters(Counters):
 _METRICS_KEEP = 4096
 
 
+def _local_hf_config(model: str) -> Any:
+    """The model's transformers config when it is on this machine (SGLang hands storage backends
+    only the model's name or path), else None: without it keys are quantized as stored."""
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(model, local_files_only=True)
+        return getattr(cfg, "get_text_config", lambda: cfg)()
+    except Exception as e:  # no config here: not an error, only no RoPE-aware key quantization
+        log.debug("kvlayer: no local config for %s (%s); int codecs quantize keys as stored", model, e)
+        return None
+
+
 class KVLayerStore(HiCacheStorage):
     """HiCache L3 backend over ``kvlayer.KVCache`` (interface_v1 zero-copy + legacy calls)."""
 
@@ -101,10 +122,12 @@ class KVLayerStore(HiCacheStorage):
         extra = dict(storage_config.extra_config or {})
         self.interface_v1 = bool(extra.get("interface_v1", 0))
         config, options = split_extra_config(extra, BackendOptions, engine_keys=SGLANG_KEYS)
-        self.config: KVLayerConfig = config
         apply_log_level(config)
         self.model_override: str | None = options.model or options.model_fingerprint or None
         self.model_name: str | None = storage_config.model_name
+        if config.rope_theta is None and self.model_name:
+            config = with_model_rope(config, _local_hf_config(self.model_name))
+        self.config: KVLayerConfig = config
         self.revision: str | None = options.revision
         if not (self.model_override or self.model_name):
             raise ConfigError("kvlayer SGLang backend: no model fingerprint; set \"model\" in "

@@ -22,7 +22,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvlayer.engine import KVCache
 
-from ..core import FailureGuard, apply_log_level
+from ..core import FailureGuard, apply_log_level, with_model_rope
 from . import pair as pairs
 from .config import build_spec, check_chunk_size, parse_extra_config
 from .metadata import ConnectorMeta
@@ -62,6 +62,7 @@ class KVLayerConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         ktc = self._kv_transfer_config
         self.config, self.options = parse_extra_config(dict(ktc.kv_connector_extra_config or {}))
+        self.config = with_model_rope(self.config, getattr(vllm_config.model_config, "hf_text_config", None))
         apply_log_level(self.config)
         self.kv_role = parse_role(ktc.kv_role)  # prefill/decode disaggregation: roles.py
         self.block_size = int(vllm_config.cache_config.block_size)

@@ -740,6 +740,45 @@ inline void k_group_codes(const float* kb, int C, const float* gmn, const float*
 }
 }  // namespace
 
+// RoPE by each token's in-chunk offset on one key row of H heads (rotq.rope_keys, the same IEEE
+// operations in the same order): pairs (a, b) = (x[j], x[j + D/2]) with the row's cos/sin ``cs``/``sn``
+// (D/2 each); UNDO: (a*c + b*s, b*c - a*s), else (a*c - b*s, b*c + a*s).
+template <bool UNDO>
+__attribute__((always_inline)) inline void rope_row(float* r, int H, int D, const float* cs, const float* sn) {
+  const int h2 = D / 2;
+  for (int h = 0; h < H; ++h) {
+    float* x = r + (size_t)h * D;
+    for (int j = 0; j < h2; ++j) {
+      const float a = x[j], b = x[j + h2], c = cs[j], s = sn[j];
+      if (UNDO) {
+        x[j] = a * c + b * s;
+        x[j + h2] = b * c - a * s;
+      } else {
+        x[j] = a * c - b * s;
+        x[j + h2] = b * c + a * s;
+      }
+    }
+  }
+}
+
+#if defined(KVL_FAST64)
+// The same on one head of 64 held in 4 registers: v[0..1] are a, v[2..3] are b.
+template <bool UNDO>
+__attribute__((always_inline)) inline void rope64_regs(__m512* v, const float* cs, const float* sn) {
+  for (int k = 0; k < 2; ++k) {
+    const __m512 c = _mm512_loadu_ps(cs + 16 * k), s = _mm512_loadu_ps(sn + 16 * k);
+    const __m512 a = v[k], b = v[k + 2];
+    if (UNDO) {
+      v[k] = _mm512_add_ps(_mm512_mul_ps(a, c), _mm512_mul_ps(b, s));
+      v[k + 2] = _mm512_sub_ps(_mm512_mul_ps(b, c), _mm512_mul_ps(a, s));
+    } else {
+      v[k] = _mm512_sub_ps(_mm512_mul_ps(a, c), _mm512_mul_ps(b, s));
+      v[k + 2] = _mm512_add_ps(_mm512_mul_ps(b, c), _mm512_mul_ps(a, s));
+    }
+  }
+}
+#endif
+
 extern "C" {
 
 int kvl_abi_version(void) { return 1; }
@@ -1068,10 +1107,12 @@ static void copy_rows(const uint8_t* mask, int T, int L, int P, int C, size_t es
 // last section, sized for max_out by the caller) and quantizes the rest. rot: rotate with scale
 // c. Returns the number of outlier tokens, or -1 on bad arguments.
 int kvl_rot_encode(const void* x, int dt, int L, int P, int T, int H, int D, int bits, int gk, int gv, int rot,
-                   float c, int max_out, int mask_bytes, float* v_base, float* k_base, uint8_t* k_codes,
+                   float c, const float* rope, int max_out, int mask_bytes, float* v_base, float* k_base, uint8_t* k_codes,
                    uint8_t* v_codes, uint8_t* codes, uint8_t* mask_bits, void* raw) {
   if ((bits != 2 && bits != 4 && bits != 8) || gk < 1 || gv < 1 || (P != 1 && P != 2) || T < 0) return -1;
+  if (rope && (P != 2 || D % 2)) return -1;
   const int C = H * D;
+  const size_t rope_sin = (size_t)T * (D / 2);  // rope: cos [T, D/2] then sin [T, D/2]
   std::vector<uint8_t> maskv((size_t)T + 1);
   uint8_t* mask = maskv.data();
   const int n_out = rot_detect(x, dt, L, P, T, C, max_out, mask);
@@ -1121,6 +1162,7 @@ int kvl_rot_encode(const void* x, int dt, int L, int P, int T, int H, int D, int
           for (int h = 0; h < H; ++h) {
             __m512 v[4];
             for (int k = 0; k < 4; ++k) v[k] = load16(x, dt, plane + (size_t)t * C + h * 64 + 16 * k);
+            if (rope) rope64_regs<true>(v, rope + (size_t)t * 32, rope + rope_sin + (size_t)t * 32);
             if (rot) fwht64_regs(v, c);
             for (int k = 0; k < 4; ++k) {
               const int cc = h * 64 + 16 * k;
@@ -1137,6 +1179,7 @@ int kvl_rot_encode(const void* x, int dt, int L, int P, int T, int H, int D, int
         }
 #endif
         load_row(x, dt, plane + (size_t)t * C, r, C);
+        if (rope) rope_row<true>(r, H, D, rope + (size_t)t * (D / 2), rope + rope_sin + (size_t)t * (D / 2));
         if (rot) fwht_row(r, H, D, c);
         if (mask[t]) continue;
         float* __restrict a = gmn.data() + (size_t)(t / gk) * C;
@@ -1302,9 +1345,11 @@ int kvl_rot_encode(const void* x, int dt, int L, int P, int T, int H, int D, int
 // Returns 0, 1 on bad arguments, 2 when the bitmap does not hold n_out tokens (or has padding set).
 int kvl_rot_decode(const float* v_base, const float* k_base, const uint8_t* k_codes, const uint8_t* v_codes,
                    const uint8_t* codes, const uint8_t* mask_bits, const void* raw, int mask_bytes, int n_out, int dt, int L, int P,
-                   int T, int H, int D, int bits, int gk, int gv, int rot, float c, void* out) {
+                   int T, int H, int D, int bits, int gk, int gv, int rot, float c, const float* rope, void* out) {
   if ((bits != 2 && bits != 4 && bits != 8) || gk < 1 || gv < 1 || (P != 1 && P != 2) || T < 0) return 1;
+  if (rope && (P != 2 || D % 2)) return 1;
   const int C = H * D;
+  const size_t rope_sin = (size_t)T * (D / 2);
   std::vector<uint8_t> mask((size_t)T + 1);
   int count = 0;
   const size_t mb = (size_t)mask_bytes;
@@ -1357,6 +1402,7 @@ int kvl_rot_decode(const float* v_base, const float* k_base, const uint8_t* k_co
                                      _mm512_loadu_ps(z.data() + cc));
               }
               if (rot) fwht64_regs(v, c);
+              if (rope) rope64_regs<false>(v, rope + (size_t)t * 32, rope + rope_sin + (size_t)t * 32);
               for (int k = 0; k < 4; ++k) store16(v[k], dt, out, plane + (size_t)t * C + h * 64 + 16 * k);
             }
             continue;
@@ -1369,6 +1415,7 @@ int kvl_rot_decode(const float* v_base, const float* k_base, const uint8_t* k_co
           const float* __restrict zz = z.data();
           for (int cc = 0; cc < C; ++cc) yy[cc] = qq[cc] * ss[cc] + zz[cc];
           if (rot) fwht_row(yy, H, D, c);
+          if (rope) rope_row<false>(yy, H, D, rope + (size_t)t * (D / 2), rope + rope_sin + (size_t)t * (D / 2));
           for (int cc = 0; cc < C; ++cc) yy[cc] = canon(yy[cc]);
           store_row(yy, dt, out, plane + (size_t)t * C, C);
         }

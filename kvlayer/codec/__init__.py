@@ -116,6 +116,18 @@ def decode_verified(blob: Buffer, hdr: _hdr.BlobHeader) -> torch.Tensor:
         raise CorruptBlobError(f"cannot decode {hdr.codec!r} blob: {e}") from None
 
 
+def with_rope(name: str, params: dict[str, Any], rope_theta: float | None) -> dict[str, Any]:
+    """``params`` plus the model's RoPE base where the codec can use it and was not given one:
+    the engine knows the model, a tier's codec settings should not have to repeat it."""
+    if not rope_theta or "rope_theta" in params:
+        return params
+    _load_optional()
+    transform = TRANSFORMS.get(name.lower().split("+")[0].strip())
+    if transform is None or not transform.takes_rope(params):
+        return params
+    return {**params, "rope_theta": float(rope_theta)}
+
+
 _CACHE: dict[tuple[str, tuple[tuple[str, Any], ...]], Codec] = {}
 
 
@@ -151,4 +163,5 @@ __all__ = [
     "encode",
     "get_codec",
     "register_transform",
+    "with_rope",
 ]

@@ -32,6 +32,11 @@ class Transform(ABC):
     def __init__(self, **params: Any) -> None:
         self.params = params
 
+    @classmethod
+    def takes_rope(cls, params: dict[str, Any]) -> bool:
+        """Whether, with ``params``, this transform uses a ``rope_theta`` (the model's RoPE base)."""
+        return False
+
     @abstractmethod
     def encode(self, x: torch.Tensor) -> tuple[Buffer, dict[str, Any], int]:
         """Return (payload, params needed to decode, element size for byte-shuffling)."""

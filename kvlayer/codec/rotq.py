@@ -1,7 +1,7 @@
 """The ``int8`` / ``int4`` / ``int2`` codecs: rotated quantization (default) or KIVI (older blobs).
 
 Why this scheme (chosen by measurement on SmolLM2-135M's real KV, see docs/codecs.md): the keys'
-error is what changes the next token, and three things cut it at no or little cost in bytes:
+error is what changes the next token, and these cut it at no or little cost in bytes:
 
 * **Hadamard rotation** of each head's ``head_dim`` before quantizing (QuaRot/SpinQuant's idea,
   applied to stored KV): an orthonormal transform spreads outlier channels over all channels, so
@@ -19,6 +19,14 @@ error is what changes the next token, and three things cut it at no or little co
   channels, symmetric mid-rise levels, the scale as an 8-bit code: a float with 5 mantissa bits
   within 8 octaves below the (layer, head)'s largest scale. int4: 4.5 bits per element (3.55x
   fp16) against KIVI's 5 bits at the same group sizes.
+* **RoPE undone within the chunk** (``rope_theta``, the model's RoPE base, which the engine
+  connectors fill in; KVQuant's pre-RoPE keys without positions): keys are stored post-RoPE, so
+  a channel pair spins with the position and its group range spans the pair's whole circle.
+  Rotating each token back by its *offset in the chunk* (RoPE is a rotation per pair, and a
+  chunk's tokens sit at consecutive positions) leaves every token rotated by the same angle, the
+  chunk's first position: a fixed orthogonal map that keeps each channel as steady as before
+  RoPE. The codec needs no absolute position (a CacheBlend document chunk moves, a prefix chunk
+  does not: both work), and a wrong base only loses the gain, never exactness of the inverse.
 * **int8 keys over 16 tokens** (``rot_groups``; values over 32 channels): on SmolLM2 the keys'
   error costs 3x the values' (KL), and int8 has bytes to spare for shorter key groups (1.83x
   instead of 1.88x, 30% less KL on two sets of 12 contexts). int4 keeps 32 / 32: the int4 splits
@@ -28,6 +36,8 @@ error is what changes the next token, and three things cut it at no or little co
 Arithmetic (fp32, shared bit for bit by the torch reference below and the C++ kernels; no fused
 multiply-add)::
 
+    K: x = unrope(x)            # with rope_theta: pairs (a, b) = (x[j], x[j + D/2]) of each head,
+                                # (a*c + b*s, b*c - a*s) with the f32 cos/sin of t * theta^(-2j/D), t = offset in chunk
     y  = fwht(x) * c            # butterflies h = 1, 2, 4, ..., D/2: (a + b, a - b); c = f32(1/sqrt(D))
     K: step = (bmax - bmin) / 255; lo = floor((gmin - bmin) / step), hi = ceil((gmax - bmin) / step),
        each corrected by one step if rounding left the group uncovered; mn = bmin + lo * step,
@@ -37,7 +47,8 @@ multiply-add)::
        mantissa bits; s = need rounded up to 5 mantissa bits (if within 8 octaves of top, else
        top's exponent - 7), coded as (top's exponent - s's exponent) << 5 | s's 5 mantissa bits;
        q = rint(clamp(y * inv(s) + qmax / 2, 0, qmax)), y' = (q - qmax / 2) * s
-    x' = dtype(fwht(y') * c), then the outlier tokens' rows are written back exactly.
+    x' = dtype(rope(fwht(y') * c)) (K: (a*c - b*s, b*c + a*s) with rope_theta), then the outlier
+    tokens' rows are written back exactly.
 
 ``inv(s) = 1 / s if s > 0 else 0``; rint rounds half to even. Heads whose ``head_dim`` is not a
 power of two are not rotated (``r = 0`` in the header). Non-finite input: a key channel (after
@@ -45,7 +56,7 @@ rotation: the head's channels) or a value (layer, head) holding NaN/inf decodes 
 (canonical quiet NaN); encoding never fails.
 
 Payload (every section's parameters are in the header, ``{"s": "rot", "b", "gk", "gv", "r",
-"o"}``)::
+"o"}`` and ``"rt"``, the RoPE base, when keys were un-rotated; blobs without it decode as before)::
 
     V scale bases f32 [L, H] | K bases f32 [L, 2, C] | K group codes u8 [L, nkg, 2, C]
     | V scale codes u8 [L, T, H, nvg] | codes [L, P, T, row_bytes] (packed as quant.py)
@@ -125,6 +136,8 @@ class RotLayout:
     rot: bool
     n_out: int
     dtype: torch.dtype
+    #: RoPE base the keys were un-rotated with (by each token's offset in the chunk); 0 = not
+    rope: float = 0.0
 
     @property
     def C(self) -> int:
@@ -200,7 +213,7 @@ def _itemsize(dt: torch.dtype) -> int:
 
 @functools.lru_cache(maxsize=256)
 def make_rot_layout(shape: tuple[int, ...], dtype: torch.dtype, bits: int, gk: int, gv: int, rot: bool,
-                    n_out: int) -> RotLayout:
+                    n_out: int, rope: float = 0.0) -> RotLayout:
     L, P, T, H, D = canonical_shape(shape)
     if bits not in (2, 4, 8):
         raise ValueError(f"bits must be 2, 4 or 8, got {bits}")
@@ -212,7 +225,31 @@ def make_rot_layout(shape: tuple[int, ...], dtype: torch.dtype, bits: int, gk: i
         raise ValueError(f"rotation needs a power-of-two head_dim, got {D}")
     if not 0 <= n_out <= T:
         raise ValueError(f"{n_out} outlier tokens out of {T}")
-    return RotLayout(L, P, T, H, D, bits, gk, gv, rot, n_out, dtype)
+    if rope and (P != 2 or D % 2 or not math.isfinite(rope) or rope <= 0):
+        raise ValueError(f"RoPE base {rope} for a chunk of {P} plane(s) and head_dim {D}")
+    return RotLayout(L, P, T, H, D, bits, gk, gv, rot, n_out, dtype, float(rope))
+
+
+@functools.lru_cache(maxsize=64)
+def rope_tables(T: int, D: int, theta: float) -> torch.Tensor:
+    """cos and sin ``[2, T, D/2]`` (fp32) of each token's offset in the chunk times the
+    frequencies ``theta^(-2i/D)`` of the rotate-half layout (Llama's, vLLM's neox style). One
+    table feeds both backends, so they agree bit for bit; computed in float64, rounded once."""
+    inv = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]
+    return torch.stack((ang.cos(), ang.sin())).float().contiguous()
+
+
+def rope_keys(k: torch.Tensor, tab: torch.Tensor, sign: int) -> torch.Tensor:
+    """Keys ``[L, T, H, D]`` (fp32) rotated by ``sign`` x each token's in-chunk angle: -1 undoes
+    RoPE up to one rotation shared by the whole chunk (its first position's), +1 puts it back.
+    Per pair (a, b) = (x[j], x[j + D/2]): undo ``(a*c + b*s, b*c - a*s)``, redo ``(a*c - b*s, b*c + a*s)``."""
+    h = k.shape[-1] // 2
+    c, s = tab[0][None, :, None, :], tab[1][None, :, None, :]
+    a, b = k[..., :h], k[..., h:]
+    if sign < 0:
+        return torch.cat((a * c + b * s, b * c - a * s), dim=-1)
+    return torch.cat((a * c - b * s, b * c + a * s), dim=-1)
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -392,6 +429,8 @@ def encode_torch(x5: torch.Tensor, mask: torch.Tensor, lay: RotLayout, buf: torc
         v["k_codes"].zero_()
         return
     y = x5.float()
+    if lay.rope:
+        y = torch.stack((rope_keys(y[:, 0], rope_tables(T, D, lay.rope), -1), y[:, 1]), dim=1)
     if lay.rot:
         y = fwht(y, rotation_scale(D) or 1.0)
     q_all = torch.empty((L, P, T, C), dtype=torch.uint8)
@@ -417,6 +456,8 @@ def decode_torch(buf: torch.Tensor, lay: RotLayout) -> tuple[torch.Tensor, torch
         out[:, P - 1] = (q[:, P - 1].view(L, T, H, D) - lay.qmax / 2) * sv
         if lay.rot:
             out = fwht(out, rotation_scale(D) or 1.0)
+        if lay.rope:
+            out[:, 0] = rope_keys(out[:, 0], rope_tables(T, D, lay.rope), 1)
     return canonical_nan(out.to(lay.dtype)), _unpack_mask(v["mask"], T)
 
 
@@ -433,32 +474,34 @@ def _lib() -> ctypes.CDLL | None:
         return lib
     with _bind_lock:
         p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-        lib.kvl_rot_encode.argtypes = [p, i, i, i, i, i, i, i, i, i, i, f, i, i, p, p, p, p, p, p, p]
+        lib.kvl_rot_encode.argtypes = [p, i, i, i, i, i, i, i, i, i, i, f, p, i, i, p, p, p, p, p, p, p]
         lib.kvl_rot_encode.restype = i
-        lib.kvl_rot_decode.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i, i, i, i, i, i, i, i, f, p]
+        lib.kvl_rot_decode.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i, i, i, i, i, i, i, i, f, p, p]
         lib.kvl_rot_decode.restype = i
         _bound.add(id(lib))
     return lib
 
 
-def encode_chunk(x5: torch.Tensor, bits: int, gk: int, gv: int, rot: bool, max_out: int) -> tuple[torch.Tensor, RotLayout]:
+def encode_chunk(x5: torch.Tensor, bits: int, gk: int, gv: int, rot: bool, max_out: int,
+                 rope: float = 0.0) -> tuple[torch.Tensor, RotLayout]:
     """(payload, layout) of a contiguous ``[L, P, T, H, D]`` chunk: C++ when built, else torch."""
     L, P, T, H, D = x5.shape
     lib = _lib()
     if lib is None:
         mask = detect_torch(x5[:, 0].reshape(L, T, H * D).float(), max_out)
-        lay = make_rot_layout(tuple(x5.shape), x5.dtype, bits, gk, gv, rot, int(mask.sum()))
+        lay = make_rot_layout(tuple(x5.shape), x5.dtype, bits, gk, gv, rot, int(mask.sum()), rope)
         buf = torch.empty(lay.total, dtype=torch.uint8)
         encode_torch(x5, mask, lay, buf)
         return buf, lay
-    room = make_rot_layout(tuple(x5.shape), x5.dtype, bits, gk, gv, rot, min(max_out, T))
+    room = make_rot_layout(tuple(x5.shape), x5.dtype, bits, gk, gv, rot, min(max_out, T), rope)
     buf = torch.empty(room.total, dtype=torch.uint8)
+    tab = rope_tables(T, D, rope) if rope else None
     n = lib.kvl_rot_encode(x5.data_ptr(), _DT[x5.dtype], L, P, T, H, D, bits, gk, gv, int(rot),
-                           rotation_scale(D) or 1.0, min(max_out, T), room.mask_bytes,
-                           *room.pointers(buf))
+                           rotation_scale(D) or 1.0, None if tab is None else tab.data_ptr(), min(max_out, T),
+                           room.mask_bytes, *room.pointers(buf))
     if n < 0:
         raise ValueError(f"kvl_rot_encode failed ({n})")
-    lay = make_rot_layout(tuple(x5.shape), x5.dtype, bits, gk, gv, rot, n)
+    lay = make_rot_layout(tuple(x5.shape), x5.dtype, bits, gk, gv, rot, n, rope)
     return buf[: lay.total], lay
 
 
@@ -473,9 +516,10 @@ def decode_from(buf: torch.Tensor, lay: RotLayout) -> torch.Tensor:
             out[:, :, mask] = lay.views(buf)["raw"].view(lay.L, lay.P, lay.n_out, lay.H, lay.D)
         return out
     out = torch.empty((lay.L, lay.P, lay.T, lay.H, lay.D), dtype=lay.dtype)
+    tab = rope_tables(lay.T, lay.D, lay.rope) if lay.rope else None
     rc = lib.kvl_rot_decode(*lay.pointers(buf), lay.mask_bytes, lay.n_out, _DT[lay.dtype], lay.L, lay.P, lay.T, lay.H, lay.D,
                             lay.bits, lay.gk, lay.gv, int(lay.rot), rotation_scale(lay.D) or 1.0,
-                            out.data_ptr())
+                            None if tab is None else tab.data_ptr(), out.data_ptr())
     if rc == 2:
         raise ValueError("token bitmap disagrees with the header")
     if rc != 0:
@@ -495,7 +539,8 @@ class _IntQuant(Transform):
     #: gives its keys shorter groups; see the module docstring.
     rot_groups: tuple[int, int] = (DEFAULT_GROUP, DEFAULT_GROUP)
     lossless = False
-    _own_params = frozenset({"group_size", "k_group_size", "v_group_size", "scheme", "rotate", "outlier_tokens"})
+    _own_params = frozenset({"group_size", "k_group_size", "v_group_size", "scheme", "rotate", "outlier_tokens",
+                             "rope_theta"})
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
@@ -518,8 +563,19 @@ class _IntQuant(Transform):
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 1 << 16:
             raise ConfigError(f"codec {self.name!r}: outlier_tokens={n!r}, expected an int in [0, 65536]")
         self.outliers = n
-        if self.scheme == "kivi" and ("rotate" in params or "outlier_tokens" in params):
-            raise ConfigError(f"codec {self.name!r}: rotate/outlier_tokens apply to scheme 'rot' only")
+        theta = params.get("rope_theta", 0.0)
+        if theta is None:
+            theta = 0.0
+        if isinstance(theta, bool) or not isinstance(theta, int | float) or not math.isfinite(theta) or theta < 0:
+            raise ConfigError(f"codec {self.name!r}: rope_theta={theta!r}, expected the model's RoPE base (a number "
+                              "> 0, e.g. 10000.0) or 0 for keys quantized as stored")
+        self.rope = float(theta)
+        if self.scheme == "kivi" and ("rotate" in params or "outlier_tokens" in params or self.rope):
+            raise ConfigError(f"codec {self.name!r}: rotate/outlier_tokens/rope_theta apply to scheme 'rot' only")
+
+    @classmethod
+    def takes_rope(cls, params: dict[str, Any]) -> bool:
+        return params.get("scheme", "rot") == "rot"
 
     def encode(self, x: torch.Tensor) -> tuple[Buffer, dict[str, Any], int]:
         if self.scheme == "kivi":
@@ -529,8 +585,11 @@ class _IntQuant(Transform):
         if x.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"quantized codecs take fp16/bf16/fp32 chunks, got {x.dtype}")
         rot = self.rotate and rotation_scale(D) is not None
-        buf, lay = encode_chunk(x.view(L, P, T, H, D), self.bits, self.gk, self.gv, rot, self.outliers)
-        params = {"s": "rot", "b": self.bits, "gk": self.gk, "gv": self.gv, "r": int(rot), "o": lay.n_out}
+        rope = self.rope if P == 2 and D % 2 == 0 else 0.0  # MLA's one plane holds no RoPE'd keys
+        buf, lay = encode_chunk(x.view(L, P, T, H, D), self.bits, self.gk, self.gv, rot, self.outliers, rope)
+        params: dict[str, Any] = {"s": "rot", "b": self.bits, "gk": self.gk, "gv": self.gv, "r": int(rot), "o": lay.n_out}
+        if rope:
+            params["rt"] = rope
         return tensor_bytes(buf), params, 1
 
     def _encode_kivi(self, x: torch.Tensor) -> tuple[Buffer, dict[str, Any], int]:
@@ -560,7 +619,10 @@ class _IntQuant(Transform):
         r = _int_param(params, "r")
         if r not in (0, 1):
             raise ValueError(f"{self.name}: rotation flag {r}")
-        lay = make_rot_layout(shape, dtype, bits, gk, gv, bool(r), _int_param(params, "o"))
+        rope = params.get("rt", 0.0)
+        if isinstance(rope, bool) or not isinstance(rope, int | float):
+            raise ValueError(f"{self.name}: RoPE base {rope!r}")
+        lay = make_rot_layout(shape, dtype, bits, gk, gv, bool(r), _int_param(params, "o"), float(rope))
         if payload.nbytes != lay.total:
             raise ValueError(f"{self.name} payload is {payload.nbytes} bytes, shape {shape} needs {lay.total}")
         return decode_from(_payload_tensor(payload), lay).reshape(shape)

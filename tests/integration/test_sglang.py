@@ -430,6 +430,16 @@ def test_int8_codec_restores_within_its_error_bound(layout, cleanup):
     assert any(not torch.equal(x, y) for x, y in zip(chunks, got, strict=True)), "int8 must really quantize"
 
 
+def test_rope_base_comes_from_the_models_local_config():
+    """SGLang names the model (a path or a hub id): a local config gives the int codecs the RoPE
+    base; a name with no local config gives none (keys quantized as stored); a setting wins."""
+    from kvlayer.assets import tiny_model_dir
+
+    assert KVLayerStore(storage_config(model=tiny_model_dir())).config.rope_theta == 10000.0
+    assert KVLayerStore(storage_config(model="no-such/model-anywhere")).config.rope_theta is None
+    assert KVLayerStore(storage_config(model=tiny_model_dir(), rope_theta=500.0)).config.rope_theta == 500.0
+
+
 def test_bad_config_fails_at_startup_with_the_reason():
     with pytest.raises(ConfigError, match="cpu_byts"):
         KVLayerStore(storage_config(cpu_byts="1GiB"))

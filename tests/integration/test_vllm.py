@@ -157,6 +157,7 @@ def scenario_main(args: dict[str, Any]) -> dict[str, Any]:
     cache = conn.cache
     r: dict[str, Any] = {"tokens": {}, "stats": {}}
     tok, st = r["tokens"], r["stats"]
+    st["rope_theta"] = cache.config.rope_theta
 
     tok["cold_long"] = _gen(llm, [P["long"]])[0]
     conn.flush()  # saves run in the background: count them once they are done
@@ -360,6 +361,12 @@ def test_layout_was_probed_from_the_cpu_backend(runs):
     # CPU backend: K transposed inside the page (token stride 1), V row-major (dim stride 1).
     assert layout.startswith("probe:CPUAttentionBackendImpl"), layout
     assert "K strided(base=0, t=1," in layout and ", d=1)" in layout.split("V ")[1], layout
+
+
+def test_connector_hands_the_models_rope_base_to_the_codecs(runs):
+    """The tiny Llama's config says rope_theta 10000 (transformers' default): the connector reads
+    it from vLLM's model config, for the int codecs' RoPE-aware keys (docs/codecs.md)."""
+    assert runs["main"]["stats"]["rope_theta"] == 10000.0
 
 
 def test_cold_and_warm_cpu_identical_and_really_loaded(runs):

@@ -118,8 +118,9 @@ def test_rot_blobs_match_torch(lib: object, case: int) -> None:
     if sink and shape[2] >= 16:
         x[:, 0, 0] = x[:, 0, 0] * 0.1 + 10 * x.abs().max()
     x = x.to(dtype)
-    for rotate in (True, False):
-        params = {"k_group_size": gk, "v_group_size": gv, "rotate": rotate}
+    # RoPE-aware keys (``rope_theta``; ignored for MLA's one plane and odd head dims) on both paths.
+    for rotate, rope in ((True, 0.0), (False, 0.0), (True, 10000.0), (False, 500.0)):
+        params = {"k_group_size": gk, "v_group_size": gv, "rotate": rotate, "rope_theta": rope}
         with _ext.use_backend("torch"):
             b_t = bytes(encode(x, f"int{bits}", **params))
         with _ext.use_backend("cpp"):
@@ -141,13 +142,13 @@ for i, shape in enumerate([(3, 2, 70, 3, 64), (2, 2, 33, 2, 32), (2, 1, 20, 1, 1
         x = torch.randn(shape, generator=torch.Generator().manual_seed(i)) * 3
         x[:, 0, 0] += 40
         x = x.to(dtype)
-        for codec in ("int8", "int4", "int2"):
+        for codec, rope in [(c, r) for c in ("int8", "int4", "int2") for r in (0.0, 10000.0)]:
             with _ext.use_backend("torch"):
-                ref = bytes(encode(x, codec)); y_ref = decode(ref)
+                ref = bytes(encode(x, codec, rope_theta=rope)); y_ref = decode(ref)
             with _ext.use_backend("cpp"):
-                got = bytes(encode(x, codec)); y = decode(ref)
-            assert got == ref, (shape, dtype, codec)
-            assert torch.equal(y.view(torch.uint8), y_ref.view(torch.uint8)), (shape, dtype, codec)
+                got = bytes(encode(x, codec, rope_theta=rope)); y = decode(ref)
+            assert got == ref, (shape, dtype, codec, rope)
+            assert torch.equal(y.view(torch.uint8), y_ref.view(torch.uint8)), (shape, dtype, codec, rope)
 print("ok")
 """
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from kvlayer.connectors.core import rope_theta_of
 
 from kvlayer.codec import decode, encode
 from tests.unit.test_codecs import _rot_bound as rot_bound
@@ -34,6 +35,8 @@ INT_CASES: list[tuple[str, dict[str, Any], int, int, int]] = [
     ("int4", {"k_group_size": 28, "v_group_size": 64}, 4, 28, 64),
     ("int4+lz4", {"group_size": 64}, 4, 64, 64),
     ("int4", {"rotate": False, "outlier_tokens": 0}, 4, 32, 32),
+    ("int4", {"rope_theta": 10000.0}, 4, 32, 32),  # keys with RoPE undone (a fitting or a wrong base: any bound holds)
+    ("int8", {"rope_theta": 100000.0}, 8, 16, 32),
     ("int2", {}, 2, 32, 32),
     ("int2", {"k_group_size": 16, "v_group_size": 8}, 2, 16, 8),
     ("int8", {"scheme": "kivi"}, 8, 32, 32),
@@ -98,7 +101,7 @@ def check_all_codecs(chunk: torch.Tensor, what: str) -> dict[str, float]:
         if params.get("scheme") == "kivi":
             bound = int_bound(chunk, y, bits, gk, gv)
         else:
-            bound = rot_bound(chunk, y, bits, gk, gv, params.get("rotate", True))
+            bound = rot_bound(chunk, y, bits, gk, gv, params.get("rotate", True), params.get("rope_theta", 0.0))
         assert_within(chunk, y, bound, f"{what} {name} {params}")
         errs[f"{name}{params}"] = rel(y)
     y = decode(encode(chunk, "fp8"))
@@ -226,10 +229,14 @@ def test_bounds_hold_on_smollm2_essay_kv() -> None:
     stored = kv[:, :, :256].contiguous()
     ref = forced_logprobs(model, stored, ids[256:])
     kls = {}
-    for label, params in (("rot", {}), ("kivi", {"scheme": "kivi"})):
+    theta = rope_theta_of(model.config)
+    assert theta == 100000.0  # SmolLM2's RoPE base, read as the engine connectors read it
+    for label, params in (("rot", {"rope_theta": 0}), ("kivi", {"scheme": "kivi"}), ("rope", {"rope_theta": theta})):
         lp = forced_logprobs(model, decode(encode(stored, "int4", **params)), ids[256:])
         kls[label] = float((ref.exp() * (ref - lp)).sum(-1).mean())
     assert kls["rot"] < 0.7 * kls["kivi"], kls
+    # Keys quantized with RoPE undone (the model's base) lose less than keys quantized as stored.
+    assert kls["rope"] < kls["rot"], kls
 
 
 # ----------------------------------------------------------------------------- docs/codecs.md

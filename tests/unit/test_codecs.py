@@ -87,18 +87,32 @@ def _hadamard(D: int) -> torch.Tensor:
     return h / math.sqrt(D)
 
 
-def _rot_bound(x5: torch.Tensor, y5: torch.Tensor, bits: int, gk: int, gv: int, rotate: bool = True) -> torch.Tensor:
+def _unrope(k: torch.Tensor, theta: float) -> torch.Tensor:
+    """Keys ``[L, T, H, D]`` (float64) rotated back by each token's offset in the chunk (rotate-half pairs)."""
+    T, D = k.shape[1], k.shape[-1]
+    ang = torch.arange(T, dtype=torch.float64)[:, None] / theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+    c, s = ang.cos()[None, :, None], ang.sin()[None, :, None]
+    a, b = k[..., : D // 2], k[..., D // 2 :]
+    return torch.cat((a * c + b * s, b * c - a * s), dim=-1)
+
+
+def _rot_bound(x5: torch.Tensor, y5: torch.Tensor, bits: int, gk: int, gv: int, rotate: bool = True,
+               rope: float = 0.0) -> torch.Tensor:
     """Per-element bound of the rotated codecs (rotq.py docstring), from the input's own groups.
 
     In the rotated domain (exact float64 Hadamard here): keys err by at most half a step of
     (group range + 4 chunk-range/255) / qmax (the outward-rounded 8-bit group bounds), values by
     half a step of the needed scale rounded up to 5 mantissa bits (or 2^-7 of the head's top);
     back in the original domain, element i of a head errs by at most 1/sqrt(D) x the sum of the
-    head's rotated bounds. Outlier tokens (stored exactly) are bounded as if quantized."""
+    head's rotated bounds. Outlier tokens (stored exactly) are bounded as if quantized. With
+    ``rope``, keys are grouped after RoPE is undone by each token's in-chunk offset, and putting
+    it back mixes each pair of channels: their bound grows by at most ``|cos| + |sin| <= sqrt(2)``."""
     L, P, T, H, D = x5.shape
     rot = rotate and D >= 2 and D & (D - 1) == 0
+    rope = rope if P == 2 and D % 2 == 0 else 0.0
     xd = x5.double()
-    y = xd @ _hadamard(D) if rot else xd
+    y = torch.stack((_unrope(xd[:, 0], rope), xd[:, 1]), dim=1) if rope else xd
+    y = y @ _hadamard(D) if rot else y
     qmax, half = QMAX[bits], QMAX[bits] / 2
     b = torch.empty_like(y)
     if P == 2 and T:
@@ -120,6 +134,8 @@ def _rot_bound(x5: torch.Tensor, y5: torch.Tensor, bits: int, gk: int, gv: int, 
             b[:, P - 1, :, :, c0 : c0 + gv] = (0.5001 * s + 2.0**-20 * half * need).expand_as(g)
     if rot:
         b = b.sum(-1, keepdim=True).expand_as(b) / math.sqrt(D) + 2.0**-20 * xd.abs().sum(-1, keepdim=True)
+    if rope:
+        b[:, 0] = b[:, 0] * math.sqrt(2) + 2.0**-20 * xd[:, 0].abs().sum(-1, keepdim=True)
     return b.float() + _out_slack(x5, y5)
 
 
@@ -185,14 +201,15 @@ def test_lz4_stores_incompressible_and_compresses_the_rest(dtype: torch.dtype) -
     gv=st.sampled_from([3, 16, 32]),
     lz4=st.booleans(),
     rotate=st.booleans(),
+    rope=st.sampled_from([0.0, 10000.0, 100.0]),
 )
-def test_int_within_bound(x: torch.Tensor, bits: int, gk: int, gv: int, lz4: bool, rotate: bool) -> None:
+def test_int_within_bound(x: torch.Tensor, bits: int, gk: int, gv: int, lz4: bool, rotate: bool, rope: float) -> None:
     name = f"int{bits}" + ("+lz4" if lz4 else "")
-    blob = encode(x, name, k_group_size=gk, v_group_size=gv, rotate=rotate)
+    blob = encode(x, name, k_group_size=gk, v_group_size=gv, rotate=rotate, rope_theta=rope)
     y = decode(blob)
     assert y.dtype == x.dtype and y.shape == x.shape
     x5, y5 = _as5(x), _as5(y)
-    _assert_within(x5, y5, _rot_bound(x5, y5, bits, gk, gv, rotate))
+    _assert_within(x5, y5, _rot_bound(x5, y5, bits, gk, gv, rotate, rope))
 
 
 @FAST
@@ -258,6 +275,59 @@ def test_outlier_tokens_are_stored_exactly() -> None:
     err = (y[:, 0, 1:].float() - x[:, 0, 1:].float()).norm()
     assert err < 0.8 * (plain[:, 0, 1:].float() - x[:, 0, 1:].float()).norm()
     assert hdr.verify(encode(torch.randn(4, 2, 128, 2, 64).half(), "int4")).params["t"]["o"] == 0
+
+
+def _roped_keys(theta: float, start: int, seed: int = 5) -> torch.Tensor:
+    """A chunk whose keys are RoPE'd at positions ``start..`` (rotate-half pairs, base ``theta``)
+    from pre-RoPE keys with steady channels (what real keys look like before RoPE)."""
+    g = torch.Generator().manual_seed(seed)
+    L, T, H, D = 2, 128, 2, 64
+    pre = torch.randn(L, 1, H, D, generator=g).double() * 4 + torch.randn(L, T, H, D, generator=g).double() * 0.3
+    ang = torch.arange(start, start + T, dtype=torch.float64)[:, None] / theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+    c, s = ang.cos()[None, :, None], ang.sin()[None, :, None]
+    a, b = pre[..., : D // 2], pre[..., D // 2 :]
+    k = torch.cat((a * c - b * s, b * c + a * s), dim=-1)
+    v = torch.randn(L, T, H, D, generator=g).double()
+    return torch.stack((k, v), dim=1).half()
+
+
+def test_rope_aware_keys_lose_less_and_say_so_in_the_header() -> None:
+    """``rope_theta``: keys are quantized with RoPE undone by each token's offset in the chunk, so a
+    channel keeps its pre-RoPE steadiness whatever the chunk's absolute position (the shift left
+    is one rotation shared by the chunk). The base is in the header; values are untouched."""
+    for start in (0, 1000, 77_777):
+        x = _roped_keys(10000.0, start)
+        plain, aware = encode(x, "int4", outlier_tokens=0), encode(x, "int4", outlier_tokens=0, rope_theta=10000.0)
+        assert "rt" not in hdr.verify(plain).params["t"] and hdr.verify(aware).params["t"]["rt"] == 10000.0
+        assert hdr.verify(plain).payload_len == hdr.verify(aware).payload_len  # the same bytes, spent better
+
+        k = x[:, 0].float()
+        e_plain, e_aware = ((decode(b)[:, 0].float() - k).norm() / k.norm() for b in (plain, aware))
+        assert e_aware < 0.5 * e_plain, (start, e_aware, e_plain)  # measured: 0.006 against 0.042
+        assert torch.equal(decode(aware)[:, 1], decode(plain)[:, 1])
+    mla = torch.randn(2, 1, 40, 1, 64).half()  # MLA's one plane holds no RoPE'd keys
+    assert "rt" not in hdr.verify(encode(mla, "int4", rope_theta=10000.0)).params["t"]
+
+
+def test_rope_theta_param_is_checked() -> None:
+    for bad in (-1.0, True, "1e4", float("inf"), float("nan"), [1]):
+        with pytest.raises(ConfigError, match="rope_theta"):
+            Codec("int4", rope_theta=bad)
+    with pytest.raises(ConfigError, match="scheme 'rot' only"):
+        Codec("int4", scheme="kivi", rope_theta=10000.0)
+    for off in (0, 0.0, None):
+        assert Codec("int4", rope_theta=off).transform.rope == 0.0
+
+
+def test_with_rope_gives_the_base_to_the_codecs_that_use_it() -> None:
+    from kvlayer.codec import with_rope
+
+    assert with_rope("int4+lz4", {}, 1e4) == {"rope_theta": 1e4}
+    assert with_rope("INT8", {"group_size": 32}, 1e4) == {"group_size": 32, "rope_theta": 1e4}
+    assert with_rope("int4", {"rope_theta": 0}, 1e4) == {"rope_theta": 0}  # an explicit setting wins
+    for name, params in (("raw", {}), ("lz4", {}), ("fp8", {}), ("int4", {"scheme": "kivi"}), ("bogus", {})):
+        assert with_rope(name, params, 1e4) == params
+    assert with_rope("int4", {}, None) == {}
 
 
 def test_old_kivi_blob_decodes() -> None:
@@ -503,6 +573,8 @@ def test_inconsistent_but_checksummed_blobs_raise(codec: str) -> None:
         cases.append((h.shape, {**h.params, "t": {**t, "o": -1}}, payload))
         cases.append((h.shape, {**h.params, "t": {**t, "r": 2}}, payload))
         cases.append((h.shape, {**h.params, "t": {**t, "s": "other"}}, payload))
+        for rt in (-5.0, "x", True, float("inf"), float("nan")):  # a RoPE base no encoder writes
+            cases.append((h.shape, {**h.params, "t": {**t, "rt": rt}}, payload))
     if "nh" in t:
         cases.append((h.shape, {**h.params, "t": {**t, "nh": t["nh"] + 1}}, payload))
         cases.append((h.shape, {**h.params, "t": {**t, "nh": -1}}, payload))

@@ -15,7 +15,9 @@ from kvlayer.connectors.core import (
     FailureGuard,
     LayoutError,
     engine_spec,
+    rope_theta_of,
     split_extra_config,
+    with_model_rope,
 )
 
 from kvlayer.errors import ConfigError, KVLayerError
@@ -80,6 +82,27 @@ def test_model_fingerprint_is_deterministic(tmp_path):
     (tmp_path / "config.json").write_text('{"a": 2}')
     assert a != model_fingerprint(str(tmp_path), None, "bfloat16")
     assert model_fingerprint("org/model", "v1", "bfloat16") != model_fingerprint("org/model", "v2", "bfloat16")
+
+
+def test_rope_base_comes_from_rotate_half_models_only():
+    """The int codecs' key transform undoes rotate-half RoPE over the whole head: a model whose
+    config says so gives its base; interleaved or partial RoPE gives nothing (keys as stored)."""
+    from transformers import GPTJConfig, LlamaConfig, Qwen2Config
+
+    from kvlayer.config import load_config
+
+    llama = LlamaConfig(rope_theta=500000.0)
+    assert rope_theta_of(llama) == 500000.0
+    assert rope_theta_of(Qwen2Config(rope_theta=1e6)) == 1e6
+    assert rope_theta_of(GPTJConfig()) is None  # interleaved pairs
+    partial = LlamaConfig(rope_theta=1e4)
+    partial.partial_rotary_factor = 0.5
+    assert rope_theta_of(partial) is None
+    assert rope_theta_of(None) is None
+    cfg = load_config(env={})
+    assert with_model_rope(cfg, llama).rope_theta == 500000.0 and cfg.rope_theta is None
+    mine = load_config(env={"KVLAYER_ROPE_THETA": "10000"})
+    assert with_model_rope(mine, llama).rope_theta == 10000.0  # the user's setting wins
 
 
 # ------------------------------------------------------------------ failure guard

@@ -140,6 +140,23 @@ def test_config_object_with_overrides(spec):
         assert len(c.keys(toks(20))) == 3
 
 
+def test_rope_theta_reaches_the_int_codecs_only(spec, make_cache, tmp_path):
+    """``rope_theta`` (the engine's model base) goes to the tiers whose codec uses it, unless the
+    tier's own codec settings name one; lossless and KIVI-scheme tiers are built as configured."""
+    from kvlayer.config import TierConfig
+
+    tiers = [TierConfig(kind="memory", name="cpu", capacity=MiB, codec="raw"),
+             TierConfig(kind="disk", name="disk", capacity=4 * MiB, path=str(tmp_path / "d"), codec="int4+lz4"),
+             TierConfig(kind="disk", name="d2", capacity=4 * MiB, path=str(tmp_path / "e"), codec="int8",
+                        codec_params={"rope_theta": 0}),
+             TierConfig(kind="disk", name="d3", capacity=4 * MiB, path=str(tmp_path / "f"), codec="int4",
+                        codec_params={"scheme": "kivi"})]
+    c = make_cache(spec, tiers=tiers, env={"KVLAYER_ROPE_THETA": "10000"})
+    got = {lv.name: codec.transform.params.get("rope_theta")
+           for lv, codec in zip(c._store.levels, c._store.codecs.codecs, strict=True)}
+    assert got == {"cpu": None, "disk": 10000.0, "d2": 0, "d3": None}
+
+
 # ---------------------------------------------------------------------------------- documents
 def test_documents_roundtrip_and_position_independent_keys(spec, make_cache):
     c = make_cache(spec)
