@@ -73,11 +73,11 @@ CODECS: dict[str, tuple[str | None, dict[str, Any]]] = {
     **{f"int4-k{k}v{v}-norope": ("int4", {"k_group_size": k, "v_group_size": v, "rope_theta": 0})
        for k, v in ((28, 64), (24, 64))},
 }
-DEFAULT_ROWS = ["fp32", "int8", "int8-g32", "int8-kivi", "fp8", "int4", "int4-k24v64", "int4-g64", "int4-kivi",
-                "int4-kivi-g64", "int2", "int2-kivi"]
+DEFAULT_ROWS = ["fp32", "int8", "int8-norope", "int8-g32", "int8-kivi", "fp8", "int4", "int4-norope", "int4-k24v64",
+                "int4-g64", "int4-kivi", "int4-kivi-g64", "int2", "int2-kivi"]
 #: The end-to-end check's codecs (``benchmarks/codec_e2e.py`` names; raw is always run).
 E2E_QUICK = "raw,int8,int4"
-E2E_FULL = "raw,int8,int4,int4-kivi-g64,fp8"
+E2E_FULL = "raw,int8,int8-norope,int4,int4-norope,int4-kivi-g64,fp8"
 #: Rows that keep the context's most recent tokens lossless (raw fp16), as KIVI's residual does:
 #: the older tokens go through the codec in 256-token chunks, the last chunk partial.
 RESIDUAL: dict[str, int] = {"int2-kivi-res128": 128}

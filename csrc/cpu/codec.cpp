@@ -414,15 +414,18 @@ __attribute__((always_inline)) inline void fwht_reg(float* v, float c) {
 #if defined(__AVX512F__)
 // The same butterflies h = 1, 2, 4, 8 inside one vector of 16.
 __attribute__((always_inline)) inline __m512 bfly16(__m512 x) {
-  const __m512i one = _mm512_set1_epi32(0x80000000);
-  const __m512 s1 = _mm512_castsi512_ps(_mm512_maskz_mov_epi32(0xAAAA, one));
-  const __m512 s2 = _mm512_castsi512_ps(_mm512_maskz_mov_epi32(0xCCCC, one));
-  const __m512 s4 = _mm512_castsi512_ps(_mm512_maskz_mov_epi32(0xF0F0, one));
-  const __m512 s8 = _mm512_castsi512_ps(_mm512_maskz_mov_epi32(0xFF00, one));
-  x = _mm512_add_ps(_mm512_permute_ps(x, 0xB1), _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_castps_si512(s1))));
-  x = _mm512_add_ps(_mm512_permute_ps(x, 0x4E), _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_castps_si512(s2))));
-  x = _mm512_add_ps(_mm512_shuffle_f32x4(x, x, 0xB1), _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_castps_si512(s4))));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(x, x, 0x4E), _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_castps_si512(s8))));
+  // Each stage: partner p = permute(x); lanes whose bit h is clear get x + p (a + b), the others
+  // p - x (a - b), as one fused x * (+-1) + p: the product is exact, so the single rounding is
+  // that of the add (IEEE addition commutes), the same result as the separate operations.
+  const __m512 one = _mm512_set1_ps(1.0f), mone = _mm512_set1_ps(-1.0f);
+  const __m512 s1 = _mm512_mask_blend_ps(0xAAAA, one, mone);
+  const __m512 s2 = _mm512_mask_blend_ps(0xCCCC, one, mone);
+  const __m512 s4 = _mm512_mask_blend_ps(0xF0F0, one, mone);
+  const __m512 s8 = _mm512_mask_blend_ps(0xFF00, one, mone);
+  x = _mm512_fmadd_ps(x, s1, _mm512_permute_ps(x, 0xB1));
+  x = _mm512_fmadd_ps(x, s2, _mm512_permute_ps(x, 0x4E));
+  x = _mm512_fmadd_ps(x, s4, _mm512_shuffle_f32x4(x, x, 0xB1));
+  return _mm512_fmadd_ps(x, s8, _mm512_shuffle_f32x4(x, x, 0x4E));
 }
 
 template <int NV>
@@ -496,7 +499,7 @@ __attribute__((always_inline)) inline void fwht_row(float* y, int H, int D, floa
   }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
 #define KVL_FAST64 1
 // ---- AVX-512 fast path for head_dim 64 and 4/8-bit codes: one head = 4 registers, loaded,
 // rotated, quantized or dequantized and stored without leaving them. The same IEEE operations
@@ -528,9 +531,10 @@ __attribute__((always_inline)) inline __m512 load16(const void* base, int dt, si
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// NaN -> the canonical NaN, then stored as dtype dt (RNE; store_row's conversions).
-__attribute__((always_inline)) inline void store16(__m512 y, int dt, void* base, size_t off) {
-  y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), y, _mm512_set1_ps(kNaN));
+// NaN -> the canonical NaN (unless the caller knows there is none), then stored as dtype dt
+// (RNE; store_row's conversions).
+__attribute__((always_inline)) inline void store16(__m512 y, int dt, void* base, size_t off, bool canon = true) {
+  if (canon) y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), y, _mm512_set1_ps(kNaN));
   if (dt == F32) {
     _mm512_storeu_ps((float*)base + off, y);
   } else if (dt == F16) {
@@ -550,9 +554,10 @@ __attribute__((always_inline)) inline __m512 codes16(const uint8_t* p, int bits,
   __m128i b;
   if (bits == 8) {
     b = _mm_loadu_si128((const __m128i*)(p + c0));
-  } else {
-    const __m128i m = _mm_set1_epi8(0x0F), w = _mm_loadl_epi64((const __m128i*)(p + c0 / 2));
-    b = _mm_unpacklo_epi8(_mm_and_si128(w, m), _mm_and_si128(_mm_srli_epi16(w, 4), m));
+  } else {  // byte i (codes 2i | 2i+1 << 4) into 64-bit lane i; its nibbles to its two 32-bit halves
+    const __m512i x = _mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i*)(p + c0 / 2)));
+    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_or_si512(x, _mm512_slli_epi64(x, 28)),
+                                               _mm512_set1_epi64(0x0000000F0000000FLL)));
   }
   return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
 }
@@ -560,13 +565,11 @@ __attribute__((always_inline)) inline __m512 codes16(const uint8_t* p, int bits,
 // t = clamp(t, 0, qmax) rounded to nearest even (quant1's tail), stored as codes c0 .. c0 + 15.
 __attribute__((always_inline)) inline void put16(__m512 t, float qmax, int bits, uint8_t* p, int c0) {
   t = _mm512_min_ps(_mm512_max_ps(t, _mm512_setzero_ps()), _mm512_set1_ps(qmax));
-  const __m128i b = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+  const __m512i q = _mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   if (bits == 8) {
-    _mm_storeu_si128((__m128i*)(p + c0), b);
-  } else {
-    const __m128i r = _mm_or_si128(_mm_and_si128(b, _mm_set1_epi16(0x000F)),
-                                   _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi16(0x00F0)));
-    _mm_storel_epi64((__m128i*)(p + c0 / 2), _mm_packus_epi16(r, r));
+    _mm_storeu_si128((__m128i*)(p + c0), _mm512_cvtepi32_epi8(q));
+  } else {  // each 64-bit lane's low byte: code 2i | code 2i+1 << 4
+    _mm_storel_epi64((__m128i*)(p + c0 / 2), _mm512_cvtepi64_epi8(_mm512_or_si512(q, _mm512_srli_epi64(q, 28))));
   }
 }
 #endif
@@ -1149,31 +1152,45 @@ int kvl_rot_encode(const void* x, int dt, int L, int P, int T, int H, int D, int
       // Keys: rows loaded and rotated, group min/max over the kept tokens' finite values in the
       // same pass; then bases and group codes; then codes.
       const size_t plane = (size_t)l * P * T * C;
+#if defined(KVL_FAST64)
+      // The fast path takes plain min/max and only notes whether anything was not finite (the
+      // same results when everything is); if something was, the layer is redone carefully.
+      bool quick = fast;
+    redo:
+      __mmask16 nonfinite = 0;
+#endif
       std::fill(gmn.begin(), gmn.end(), inf);
       std::fill(gmx.begin(), gmx.end(), -inf);
       std::fill(bad.begin(), bad.end(), 0);
       for (int t = 0; t < T; ++t) {
         float* __restrict r = y.data() + (size_t)t * C;
 #if defined(KVL_FAST64)
-        if (fast) {
+        if (quick) {
           float* a = gmn.data() + (size_t)(t / gk) * C;
           float* b = gmx.data() + (size_t)(t / gk) * C;
-          const __m512 big = _mm512_set1_ps(kF32Max), vinf = _mm512_set1_ps(inf), vninf = _mm512_set1_ps(-inf);
+          const bool kept = !mask[t];
           for (int h = 0; h < H; ++h) {
             __m512 v[4];
             for (int k = 0; k < 4; ++k) v[k] = load16(x, dt, plane + (size_t)t * C + h * 64 + 16 * k);
             if (rope) rope64_regs<true>(v, rope + (size_t)t * 32, rope + rope_sin + (size_t)t * 32);
             if (rot) fwht64_regs(v, c);
-            for (int k = 0; k < 4; ++k) {
-              const int cc = h * 64 + 16 * k;
-              _mm512_storeu_ps(r + cc, v[k]);
-              if (mask[t]) continue;
-              const __mmask16 f = _mm512_cmp_ps_mask(_mm512_abs_ps(v[k]), big, _CMP_LE_OQ);
-              _mm512_storeu_ps(a + cc, _mm512_min_ps(_mm512_mask_blend_ps(f, vinf, v[k]), _mm512_loadu_ps(a + cc)));
-              _mm512_storeu_ps(b + cc, _mm512_max_ps(_mm512_mask_blend_ps(f, vninf, v[k]), _mm512_loadu_ps(b + cc)));
-              if (f != 0xFFFF)
-                for (int j = 0; j < 16; ++j) bad[cc + j] |= !((f >> j) & 1);
-            }
+            float* rh = r + h * 64;
+            _mm512_storeu_ps(rh, v[0]);
+            _mm512_storeu_ps(rh + 16, v[1]);
+            _mm512_storeu_ps(rh + 32, v[2]);
+            _mm512_storeu_ps(rh + 48, v[3]);
+            if (!kept) continue;
+            float* ah = a + h * 64;
+            float* bh = b + h * 64;
+#define KVL_MINMAX(k)                                                                                 \
+  nonfinite |= _mm512_fpclass_ps_mask(v[k], 0x99); /* NaN, +-inf */                                     \
+  _mm512_storeu_ps(ah + 16 * k, _mm512_min_ps(v[k], _mm512_loadu_ps(ah + 16 * k)));                    \
+  _mm512_storeu_ps(bh + 16 * k, _mm512_max_ps(v[k], _mm512_loadu_ps(bh + 16 * k)));
+            KVL_MINMAX(0)
+            KVL_MINMAX(1)
+            KVL_MINMAX(2)
+            KVL_MINMAX(3)
+#undef KVL_MINMAX
           }
           continue;
         }
@@ -1210,6 +1227,12 @@ int kvl_rot_encode(const void* x, int dt, int L, int P, int T, int H, int D, int
           n[cc] |= !f;
         }
       }
+#if defined(KVL_FAST64)
+      if (quick && nonfinite) {
+        quick = false;
+        goto redo;
+      }
+#endif
       float* kb = k_base + (size_t)l * 2 * C;
       for (int cc = 0; cc < C; ++cc) {
         float bmin = 0.0f, bmax = 0.0f;
@@ -1267,12 +1290,26 @@ int kvl_rot_encode(const void* x, int dt, int L, int P, int T, int H, int D, int
             ok &= _mm512_cmp_ps_mask(v[k], big, _CMP_LE_OQ);
           }
           hbad[h] |= ok != 0xFFFF;
-          for (int g = 0; g < nvg; ++g) {
-            __m512 m = _mm512_setzero_ps();
-            const int k1 = (g + 1) * gv / 16 < 4 ? (g + 1) * gv / 16 : 4;  // the last group may be partial
-            for (int k = g * gv / 16; k < k1; ++k) m = _mm512_max_ps(v[k], m);
-            need[(size_t)t * ng + h * nvg + g] = _mm512_reduce_max_ps(m) / half;
+          // Each group's largest magnitude (divided by half below, 16 groups at a time, off this
+          // loop's dependency chain); fixed register indices keep v[] out of memory.
+          float* mx = need.data() + (size_t)t * ng + h * nvg;
+          if (gv == 16) {
+            for (int k = 0; k < 4; ++k) mx[k] = _mm512_reduce_max_ps(v[k]);
+          } else if (gv == 32) {
+            mx[0] = _mm512_reduce_max_ps(_mm512_max_ps(v[1], v[0]));
+            mx[1] = _mm512_reduce_max_ps(_mm512_max_ps(v[3], v[2]));
+          } else if (gv >= 64) {
+            mx[0] = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(v[3], v[2]), _mm512_max_ps(v[1], v[0])));
+          } else {  // 48: the second group is partial
+            mx[0] = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(v[2], v[1]), v[0]));
+            mx[1] = _mm512_reduce_max_ps(v[3]);
           }
+        }
+        if (t == T - 1) {  // need = largest magnitude / half, as the generic path computes it
+          const __m512 vh = _mm512_set1_ps(half);
+          size_t i = 0;
+          for (; i + 16 <= (size_t)T * ng; i += 16) _mm512_storeu_ps(need.data() + i, _mm512_div_ps(_mm512_loadu_ps(need.data() + i), vh));
+          for (; i < (size_t)T * ng; ++i) need[i] = need[i] / half;
         }
         continue;
       }
@@ -1311,6 +1348,21 @@ int kvl_rot_encode(const void* x, int dt, int L, int P, int T, int H, int D, int
           giv[gi] = sc > 0.0f ? 1.0f / sc : 0.0f;
         }
     for (int t = 0; t < T; ++t) {
+      uint8_t* dst = codes + (((size_t)l * P + (P - 1)) * T + t) * rb;
+#if defined(KVL_FAST64)
+      if (fast && gv % 16 == 0) {  // one scale per 16 channels: broadcast its inverse, no per-channel table
+        const float* r = y.data() + (size_t)t * C;
+        const float* iv = giv.data() + (size_t)t * ng;
+        const __m512 vh = _mm512_set1_ps(half);
+        for (int h = 0; h < H; ++h)
+          for (int k = 0; k < 4; ++k) {
+            const int cc = h * 64 + 16 * k;
+            put16(_mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(r + cc), _mm512_set1_ps(iv[h * nvg + 16 * k / gv])), vh),
+                  qmax, bits, dst, cc);
+          }
+        continue;
+      }
+#endif
       for (int h = 0; h < H; ++h)
         for (int g = 0; g < nvg; ++g) {
           const float iv = giv[(size_t)t * ng + h * nvg + g];
@@ -1323,7 +1375,6 @@ int kvl_rot_encode(const void* x, int dt, int L, int P, int T, int H, int D, int
 #endif
           for (; cc < c1; ++cc) inv[cc] = iv;
         }
-      uint8_t* dst = codes + (((size_t)l * P + (P - 1)) * T + t) * rb;
 #if defined(KVL_FAST64)
       if (fast) {
         const float* r = y.data() + (size_t)t * C;
@@ -1339,6 +1390,15 @@ int kvl_rot_encode(const void* x, int dt, int L, int P, int T, int H, int D, int
     }
   }
   return n_out;
+}
+
+// Whether metadata this small and finite rules out NaN in what it decodes to: every decoded value
+// is then a finite sum of at most a few hundred terms far below the float range (so no inf - inf
+// in the transform), and canonicalising NaN can be skipped.
+static bool tame(const float* m, size_t n) {
+  for (size_t i = 0; i < n; ++i)
+    if (!(std::fabs(m[i]) < 0x1p100f)) return false;
+  return true;
 }
 
 // Decode into out ([L, P, T, H, D] of dtype dt), the outlier tokens' raw rows written back.
@@ -1379,6 +1439,7 @@ int kvl_rot_decode(const float* v_base, const float* k_base, const uint8_t* k_co
     if (P == 2) {
       const float* kb = k_base + (size_t)l * 2 * C;
       const size_t plane = (size_t)l * P * T * C;
+      const bool kcanon = !tame(kb, 2 * C);
       for (int g = 0; g < nkg; ++g) {
         const uint8_t* lo = k_codes + ((size_t)l * nkg + g) * 2 * C;
         const uint8_t* hi = lo + C;
@@ -1403,7 +1464,7 @@ int kvl_rot_decode(const float* v_base, const float* k_base, const uint8_t* k_co
               }
               if (rot) fwht64_regs(v, c);
               if (rope) rope64_regs<false>(v, rope + (size_t)t * 32, rope + rope_sin + (size_t)t * 32);
-              for (int k = 0; k < 4; ++k) store16(v[k], dt, out, plane + (size_t)t * C + h * 64 + 16 * k);
+              for (int k = 0; k < 4; ++k) store16(v[k], dt, out, plane + (size_t)t * C + h * 64 + 16 * k, kcanon);
             }
             continue;
           }
@@ -1422,22 +1483,27 @@ int kvl_rot_decode(const float* v_base, const float* k_base, const uint8_t* k_co
       }
     }
     const size_t plane = ((size_t)l * P + (P - 1)) * T * C;
+    const bool vcanon = !tame(v_base + (size_t)l * H, H);
     for (int t = 0; t < T; ++t) {
       const uint8_t* vc = v_codes + ((size_t)l * T + t) * ng;
       for (int h = 0; h < H; ++h)
         for (int g = 0; g < nvg; ++g) gs[h * nvg + g] = scale_of(v_base[(size_t)l * H + h], vc[h * nvg + g]);
-      for (int h = 0; h < H; ++h)
-        for (int g = 0; g < nvg; ++g) {
-          const int c0 = h * D + g * gv;
-          const int c1 = g * gv + gv < D ? c0 + gv : h * D + D;
-          const float sc = gs[h * nvg + g];
-          int cc = c0;
-#if defined(__AVX__)
-          const __m256 vs = _mm256_set1_ps(sc);
-          for (; cc + 8 <= c1; cc += 8) _mm256_storeu_ps(s.data() + cc, vs);
+      const bool wide = gv % 16 == 0;  // one scale per 16 channels: broadcast it, no per-channel table
+#if defined(KVL_FAST64)
+      if (!(fast && wide))
 #endif
-          for (; cc < c1; ++cc) s[cc] = sc;
-        }
+        for (int h = 0; h < H; ++h)
+          for (int g = 0; g < nvg; ++g) {
+            const int c0 = h * D + g * gv;
+            const int c1 = g * gv + gv < D ? c0 + gv : h * D + D;
+            const float sc = gs[h * nvg + g];
+            int cc = c0;
+#if defined(__AVX__)
+            const __m256 vs = _mm256_set1_ps(sc);
+            for (; cc + 8 <= c1; cc += 8) _mm256_storeu_ps(s.data() + cc, vs);
+#endif
+            for (; cc < c1; ++cc) s[cc] = sc;
+          }
 #if defined(KVL_FAST64)
       if (fast) {
         const uint8_t* row = codes + (((size_t)l * P + (P - 1)) * T + t) * rb;
@@ -1446,14 +1512,16 @@ int kvl_rot_decode(const float* v_base, const float* k_base, const uint8_t* k_co
           __m512 v[4];
           for (int k = 0; k < 4; ++k) {
             const int cc = h * 64 + 16 * k;
-            v[k] = _mm512_mul_ps(_mm512_sub_ps(codes16(row, bits, cc), vh), _mm512_loadu_ps(s.data() + cc));
+            const __m512 sc = wide ? _mm512_set1_ps(gs[h * nvg + 16 * k / gv]) : _mm512_loadu_ps(s.data() + cc);
+            v[k] = _mm512_mul_ps(_mm512_sub_ps(codes16(row, bits, cc), vh), sc);
           }
           if (rot) fwht64_regs(v, c);
-          for (int k = 0; k < 4; ++k) store16(v[k], dt, out, plane + (size_t)t * C + h * 64 + 16 * k);
+          for (int k = 0; k < 4; ++k) store16(v[k], dt, out, plane + (size_t)t * C + h * 64 + 16 * k, vcanon);
         }
         continue;
       }
 #endif
+
       unpack_fast(codes + (((size_t)l * P + (P - 1)) * T + t) * rb, C, bits, qf.data());
       float* __restrict yy = y.data();
       const float* __restrict qq = qf.data();

@@ -84,6 +84,7 @@ import torch
 
 from kvlayer.codec import _ext, register_transform
 from kvlayer.codec.base import Buffer, Transform, tensor_bytes
+from kvlayer.codec.buffers import POOL
 from kvlayer.codec.quant import (
     _COMPRESSOR_PARAMS,
     DEFAULT_GROUP,
@@ -482,6 +483,14 @@ def _lib() -> ctypes.CDLL | None:
     return lib
 
 
+def _pooled(nbytes: int) -> torch.Tensor:
+    """A uint8 tensor of ``nbytes`` in recycled memory (:mod:`kvlayer.codec.buffers`): the
+    payload that is copied into the blob, the chunk a decode returns. Fresh multi-MiB memory is
+    page faults, which cost the kernels a fifth of their time; the memory goes back to the pool
+    when the last tensor viewing it is gone, never earlier."""
+    return torch.from_numpy(POOL.take(nbytes))
+
+
 def encode_chunk(x5: torch.Tensor, bits: int, gk: int, gv: int, rot: bool, max_out: int,
                  rope: float = 0.0) -> tuple[torch.Tensor, RotLayout]:
     """(payload, layout) of a contiguous ``[L, P, T, H, D]`` chunk: C++ when built, else torch."""
@@ -494,7 +503,7 @@ def encode_chunk(x5: torch.Tensor, bits: int, gk: int, gv: int, rot: bool, max_o
         encode_torch(x5, mask, lay, buf)
         return buf, lay
     room = make_rot_layout(tuple(x5.shape), x5.dtype, bits, gk, gv, rot, min(max_out, T), rope)
-    buf = torch.empty(room.total, dtype=torch.uint8)
+    buf = _pooled(room.total)
     tab = rope_tables(T, D, rope) if rope else None
     n = lib.kvl_rot_encode(x5.data_ptr(), _DT[x5.dtype], L, P, T, H, D, bits, gk, gv, int(rot),
                            rotation_scale(D) or 1.0, None if tab is None else tab.data_ptr(), min(max_out, T),
@@ -515,7 +524,8 @@ def decode_from(buf: torch.Tensor, lay: RotLayout) -> torch.Tensor:
         if lay.n_out:
             out[:, :, mask] = lay.views(buf)["raw"].view(lay.L, lay.P, lay.n_out, lay.H, lay.D)
         return out
-    out = torch.empty((lay.L, lay.P, lay.T, lay.H, lay.D), dtype=lay.dtype)
+    shape = (lay.L, lay.P, lay.T, lay.H, lay.D)
+    out = _pooled(math.prod(shape) * _itemsize(lay.dtype)).view(lay.dtype).view(shape)
     tab = rope_tables(lay.T, lay.D, lay.rope) if lay.rope else None
     rc = lib.kvl_rot_decode(*lay.pointers(buf), lay.mask_bytes, lay.n_out, _DT[lay.dtype], lay.L, lay.P, lay.T, lay.H, lay.D,
                             lay.bits, lay.gk, lay.gv, int(lay.rot), rotation_scale(lay.D) or 1.0,

@@ -117,6 +117,8 @@ def test_rot_blobs_match_torch(lib: object, case: int) -> None:
     x = _input(shape, dtype, nonfinite, 500 + case).float()
     if sink and shape[2] >= 16:
         x[:, 0, 0] = x[:, 0, 0] * 0.1 + 10 * x.abs().max()
+    if dtype != torch.float16 and case % 5 == 1:  # near the float range: the transform may overflow to inf - inf
+        x = x / x.abs().amax().clamp_min(1e-30) * 3e37
     x = x.to(dtype)
     # RoPE-aware keys (``rope_theta``; ignored for MLA's one plane and odd head dims) on both paths.
     for rotate, rope in ((True, 0.0), (False, 0.0), (True, 10000.0), (False, 500.0)):

@@ -106,7 +106,7 @@ def _rot_bound(x5: torch.Tensor, y5: torch.Tensor, bits: int, gk: int, gv: int, 
     back in the original domain, element i of a head errs by at most 1/sqrt(D) x the sum of the
     head's rotated bounds. Outlier tokens (stored exactly) are bounded as if quantized. With
     ``rope``, keys are grouped after RoPE is undone by each token's in-chunk offset, and putting
-    it back mixes each pair of channels: their bound grows by at most ``|cos| + |sin| <= sqrt(2)``."""
+    it back mixes each channel j with j + D/2: its bound becomes sqrt(B_j^2 + B_(j+D/2)^2)."""
     L, P, T, H, D = x5.shape
     rot = rotate and D >= 2 and D & (D - 1) == 0
     rope = rope if P == 2 and D % 2 == 0 else 0.0
@@ -134,8 +134,10 @@ def _rot_bound(x5: torch.Tensor, y5: torch.Tensor, bits: int, gk: int, gv: int, 
             b[:, P - 1, :, :, c0 : c0 + gv] = (0.5001 * s + 2.0**-20 * half * need).expand_as(g)
     if rot:
         b = b.sum(-1, keepdim=True).expand_as(b) / math.sqrt(D) + 2.0**-20 * xd.abs().sum(-1, keepdim=True)
-    if rope:
-        b[:, 0] = b[:, 0] * math.sqrt(2) + 2.0**-20 * xd[:, 0].abs().sum(-1, keepdim=True)
+    if rope:  # element j mixes with j + D/2 (and back): |c e_j -+ s e_p| <= sqrt(e_j^2 + e_p^2)
+        k = b[:, 0]
+        partner = torch.cat((k[..., D // 2 :], k[..., : D // 2]), dim=-1)
+        b[:, 0] = (k.square() + partner.square()).sqrt() + 2.0**-20 * xd[:, 0].abs().sum(-1, keepdim=True)
     return b.float() + _out_slack(x5, y5)
 
 
