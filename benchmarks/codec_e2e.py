@@ -107,6 +107,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from vllm import LLM
 
     from kvlayer.assets import smollm2_dir
+    from kvlayer.codec import with_rope
     from kvlayer.demo import timed_request
 
     codec, params = CODECS[args.worker]
@@ -139,7 +140,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     cold_tokens, warm_tokens = cold, warm
     connector.flush()
     return {"codec": args.worker, "warm": warm_tokens, "cold": cold_tokens, "loaded": loaded,
-            "rope_theta": connector.cache.config.rope_theta,
+            # the RoPE base the tier's codec got: its own setting, else the one the connector read from vLLM
+            "rope_theta": with_rope(codec, params, connector.cache.config.rope_theta).get("rope_theta"),
             "disk_bytes": dir_bytes(disk), "seconds": time.perf_counter() - t0}
 
 
