@@ -34,7 +34,7 @@ error is what changes the next token, and these cut it at no or little cost in b
   end to end; see docs/codecs.md for the sweep.
 
 Arithmetic (fp32, shared bit for bit by the torch reference below and the C++ kernels; no fused
-multiply-add)::
+multiply-add, except the kernels' butterflies ``x * (+-1) + partner``, exact in either form)::
 
     K: x = unrope(x)            # with rope_theta: pairs (a, b) = (x[j], x[j + D/2]) of each head,
                                 # (a*c + b*s, b*c - a*s) with the f32 cos/sin of t * theta^(-2j/D), t = offset in chunk
