@@ -89,12 +89,14 @@ def engine_spec(*, model: str, revision: str | None, dtype: torch.dtype | str, n
                   tp_rank=tp_rank, tp_size=tp_size, is_mla=is_mla, extra=tuple(extra))
 
 
-#: Model types whose attention applies RoPE in the rotate-half layout (pairs ``j, j + D/2``), the
-#: one the int codecs' key transform undoes; others (interleaved pairs: GPT-J, ChatGLM, Cohere)
-#: would get a transform that fits nothing (still lossless to invert, only no gain).
+#: Model types whose every layer applies RoPE with one base in the rotate-half layout (pairs
+#: ``j, j + D/2``), the one the int codecs' key transform undoes. Left out: interleaved pairs
+#: (GPT-J, ChatGLM, Cohere), partial rotary dims (Phi-2, GPT-NeoX), layers without RoPE or with
+#: another base (SmolLM3, Gemma 3, Llama 4): there the transform would fit nothing (still exact
+#: to invert, only no gain).
 ROTATE_HALF_MODELS = frozenset({
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "phi3",
-    "granite", "granitemoe", "olmo", "olmo2", "starcoder2", "internlm2", "deepseek", "exaone", "smollm3",
+    "granite", "granitemoe", "olmo", "olmo2", "starcoder2", "internlm2", "deepseek", "exaone",
 })
 
 
