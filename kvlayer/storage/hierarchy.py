@@ -170,6 +170,8 @@ class TieredStore:
         s = self.blobs.stats()
         for d, codec in zip(s["tiers"], self.codecs.codecs, strict=True):
             d["codec"] = codec.name
+            if codec.transform.params:  # e.g. the RoPE base an engine connector handed the int codecs
+                d["codec_params"] = dict(codec.transform.params)
         return s
 
     def close(self) -> None:

@@ -152,8 +152,7 @@ def test_rope_theta_reaches_the_int_codecs_only(spec, make_cache, tmp_path):
              TierConfig(kind="disk", name="d3", capacity=4 * MiB, path=str(tmp_path / "f"), codec="int4",
                         codec_params={"scheme": "kivi"})]
     c = make_cache(spec, tiers=tiers, env={"KVLAYER_ROPE_THETA": "10000"})
-    got = {lv.name: codec.transform.params.get("rope_theta")
-           for lv, codec in zip(c._store.levels, c._store.codecs.codecs, strict=True)}
+    got = {t["name"]: t.get("codec_params", {}).get("rope_theta") for t in c.stats()["tiers"]}
     assert got == {"cpu": None, "disk": 10000.0, "d2": 0, "d3": None}
 
 
