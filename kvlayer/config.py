@@ -114,9 +114,9 @@ class KVLayerConfig(BaseModel):
     auth_token: str | None = None
     tenant: str = "default"
     codec_params: dict[str, Any] = Field(default_factory=dict)
-    rope_theta: float | None = Field(default=None, gt=0, description="the model's RoPE base; the vLLM and SGLang "
-                                     "connectors fill it in from the model's config. The rotated int codecs then "
-                                     "quantize keys with RoPE undone within each chunk (docs/codecs.md); None = "
+    rope_theta: float | None = Field(default=None, ge=0, description="the model's RoPE base; None = the vLLM and "
+                                     "SGLang connectors fill it in from the model's config. The rotated int codecs "
+                                     "then quantize keys with RoPE undone within each chunk (docs/codecs.md); 0 = "
                                      "keys as stored")
     write_policy: Literal["write_through", "on_demotion"] = "write_through"
     write_queue_bytes: int = Field(default=256 << 20, description="bound on bytes queued for lower tiers")

@@ -103,6 +103,10 @@ def test_rope_base_comes_from_rotate_half_models_only():
     assert with_model_rope(cfg, llama).rope_theta == 500000.0 and cfg.rope_theta is None
     mine = load_config(env={"KVLAYER_ROPE_THETA": "10000"})
     assert with_model_rope(mine, llama).rope_theta == 10000.0  # the user's setting wins
+    off = load_config(env={"KVLAYER_ROPE_THETA": "0"})  # 0: keys as stored, nothing filled in
+    assert with_model_rope(off, llama).rope_theta == 0
+    with pytest.raises(ConfigError, match="rope_theta"):
+        load_config(env={"KVLAYER_ROPE_THETA": "-1"})
 
 
 # ------------------------------------------------------------------ failure guard

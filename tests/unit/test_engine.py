@@ -154,6 +154,10 @@ def test_rope_theta_reaches_the_int_codecs_only(spec, make_cache, tmp_path):
     c = make_cache(spec, tiers=tiers, env={"KVLAYER_ROPE_THETA": "10000"})
     got = {t["name"]: t.get("codec_params", {}).get("rope_theta") for t in c.stats()["tiers"]}
     assert got == {"cpu": None, "disk": 10000.0, "d2": 0, "d3": None}
+    off = make_cache(spec, env={"KVLAYER_ROPE_THETA": "0"},  # 0 = keys as stored
+                     tiers=[tiers[0], TierConfig(kind="disk", name="disk", capacity=4 * MiB, path=str(tmp_path / "g"),
+                                                 codec="int4")])
+    assert "codec_params" not in off.stats()["tiers"][1]
 
 
 # ---------------------------------------------------------------------------------- documents
