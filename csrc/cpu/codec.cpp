@@ -1108,7 +1108,8 @@ static void copy_rows(const uint8_t* mask, int T, int L, int P, int C, size_t es
 // Encode a [L, P, T, H, D] chunk into rotq.py's layout: finds the outlier tokens (at most
 // max_out), writes the token bitmap (mask_bytes, zero-padded) and their raw rows ([L, P, n, C], the
 // last section, sized for max_out by the caller) and quantizes the rest. rot: rotate with scale
-// c. Returns the number of outlier tokens, or -1 on bad arguments.
+// c. rope: null, or the cos then sin tables [T, D/2] (rotq.rope_tables) to undo RoPE by each
+// key's offset in the chunk first. Returns the number of outlier tokens, or -1 on bad arguments.
 int kvl_rot_encode(const void* x, int dt, int L, int P, int T, int H, int D, int bits, int gk, int gv, int rot,
                    float c, const float* rope, int max_out, int mask_bytes, float* v_base, float* k_base, uint8_t* k_codes,
                    uint8_t* v_codes, uint8_t* codes, uint8_t* mask_bits, void* raw) {
@@ -1431,8 +1432,8 @@ static bool tame(const float* m, size_t n) {
   return true;
 }
 
-// Decode into out ([L, P, T, H, D] of dtype dt), the outlier tokens' raw rows written back.
-// Returns 0, 1 on bad arguments, 2 when the bitmap does not hold n_out tokens (or has padding set).
+// Decode into out ([L, P, T, H, D] of dtype dt), the outlier tokens' raw rows written back; rope
+// (as for the encoder) puts the keys' RoPE back. Returns 0, 1 on bad arguments, 2 when the bitmap does not hold n_out tokens (or has padding set).
 int kvl_rot_decode(const float* v_base, const float* k_base, const uint8_t* k_codes, const uint8_t* v_codes,
                    const uint8_t* codes, const uint8_t* mask_bits, const void* raw, int mask_bytes, int n_out, int dt, int L, int P,
                    int T, int H, int D, int bits, int gk, int gv, int rot, float c, const float* rope, void* out) {
