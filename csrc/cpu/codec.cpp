@@ -1344,8 +1344,8 @@ int kvl_rot_encode(const void* x, int dt, int L, int P, int T, int H, int D, int
     // scale_code / scale_of / 1/scale for 16 groups at a time (integer bit work, one division
     // instruction for 16), each lane exactly as the scalar loop below computes it.
     for (size_t i = 0; i < (size_t)ng; ++i) gtop[i] = hbad[i / nvg] ? kNaN : S[i / nvg];
-    for (size_t i = ng; i < (size_t)T * ng && i < gtop.size(); ++i) gtop[i] = gtop[i - ng];
-    if (gtop.size() >= (size_t)T * ng) {
+    for (size_t i = ng; i < (size_t)T * ng; ++i) gtop[i] = gtop[i - ng];  // the (layer, head) top per group
+    {
       const __m512i low = _mm512_set1_epi32((1 << kScaleDrop) - 1), m31 = _mm512_set1_epi32(31);
       const __m512i one = _mm512_set1_epi32(1), seven = _mm512_set1_epi32(7), zero = _mm512_setzero_si512();
       for (; gi0 + 16 <= (size_t)T * ng; gi0 += 16) {

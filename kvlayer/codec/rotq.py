@@ -179,7 +179,7 @@ class RotLayout:
             if name == "mask":
                 shape = (shape[0] + (-(off + shape[0]) % 4),)
             out[name] = (off, dt, shape)
-            off += math.prod(shape) * _itemsize(dt)
+            off += math.prod(shape) * dt.itemsize
         out["_end"] = (off, torch.uint8, (0,))
         return out
 
@@ -198,7 +198,7 @@ class RotLayout:
         out = {}
         for name, (off, dt, shape) in self.sections.items():
             if name != "_end":
-                n = math.prod(shape) * _itemsize(dt)
+                n = math.prod(shape) * dt.itemsize
                 out[name] = buf[off : off + n].view(dt).view(shape)
         return out
 
@@ -206,10 +206,6 @@ class RotLayout:
         """Addresses of the sections in ``buf`` (the C kernels' arguments), in layout order."""
         base = buf.data_ptr()
         return [base + off for name, (off, _, _) in self.sections.items() if name != "_end"]
-
-
-def _itemsize(dt: torch.dtype) -> int:
-    return torch.empty((), dtype=dt).element_size()
 
 
 @functools.lru_cache(maxsize=256)
@@ -525,7 +521,7 @@ def decode_from(buf: torch.Tensor, lay: RotLayout) -> torch.Tensor:
             out[:, :, mask] = lay.views(buf)["raw"].view(lay.L, lay.P, lay.n_out, lay.H, lay.D)
         return out
     shape = (lay.L, lay.P, lay.T, lay.H, lay.D)
-    out = _pooled(math.prod(shape) * _itemsize(lay.dtype)).view(lay.dtype).view(shape)
+    out = _pooled(math.prod(shape) * lay.dtype.itemsize).view(lay.dtype).view(shape)
     tab = rope_tables(lay.T, lay.D, lay.rope) if lay.rope else None
     rc = lib.kvl_rot_decode(*lay.pointers(buf), lay.mask_bytes, lay.n_out, _DT[lay.dtype], lay.L, lay.P, lay.T, lay.H, lay.D,
                             lay.bits, lay.gk, lay.gv, int(lay.rot), rotation_scale(lay.D) or 1.0,
