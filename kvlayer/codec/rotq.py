@@ -115,8 +115,10 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _F32_MAX = torch.finfo(torch.float32).max
 
 
+@functools.lru_cache(maxsize=64)
 def rotation_scale(D: int) -> float | None:
-    """``f32(1/sqrt(D))`` when head_dim ``D`` is a power of two (>= 2), else None (no rotation)."""
+    """``f32(1/sqrt(D))`` when head_dim ``D`` is a power of two (>= 2), else None (no rotation).
+    Cached: every encode and decode asks, and building the tensor cost ~10 us each time."""
     if D < 2 or D & (D - 1):
         return None
     return float(torch.tensor(1.0 / math.sqrt(D), dtype=torch.float32))
