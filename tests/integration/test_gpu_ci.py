@@ -1,10 +1,11 @@
 """``.ci/gpu`` and ``benchmarks/gpu.py`` on a machine without a GPU: what can be checked here is
-checked (the offline install logic, the nvcc build when nvcc exists), the GPU steps are skipped
+checked (the offline install logic, the nvcc build when nvcc exists, the CPU codec floor), the GPU steps are skipped
 with a clear line, and the benchmark refuses instead of measuring nothing. On a GPU machine these
 two tests skip: ``.ci/gpu`` itself is the check there."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -28,6 +29,12 @@ def test_ci_gpu_without_a_gpu_checks_what_it_can_and_exits_0(tmp_path):
     assert "install: ok" in summary and "cuda-build: ok" in summary and "FAILED" not in summary
     assert (out / "install.log").is_file() and (out / "cuda-build.log").is_file()
     assert "benchmark:" not in summary and "tests:" not in summary  # the GPU steps did not run
+    # the CPU step before them: the rotated codecs' floor, as ratios to memcpy (None without AVX-512)
+    assert "rotation-floor: ok" in summary
+    floor = json.loads((out / "rotation_floor.json").read_text())["result"]
+    if floor["memcpy_gbps"] is not None:
+        assert 0 < floor["decode4_floor_vs_memcpy"] < floor["convert_vs_memcpy"]
+        assert 0 < floor["rotate_vs_memcpy"] < floor["convert_vs_memcpy"]
 
 
 def test_gpu_benchmark_refuses_without_a_gpu():
