@@ -412,26 +412,35 @@ __attribute__((always_inline)) inline void fwht_reg(float* v, float c) {
 #endif
 
 #if defined(__AVX512F__)
+// The signs of bfly16's four stages, built once per kernel call and passed in: rebuilt at every
+// vector (as inlining them into a large loop left them) they cost ~2.5 instructions per vector.
+struct Bfly16 {
+  __m512 s1, s2, s4, s8;
+  Bfly16() {
+    const __m512 one = _mm512_set1_ps(1.0f), mone = _mm512_set1_ps(-1.0f);
+    s1 = _mm512_mask_blend_ps(0xAAAA, one, mone);
+    s2 = _mm512_mask_blend_ps(0xCCCC, one, mone);
+    s4 = _mm512_mask_blend_ps(0xF0F0, one, mone);
+    s8 = _mm512_mask_blend_ps(0xFF00, one, mone);
+  }
+};
+
 // The same butterflies h = 1, 2, 4, 8 inside one vector of 16.
-__attribute__((always_inline)) inline __m512 bfly16(__m512 x) {
+__attribute__((always_inline)) inline __m512 bfly16(__m512 x, const Bfly16& b) {
   // Each stage: partner p = permute(x); lanes whose bit h is clear get x + p (a + b), the others
   // p - x (a - b), as one fused x * (+-1) + p: the product is exact, so the single rounding is
   // that of the add (IEEE addition commutes), the same result as the separate operations.
-  const __m512 one = _mm512_set1_ps(1.0f), mone = _mm512_set1_ps(-1.0f);
-  const __m512 s1 = _mm512_mask_blend_ps(0xAAAA, one, mone);
-  const __m512 s2 = _mm512_mask_blend_ps(0xCCCC, one, mone);
-  const __m512 s4 = _mm512_mask_blend_ps(0xF0F0, one, mone);
-  const __m512 s8 = _mm512_mask_blend_ps(0xFF00, one, mone);
-  x = _mm512_fmadd_ps(x, s1, _mm512_permute_ps(x, 0xB1));
-  x = _mm512_fmadd_ps(x, s2, _mm512_permute_ps(x, 0x4E));
-  x = _mm512_fmadd_ps(x, s4, _mm512_shuffle_f32x4(x, x, 0xB1));
-  return _mm512_fmadd_ps(x, s8, _mm512_shuffle_f32x4(x, x, 0x4E));
+  x = _mm512_fmadd_ps(x, b.s1, _mm512_permute_ps(x, 0xB1));
+  x = _mm512_fmadd_ps(x, b.s2, _mm512_permute_ps(x, 0x4E));
+  x = _mm512_fmadd_ps(x, b.s4, _mm512_shuffle_f32x4(x, x, 0xB1));
+  return _mm512_fmadd_ps(x, b.s8, _mm512_shuffle_f32x4(x, x, 0x4E));
 }
 
 template <int NV>
 __attribute__((always_inline)) inline void fwht_reg16(float* v, float c) {
   __m512 r[NV];
-  for (int k = 0; k < NV; ++k) r[k] = bfly16(_mm512_loadu_ps(v + 16 * k));
+  const Bfly16 b16;
+  for (int k = 0; k < NV; ++k) r[k] = bfly16(_mm512_loadu_ps(v + 16 * k), b16);
   for (int hv = 1; hv < NV; hv *= 2)
     for (int i = 0; i < NV; i += 2 * hv)
       for (int j = i; j < i + hv; ++j) {
@@ -505,8 +514,15 @@ __attribute__((always_inline)) inline void fwht_row(float* y, int H, int D, floa
 // rotated, quantized or dequantized and stored without leaving them. The same IEEE operations
 // as the generic code (and so as rotq.py), in the same order.
 
-__attribute__((always_inline)) inline void fwht64_regs(__m512* r, float c) {
-  for (int k = 0; k < 4; ++k) r[k] = bfly16(r[k]);
+// The 64-point transform's constants: bfly16's signs and c.
+struct Fw64 {
+  Bfly16 b;
+  __m512 c;
+  explicit Fw64(float cc) : c(_mm512_set1_ps(cc)) {}
+};
+
+__attribute__((always_inline)) inline void fwht64_regs(__m512* r, const Fw64& f) {
+  for (int k = 0; k < 4; ++k) r[k] = bfly16(r[k], f.b);
   __m512 a = r[0], b = r[1];
   r[0] = _mm512_add_ps(a, b);
   r[1] = _mm512_sub_ps(a, b);
@@ -519,8 +535,7 @@ __attribute__((always_inline)) inline void fwht64_regs(__m512* r, float c) {
   a = r[1], b = r[3];
   r[1] = _mm512_add_ps(a, b);
   r[3] = _mm512_sub_ps(a, b);
-  const __m512 vc = _mm512_set1_ps(c);
-  for (int k = 0; k < 4; ++k) r[k] = _mm512_mul_ps(r[k], vc);
+  for (int k = 0; k < 4; ++k) r[k] = _mm512_mul_ps(r[k], f.c);
 }
 
 // 16 elements of a row of dtype dt as fp32 (exact).
@@ -779,6 +794,75 @@ __attribute__((always_inline)) inline void rope64_regs(__m512* v, const float* c
       v[k + 2] = _mm512_add_ps(_mm512_mul_ps(b, c), _mm512_mul_ps(a, s));
     }
   }
+}
+#endif
+
+#if defined(KVL_FAST64)
+// Decoder rows of the fast path (head_dim 64, 4/8-bit codes), specialised on the bits, the
+// dtype and RoPE so that the loops hold no per-vector branches; the operations and their order
+// are the generic path's.
+
+// Key rows t0 .. t1 - 1 of one token group: q * s + z, the transform, RoPE put back, dtype.
+template <int BITS, int DT, bool ROPE>
+__attribute__((noinline)) void dec_krows(const uint8_t* codes, int rb, int t0, int t1, const float* s, const float* z, int H,
+                                         bool rot, const Fw64& fw, const float* cs, const float* sn, void* out,
+                                         size_t plane, bool canon) {
+  const int C = H * 64;
+  for (int t = t0; t < t1; ++t) {
+    const uint8_t* row = codes + (size_t)t * rb;
+    for (int h = 0; h < H; ++h) {
+      __m512 v[4];
+      for (int k = 0; k < 4; ++k) {
+        const int cc = h * 64 + 16 * k;
+        v[k] = _mm512_add_ps(_mm512_mul_ps(codes16(row, BITS, cc), _mm512_loadu_ps(s + cc)), _mm512_loadu_ps(z + cc));
+      }
+      if (rot) fwht64_regs(v, fw);
+      if (ROPE) rope64_regs<false>(v, cs + (size_t)t * 32, sn + (size_t)t * 32);
+      for (int k = 0; k < 4; ++k) store16(v[k], DT, out, plane + (size_t)t * C + h * 64 + 16 * k, canon);
+    }
+  }
+}
+
+// The value rows of one layer, one scale per 16 channels (gv a multiple of 16).
+template <int BITS, int DT>
+__attribute__((noinline)) void dec_vrows(const uint8_t* codes, int rb, const uint8_t* vcodes, const float* top, int T, int H,
+                                         int nvg, int gv, bool rot, const Fw64& fw, void* out, size_t plane, bool canon,
+                                         float* gs) {
+  const int C = H * 64, ng = H * nvg;
+  const __m512 vh = _mm512_set1_ps(BITS == 4 ? 7.5f : 127.5f);
+  for (int t = 0; t < T; ++t) {
+    const uint8_t* vc = vcodes + (size_t)t * ng;
+    for (int h = 0; h < H; ++h)
+      for (int g = 0; g < nvg; ++g) gs[h * nvg + g] = scale_of(top[h], vc[h * nvg + g]);
+    const uint8_t* row = codes + (size_t)t * rb;
+    for (int h = 0; h < H; ++h) {
+      __m512 v[4];
+      for (int k = 0; k < 4; ++k) {
+        const int cc = h * 64 + 16 * k;
+        v[k] = _mm512_mul_ps(_mm512_sub_ps(codes16(row, BITS, cc), vh), _mm512_set1_ps(gs[h * nvg + 16 * k / gv]));
+      }
+      if (rot) fwht64_regs(v, fw);
+      for (int k = 0; k < 4; ++k) store16(v[k], DT, out, plane + (size_t)t * C + h * 64 + 16 * k, canon);
+    }
+  }
+}
+
+template <int BITS>
+void dec_krows_dt(int dt, bool rope, const uint8_t* codes, int rb, int t0, int t1, const float* s, const float* z, int H,
+                  bool rot, const Fw64& fw, const float* cs, const float* sn, void* out, size_t plane, bool canon) {
+#define KVL_K(D, R) dec_krows<BITS, D, R>(codes, rb, t0, t1, s, z, H, rot, fw, cs, sn, out, plane, canon)
+  if (dt == F16) { if (rope) KVL_K(F16, true); else KVL_K(F16, false); }
+  else if (dt == BF16) { if (rope) KVL_K(BF16, true); else KVL_K(BF16, false); }
+  else { if (rope) KVL_K(F32, true); else KVL_K(F32, false); }
+#undef KVL_K
+}
+
+template <int BITS>
+void dec_vrows_dt(int dt, const uint8_t* codes, int rb, const uint8_t* vcodes, const float* top, int T, int H, int nvg, int gv,
+                  bool rot, const Fw64& fw, void* out, size_t plane, bool canon, float* gs) {
+  if (dt == F16) dec_vrows<BITS, F16>(codes, rb, vcodes, top, T, H, nvg, gv, rot, fw, out, plane, canon, gs);
+  else if (dt == BF16) dec_vrows<BITS, BF16>(codes, rb, vcodes, top, T, H, nvg, gv, rot, fw, out, plane, canon, gs);
+  else dec_vrows<BITS, F32>(codes, rb, vcodes, top, T, H, nvg, gv, rot, fw, out, plane, canon, gs);
 }
 #endif
 
@@ -1147,6 +1231,7 @@ int kvl_rot_encode(const void* x, int dt, int L, int P, int T, int H, int D, int
   uint8_t* qdst = q.data();
 #if defined(KVL_FAST64)
   const bool fast = D == 64 && (bits == 4 || bits == 8);
+  const Fw64 fw(c);
 #endif
   for (int l = 0; l < L; ++l) {
     if (P == 2) {
@@ -1174,7 +1259,7 @@ int kvl_rot_encode(const void* x, int dt, int L, int P, int T, int H, int D, int
             __m512 v[4];
             for (int k = 0; k < 4; ++k) v[k] = load16(x, dt, plane + (size_t)t * C + h * 64 + 16 * k);
             if (rope) rope64_regs<true>(v, rope + (size_t)t * 32, rope + rope_sin + (size_t)t * 32);
-            if (rot) fwht64_regs(v, c);
+            if (rot) fwht64_regs(v, fw);
             float* rh = r + h * 64;
             _mm512_storeu_ps(rh, v[0]);
             _mm512_storeu_ps(rh + 16, v[1]);
@@ -1283,7 +1368,7 @@ int kvl_rot_encode(const void* x, int dt, int L, int P, int T, int H, int D, int
         for (int h = 0; h < H; ++h) {
           __m512 v[4];
           for (int k = 0; k < 4; ++k) v[k] = load16(x, dt, plane + (size_t)t * C + h * 64 + 16 * k);
-          if (rot) fwht64_regs(v, c);
+          if (rot) fwht64_regs(v, fw);
           __mmask16 ok = 0xFFFF;
           for (int k = 0; k < 4; ++k) {
             _mm512_storeu_ps(r + h * 64 + 16 * k, v[k]);
@@ -1465,6 +1550,7 @@ int kvl_rot_decode(const float* v_base, const float* k_base, const uint8_t* k_co
   std::vector<float> qf(C), y(C), s(C), z(C), gs(ng);
 #if defined(KVL_FAST64)
   const bool fast = D == 64 && (bits == 4 || bits == 8);
+  const Fw64 fw(c);
 #endif
   for (int l = 0; l < L; ++l) {
     if (P == 2) {
@@ -1482,24 +1568,19 @@ int kvl_rot_decode(const float* v_base, const float* k_base, const uint8_t* k_co
           s[cc] = (mx - mn) / qmax;
         }
         const int t1 = (g + 1) * gk < T ? (g + 1) * gk : T;
-        for (int t = g * gk; t < t1; ++t) {
 #if defined(KVL_FAST64)
-          if (fast) {
-            const uint8_t* row = codes + (((size_t)l * P) * T + t) * rb;
-            for (int h = 0; h < H; ++h) {
-              __m512 v[4];
-              for (int k = 0; k < 4; ++k) {
-                const int cc = h * 64 + 16 * k;
-                v[k] = _mm512_add_ps(_mm512_mul_ps(codes16(row, bits, cc), _mm512_loadu_ps(s.data() + cc)),
-                                     _mm512_loadu_ps(z.data() + cc));
-              }
-              if (rot) fwht64_regs(v, c);
-              if (rope) rope64_regs<false>(v, rope + (size_t)t * 32, rope + rope_sin + (size_t)t * 32);
-              for (int k = 0; k < 4; ++k) store16(v[k], dt, out, plane + (size_t)t * C + h * 64 + 16 * k, kcanon);
-            }
-            continue;
-          }
+        if (fast) {
+          const uint8_t* kc = codes + ((size_t)l * P) * T * rb;
+          const float* cs = rope ? rope : nullptr;
+          const float* sn = rope ? rope + rope_sin : nullptr;
+          if (bits == 4)
+            dec_krows_dt<4>(dt, rope != nullptr, kc, rb, g * gk, t1, s.data(), z.data(), H, rot, fw, cs, sn, out, plane, kcanon);
+          else
+            dec_krows_dt<8>(dt, rope != nullptr, kc, rb, g * gk, t1, s.data(), z.data(), H, rot, fw, cs, sn, out, plane, kcanon);
+          continue;
+        }
 #endif
+        for (int t = g * gk; t < t1; ++t) {
           unpack_fast(codes + (((size_t)l * P) * T + t) * rb, C, bits, qf.data());
           float* __restrict yy = y.data();
           const float* __restrict qq = qf.data();
@@ -1515,38 +1596,45 @@ int kvl_rot_decode(const float* v_base, const float* k_base, const uint8_t* k_co
     }
     const size_t plane = ((size_t)l * P + (P - 1)) * T * C;
     const bool vcanon = !tame(v_base + (size_t)l * H, H);
+#if defined(KVL_FAST64)
+    if (fast && gv % 16 == 0) {  // one scale per 16 channels: broadcast, no per-channel table
+      const uint8_t* vr = codes + ((size_t)l * P + (P - 1)) * T * rb;
+      const uint8_t* vcodes = v_codes + (size_t)l * T * ng;
+      const float* top = v_base + (size_t)l * H;
+      if (bits == 4)
+        dec_vrows_dt<4>(dt, vr, rb, vcodes, top, T, H, nvg, gv, rot, fw, out, plane, vcanon, gs.data());
+      else
+        dec_vrows_dt<8>(dt, vr, rb, vcodes, top, T, H, nvg, gv, rot, fw, out, plane, vcanon, gs.data());
+      continue;
+    }
+#endif
     for (int t = 0; t < T; ++t) {
       const uint8_t* vc = v_codes + ((size_t)l * T + t) * ng;
       for (int h = 0; h < H; ++h)
         for (int g = 0; g < nvg; ++g) gs[h * nvg + g] = scale_of(v_base[(size_t)l * H + h], vc[h * nvg + g]);
-      const bool wide = gv % 16 == 0;  // one scale per 16 channels: broadcast it, no per-channel table
-#if defined(KVL_FAST64)
-      if (!(fast && wide))
-#endif
-        for (int h = 0; h < H; ++h)
-          for (int g = 0; g < nvg; ++g) {
-            const int c0 = h * D + g * gv;
-            const int c1 = g * gv + gv < D ? c0 + gv : h * D + D;
-            const float sc = gs[h * nvg + g];
-            int cc = c0;
+      for (int h = 0; h < H; ++h)
+        for (int g = 0; g < nvg; ++g) {
+          const int c0 = h * D + g * gv;
+          const int c1 = g * gv + gv < D ? c0 + gv : h * D + D;
+          const float sc = gs[h * nvg + g];
+          int cc = c0;
 #if defined(__AVX__)
-            const __m256 vs = _mm256_set1_ps(sc);
-            for (; cc + 8 <= c1; cc += 8) _mm256_storeu_ps(s.data() + cc, vs);
+          const __m256 vs = _mm256_set1_ps(sc);
+          for (; cc + 8 <= c1; cc += 8) _mm256_storeu_ps(s.data() + cc, vs);
 #endif
-            for (; cc < c1; ++cc) s[cc] = sc;
-          }
+          for (; cc < c1; ++cc) s[cc] = sc;
+        }
 #if defined(KVL_FAST64)
-      if (fast) {
+      if (fast) {  // value groups that are not a multiple of 16 channels: a scale per channel
         const uint8_t* row = codes + (((size_t)l * P + (P - 1)) * T + t) * rb;
         const __m512 vh = _mm512_set1_ps(half);
         for (int h = 0; h < H; ++h) {
           __m512 v[4];
           for (int k = 0; k < 4; ++k) {
             const int cc = h * 64 + 16 * k;
-            const __m512 sc = wide ? _mm512_set1_ps(gs[h * nvg + 16 * k / gv]) : _mm512_loadu_ps(s.data() + cc);
-            v[k] = _mm512_mul_ps(_mm512_sub_ps(codes16(row, bits, cc), vh), sc);
+            v[k] = _mm512_mul_ps(_mm512_sub_ps(codes16(row, bits, cc), vh), _mm512_loadu_ps(s.data() + cc));
           }
-          if (rot) fwht64_regs(v, c);
+          if (rot) fwht64_regs(v, fw);
           for (int k = 0; k < 4; ++k) store16(v[k], dt, out, plane + (size_t)t * C + h * 64 + 16 * k, vcanon);
         }
         continue;

@@ -106,6 +106,8 @@ def _rot_cases() -> list[tuple[tuple[int, ...], torch.dtype, int, int, int, bool
             cases.append(((2, 2, 64, 3, 32 if i else 128), dtype, bits, 16, 16, False, True))
         cases.append(((4, 1, 50, 1, 64), dtype, 4, 32, 32, False, True))  # MLA
         cases.append(((2, 2, 40, 2, 64), dtype, 4, 32, 48, True, False))  # partial V groups
+        cases.append(((2, 2, 70, 2, 64), dtype, 8, 16, 16, True, True))  # one V scale per vector
+        cases.append(((2, 2, 33, 3, 64), dtype, 4, 8, 64, True, False))  # one V scale per head
     return cases
 
 
