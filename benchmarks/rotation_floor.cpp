@@ -41,10 +41,11 @@ __attribute__((noinline)) void convert(const uint16_t* a, uint16_t* b, size_t n)
 // The same plus the 64-point transform both directions of the codec apply (encode before
 // quantizing, decode after dequantizing): the rotation's share of either.
 __attribute__((noinline)) void rotate(const uint16_t* a, uint16_t* b, size_t n) {
+  const Fw64 fw(0.125f);
   for (size_t i = 0; i < n; i += 64) {
     __m512 v[4];
     for (int k = 0; k < 4; ++k) v[k] = load16(a, F16, i + 16 * k);
-    fwht64_regs(v, 0.125f);
+    fwht64_regs(v, fw);
     for (int k = 0; k < 4; ++k) store16(v[k], F16, b, i + 16 * k, false);
   }
 }
@@ -52,11 +53,12 @@ __attribute__((noinline)) void rotate(const uint16_t* a, uint16_t* b, size_t n) 
 // What an int4 decode cannot avoid: packed 4-bit codes -> floats -> transform -> fp16, without
 // the dequantization's multiply-add and without RoPE (so an upper bound on its speed).
 __attribute__((noinline)) void decode4_floor(const uint8_t* codes, uint16_t* b, size_t n) {
+  const Fw64 fw(0.125f);
   for (size_t i = 0; i < n; i += 64) {
     const uint8_t* row = codes + i / 2;
     __m512 v[4];
     for (int k = 0; k < 4; ++k) v[k] = codes16(row, 4, 16 * k);
-    fwht64_regs(v, 0.125f);
+    fwht64_regs(v, fw);
     for (int k = 0; k < 4; ++k) store16(v[k], F16, b, i + 16 * k, false);
   }
 }
