@@ -878,7 +878,7 @@ void dec_vrows_dt(int dt, const uint8_t* codes, int rb, const uint8_t* vcodes, c
 
 extern "C" {
 
-int kvl_abi_version(void) { return 1; }
+int kvl_abi_version(void) { return 2; }
 
 // Quantize a [L, P, T, H, D] chunk (P = 2: K then V; P = 1: values only). Returns 0 on success.
 int kvl_quantize(const void* x, int dt, int L, int P, int T, int H, int D, int bits, int gk, int gv,
@@ -1200,21 +1200,31 @@ static void copy_rows(const uint8_t* mask, int T, int L, int P, int C, size_t es
   }
 }
 
-// Encode a [L, P, T, H, D] chunk into rotq.py's layout: finds the outlier tokens (at most
-// max_out), writes the token bitmap (mask_bytes, zero-padded) and their raw rows ([L, P, n, C], the
-// last section, sized for max_out by the caller) and quantizes the rest. rot: rotate with scale
-// c. rope: null, or the cos then sin tables [T, D/2] (rotq.rope_tables) to undo RoPE by each
-// key's offset in the chunk first. Returns the number of outlier tokens, or -1 on bad arguments.
+// The outlier tokens of a [L, P, T, H, D] chunk (at most max_out): mask[t] = 1 for them, 0 for
+// the others (T bytes); returns their number, or -1 on bad arguments. A separate call, so that the
+// caller can size the payload (its last section holds these tokens' rows) before encoding.
+int kvl_rot_detect(const void* x, int dt, int L, int P, int T, int H, int D, int max_out, uint8_t* mask) {
+  if ((P != 1 && P != 2) || T < 0 || L < 0 || H < 0 || D < 0) return -1;
+  return rot_detect(x, dt, L, P, T, H * D, max_out, mask);
+}
+
+// Encode a [L, P, T, H, D] chunk into rotq.py's layout, the outlier tokens given (mask, from
+// kvl_rot_detect): writes the token bitmap (mask_bytes, zero-padded) and their raw rows ([L, P, n,
+// C], the last section) and quantizes the rest. rot: rotate with scale c. rope: null, or the cos
+// then sin tables [T, D/2] (rotq.rope_tables) to undo RoPE by each key's offset in the chunk
+// first. Returns the number of outlier tokens, or -1 on bad arguments.
 int kvl_rot_encode(const void* x, int dt, int L, int P, int T, int H, int D, int bits, int gk, int gv, int rot,
-                   float c, const float* rope, int max_out, int mask_bytes, float* v_base, float* k_base, uint8_t* k_codes,
-                   uint8_t* v_codes, uint8_t* codes, uint8_t* mask_bits, void* raw) {
+                   float c, const float* rope, const uint8_t* mask, int mask_bytes, float* v_base, float* k_base,
+                   uint8_t* k_codes, uint8_t* v_codes, uint8_t* codes, uint8_t* mask_bits, void* raw) {
   if ((bits != 2 && bits != 4 && bits != 8) || gk < 1 || gv < 1 || (P != 1 && P != 2) || T < 0) return -1;
   if (rope && (P != 2 || D % 2)) return -1;
   const int C = H * D;
   const size_t rope_sin = (size_t)T * (D / 2);  // rope: cos [T, D/2] then sin [T, D/2]
-  std::vector<uint8_t> maskv((size_t)T + 1);
-  uint8_t* mask = maskv.data();
-  const int n_out = rot_detect(x, dt, L, P, T, C, max_out, mask);
+  int n_out = 0;
+  for (int t = 0; t < T; ++t) {
+    if (mask[t] > 1) return -1;
+    n_out += mask[t];
+  }
   std::memset(mask_bits, 0, (size_t)mask_bytes);
   for (int t = 0; t < T; ++t) mask_bits[t / 8] |= (uint8_t)(mask[t] << (t % 8));
   copy_rows(mask, T, L, P, C, dtype_size(dt), x, true, raw, n_out);

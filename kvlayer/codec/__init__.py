@@ -80,6 +80,13 @@ class Codec:
         """One blob of ``x`` bound to ``key`` (the store always names it; None: unbound, which
         only ``decode`` without a key accepts). ``sealed=False``: no checksum yet, for a blob that
         stays in this process until ``header.seal`` (``decode`` refuses it before that)."""
+        if self.compressor is None:
+            got = self.transform.encode_into(x, _hdr.HEAD_ROOM)
+            if got is not None:
+                buf, length, tparams, _ = got
+                head = _hdr.pack_header(self.name, tuple(x.shape), x.dtype, {"t": tparams} if tparams else {},
+                                        length, key)
+                return _hdr.place(buf, head, length, sealed=sealed)
         payload, tparams, typesize = self.transform.encode(x)
         params: dict[str, Any] = {}
         if tparams:

@@ -42,7 +42,7 @@ def source_dir(kind: str) -> Path:
 
 SOURCE = source_dir("cpu") / "codec.cpp"
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-march=native", "-ffp-contract=off", "-fno-math-errno"]
-ABI_VERSION = 1
+ABI_VERSION = 2
 _DT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 _override: list[str | None] = [None]

@@ -9,6 +9,7 @@ import warnings
 from abc import ABC, abstractmethod
 from typing import Any
 
+import numpy as np
 import torch
 
 Buffer = bytes | bytearray | memoryview
@@ -40,6 +41,13 @@ class Transform(ABC):
     @abstractmethod
     def encode(self, x: torch.Tensor) -> tuple[Buffer, dict[str, Any], int]:
         """Return (payload, params needed to decode, element size for byte-shuffling)."""
+
+    def encode_into(self, x: torch.Tensor, head: int) -> tuple[np.ndarray, int, dict[str, Any], int] | None:
+        """Like ``encode``, into a fresh buffer whose first ``head`` bytes are left for the blob's
+        header: (buffer, payload length, params, element size), the payload at
+        ``buffer[head:head + length]``; the blob then needs no copy of it (7% of an int8 encode).
+        None where a transform has no such path; the buffer's lifetime is the blob's."""
+        return None
 
     @abstractmethod
     def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype, params: dict[str, Any]) -> torch.Tensor:

@@ -226,6 +226,26 @@ def seal(blob: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview
     return blob
 
 
+#: bytes a transform leaves free in front of its payload for the header (``Transform.encode_into``);
+#: kvlayer's headers take ~130 (a key digest, a 5-d shape, a codec's parameters)
+HEAD_ROOM = 512
+
+
+def place(buf: np.ndarray, header_wo_sum: bytes, payload_len: int, *, sealed: bool = True) -> memoryview:
+    """The blob of a payload written at ``buf[HEAD_ROOM:]``: header and checksum go right in front
+    of it, no copy of the payload (``assemble`` copies one that lies elsewhere, or whose header is
+    longer than the room). The blob is a view of ``buf`` and keeps it alive."""
+    hl = len(header_wo_sum) + 8
+    if hl > HEAD_ROOM:
+        return assemble(header_wo_sum, buf.data[HEAD_ROOM:HEAD_ROOM + payload_len], sealed=sealed)
+    mv = buf.data  # a memoryview of the array: it (and every slice of it) holds the array
+    start = HEAD_ROOM - hl
+    mv[start:HEAD_ROOM - 8] = header_wo_sum
+    body = mv[HEAD_ROOM:HEAD_ROOM + payload_len]
+    struct.pack_into("<Q", mv, HEAD_ROOM - 8, checksum(header_wo_sum, body) if sealed else 0)
+    return mv[start:HEAD_ROOM + payload_len]
+
+
 def assemble(header_wo_sum: bytes, payload: bytes | bytearray | memoryview, *, sealed: bool = True) -> memoryview:
     """header + checksum + payload in one writable buffer, with a single copy of the payload.
 

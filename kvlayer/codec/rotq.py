@@ -80,6 +80,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from kvlayer.codec import _ext, register_transform
@@ -473,7 +474,9 @@ def _lib() -> ctypes.CDLL | None:
         return lib
     with _bind_lock:
         p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-        lib.kvl_rot_encode.argtypes = [p, i, i, i, i, i, i, i, i, i, i, f, p, i, i, p, p, p, p, p, p, p]
+        lib.kvl_rot_detect.argtypes = [p, i, i, i, i, i, i, i, p]
+        lib.kvl_rot_detect.restype = i
+        lib.kvl_rot_encode.argtypes = [p, i, i, i, i, i, i, i, i, i, i, f, p, p, i, p, p, p, p, p, p, p]
         lib.kvl_rot_encode.restype = i
         lib.kvl_rot_decode.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i, i, i, i, i, i, i, i, f, p, p]
         lib.kvl_rot_decode.restype = i
@@ -490,26 +493,34 @@ def _pooled(nbytes: int) -> torch.Tensor:
 
 
 def encode_chunk(x5: torch.Tensor, bits: int, gk: int, gv: int, rot: bool, max_out: int,
-                 rope: float = 0.0) -> tuple[torch.Tensor, RotLayout]:
-    """(payload, layout) of a contiguous ``[L, P, T, H, D]`` chunk: C++ when built, else torch."""
+                 rope: float = 0.0, head: int = 0) -> tuple[np.ndarray, RotLayout]:
+    """(buffer, layout) of a contiguous ``[L, P, T, H, D]`` chunk: C++ when built, else torch. The
+    buffer is recycled memory (``buffers.POOL``): ``head`` bytes left free for the caller (a blob
+    header), then the payload, ``layout.total`` bytes."""
     L, P, T, H, D = x5.shape
     lib = _lib()
     if lib is None:
         mask = detect_torch(x5[:, 0].reshape(L, T, H * D).float(), max_out)
-        lay = make_rot_layout(tuple(x5.shape), x5.dtype, bits, gk, gv, rot, int(mask.sum()), rope)
-        buf = torch.empty(lay.total, dtype=torch.uint8)
+    else:
+        mask_np = np.empty(T, dtype=np.uint8)
+        if lib.kvl_rot_detect(x5.data_ptr(), _DT[x5.dtype], L, P, T, H, D, min(max_out, T), mask_np.ctypes.data) < 0:
+            raise ValueError("kvl_rot_detect: bad arguments")
+        mask = torch.from_numpy(mask_np).bool()
+    lay = make_rot_layout(tuple(x5.shape), x5.dtype, bits, gk, gv, rot, int(mask.sum()), rope)
+    arr = POOL.take(head + lay.total)
+    # torch.from_numpy keeps ``arr`` (whose lifetime returns the memory to the pool) alive; a numpy
+    # slice of it would not
+    buf = torch.from_numpy(arr)[head:]
+    if lib is None:
         encode_torch(x5, mask, lay, buf)
-        return buf, lay
-    room = make_rot_layout(tuple(x5.shape), x5.dtype, bits, gk, gv, rot, min(max_out, T), rope)
-    buf = _pooled(room.total)
+        return arr, lay
     tab = rope_tables(T, D, rope) if rope else None
     n = lib.kvl_rot_encode(x5.data_ptr(), _DT[x5.dtype], L, P, T, H, D, bits, gk, gv, int(rot),
-                           rotation_scale(D) or 1.0, None if tab is None else tab.data_ptr(), min(max_out, T),
-                           room.mask_bytes, *room.pointers(buf))
-    if n < 0:
+                           rotation_scale(D) or 1.0, None if tab is None else tab.data_ptr(), mask_np.ctypes.data,
+                           lay.mask_bytes, *lay.pointers(buf))
+    if n != lay.n_out:
         raise ValueError(f"kvl_rot_encode failed ({n})")
-    lay = make_rot_layout(tuple(x5.shape), x5.dtype, bits, gk, gv, rot, n, rope)
-    return buf[: lay.total], lay
+    return arr, lay
 
 
 def decode_from(buf: torch.Tensor, lay: RotLayout) -> torch.Tensor:
@@ -588,17 +599,27 @@ class _IntQuant(Transform):
     def encode(self, x: torch.Tensor) -> tuple[Buffer, dict[str, Any], int]:
         if self.scheme == "kivi":
             return self._encode_kivi(x)
+        arr, length, params = self._encode_rot(x, 0)
+        return arr.data[:length], params, 1
+
+    def encode_into(self, x: torch.Tensor, head: int) -> tuple[np.ndarray, int, dict[str, Any], int] | None:
+        if self.scheme == "kivi":
+            return None
+        arr, length, params = self._encode_rot(x, head)
+        return arr, length, params, 1
+
+    def _encode_rot(self, x: torch.Tensor, head: int) -> tuple[np.ndarray, int, dict[str, Any]]:
         x = x.detach().cpu().contiguous()  # no CUDA kernel for this scheme: a GPU chunk is encoded on the host
         L, P, T, H, D = canonical_shape(tuple(x.shape))
         if x.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"quantized codecs take fp16/bf16/fp32 chunks, got {x.dtype}")
         rot = self.rotate and rotation_scale(D) is not None
         rope = self.rope if P == 2 and D % 2 == 0 else 0.0  # MLA's one plane holds no RoPE'd keys
-        buf, lay = encode_chunk(x.view(L, P, T, H, D), self.bits, self.gk, self.gv, rot, self.outliers, rope)
+        arr, lay = encode_chunk(x.view(L, P, T, H, D), self.bits, self.gk, self.gv, rot, self.outliers, rope, head)
         params: dict[str, Any] = {"s": "rot", "b": self.bits, "gk": self.gk, "gv": self.gv, "r": int(rot), "o": lay.n_out}
         if rope:
             params["rt"] = rope
-        return tensor_bytes(buf), params, 1
+        return arr, lay.total, params
 
     def _encode_kivi(self, x: torch.Tensor) -> tuple[Buffer, dict[str, Any], int]:
         from kvlayer.codec import cuda

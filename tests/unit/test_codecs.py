@@ -616,3 +616,33 @@ def test_header_is_small() -> None:
     for codec in BLOB_CODECS:
         h = hdr.verify(_BLOBS[codec])
         assert h.header_len < 192, (codec, h.header_len)  # 32 bytes of it: the key digest
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4", "int2"])
+@pytest.mark.parametrize("sealed", [True, False])
+def test_payload_written_in_place_makes_the_same_blob_as_a_copy(codec: str, sealed: bool) -> None:
+    """The rotated codecs write their payload where the blob needs it (``encode_into``, no copy):
+    the blob is byte for byte the one the copying path assembles, sized exactly (the outlier
+    tokens are found before the buffer is taken), and lives on after its buffer's other views."""
+    x = torch.randn(3, 2, 70, 2, 64) * 2
+    x[:, 0, 0] += 30  # an attention-sink-like token: one outlier row in the payload
+    x = x.half()
+    c = Codec(codec)
+    blob = c.encode(x, key="k", sealed=sealed)
+    payload, tparams, _ = c.transform.encode(x)
+    head = hdr.pack_header(c.name, tuple(x.shape), x.dtype, {"t": tparams}, memoryview(payload).nbytes, "k")
+    assert bytes(blob) == bytes(hdr.assemble(head, payload, sealed=sealed))
+    assert tparams["o"] == 1
+    if sealed:
+        assert torch.equal(decode(blob, key="k"), decode(bytes(blob), key="k"))
+    assert hdr.open_local(blob, "k").total_len == memoryview(blob).nbytes
+
+
+def test_place_copies_when_the_header_does_not_fit_the_room() -> None:
+    buf = hdr.POOL.take(hdr.HEAD_ROOM + 100)
+    buf[hdr.HEAD_ROOM:] = 7
+    long_head = bytes(range(256)) * 3  # longer than the room in front of the payload
+    blob = hdr.place(buf, long_head, 100)
+    assert bytes(blob) == bytes(hdr.assemble(long_head, bytes([7]) * 100))
+    short = hdr.place(buf, b"abc", 100)
+    assert bytes(short) == bytes(hdr.assemble(b"abc", bytes([7]) * 100))
