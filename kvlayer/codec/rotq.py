@@ -501,19 +501,19 @@ def encode_chunk(x5: torch.Tensor, bits: int, gk: int, gv: int, rot: bool, max_o
     lib = _lib()
     if lib is None:
         mask = detect_torch(x5[:, 0].reshape(L, T, H * D).float(), max_out)
-    else:
-        mask_np = np.empty(T, dtype=np.uint8)
-        if lib.kvl_rot_detect(x5.data_ptr(), _DT[x5.dtype], L, P, T, H, D, min(max_out, T), mask_np.ctypes.data) < 0:
-            raise ValueError("kvl_rot_detect: bad arguments")
-        mask = torch.from_numpy(mask_np).bool()
-    lay = make_rot_layout(tuple(x5.shape), x5.dtype, bits, gk, gv, rot, int(mask.sum()), rope)
+        lay = make_rot_layout(tuple(x5.shape), x5.dtype, bits, gk, gv, rot, int(mask.sum()), rope)
+        arr = POOL.take(head + lay.total)
+        encode_torch(x5, mask, lay, torch.from_numpy(arr)[head:])
+        return arr, lay
+    mask_np = np.empty(T, dtype=np.uint8)
+    n = lib.kvl_rot_detect(x5.data_ptr(), _DT[x5.dtype], L, P, T, H, D, min(max_out, T), mask_np.ctypes.data)
+    if n < 0:
+        raise ValueError("kvl_rot_detect: bad arguments")
+    lay = make_rot_layout(tuple(x5.shape), x5.dtype, bits, gk, gv, rot, n, rope)
     arr = POOL.take(head + lay.total)
     # torch.from_numpy keeps ``arr`` (whose lifetime returns the memory to the pool) alive; a numpy
     # slice of it would not
     buf = torch.from_numpy(arr)[head:]
-    if lib is None:
-        encode_torch(x5, mask, lay, buf)
-        return arr, lay
     tab = rope_tables(T, D, rope) if rope else None
     n = lib.kvl_rot_encode(x5.data_ptr(), _DT[x5.dtype], L, P, T, H, D, bits, gk, gv, int(rot),
                            rotation_scale(D) or 1.0, None if tab is None else tab.data_ptr(), mask_np.ctypes.data,
