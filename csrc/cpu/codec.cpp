@@ -1594,8 +1594,8 @@ int kvl_rot_decode(const float* v_base, const float* k_base, const uint8_t* k_co
 #if defined(KVL_FAST64)
         if (fast) {
           const uint8_t* kc = codes + ((size_t)l * P) * T * rb;
-          const float* cs = rope ? rope : nullptr;
-          const float* sn = rope ? rope + rope_sin : nullptr;
+          const float* sn = rope ? rope + rope_sin : nullptr;  // rope: cos [T, 32], then sin
+          const float* cs = rope;
           if (bits == 4)
             dec_krows_dt<4>(dt, rope != nullptr, kc, rb, g * gk, t1, s.data(), z.data(), H, rot, fw, cs, sn, out, plane, kcanon);
           else
