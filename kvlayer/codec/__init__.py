@@ -83,7 +83,7 @@ class Codec:
         if self.compressor is None:
             got = self.transform.encode_into(x, _hdr.HEAD_ROOM)
             if got is not None:
-                buf, length, tparams, _ = got
+                buf, length, tparams = got
                 head = _hdr.pack_header(self.name, tuple(x.shape), x.dtype, {"t": tparams} if tparams else {},
                                         length, key)
                 return _hdr.place(buf, head, length, sealed=sealed)

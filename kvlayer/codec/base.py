@@ -42,11 +42,12 @@ class Transform(ABC):
     def encode(self, x: torch.Tensor) -> tuple[Buffer, dict[str, Any], int]:
         """Return (payload, params needed to decode, element size for byte-shuffling)."""
 
-    def encode_into(self, x: torch.Tensor, head: int) -> tuple[np.ndarray, int, dict[str, Any], int] | None:
+    def encode_into(self, x: torch.Tensor, head: int) -> tuple[np.ndarray, int, dict[str, Any]] | None:
         """Like ``encode``, into a fresh buffer whose first ``head`` bytes are left for the blob's
-        header: (buffer, payload length, params, element size), the payload at
-        ``buffer[head:head + length]``; the blob then needs no copy of it (7% of an int8 encode).
-        None where a transform has no such path; the buffer's lifetime is the blob's."""
+        header: (buffer, payload length, params), the payload at ``buffer[head:head + length]``;
+        the blob then needs no copy of it (7% of an int8 encode). Used only without a compressor,
+        so no element size. None where a transform has no such path; the buffer's lifetime is the
+        blob's."""
         return None
 
     @abstractmethod

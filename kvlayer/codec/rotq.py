@@ -602,11 +602,8 @@ class _IntQuant(Transform):
         arr, length, params = self._encode_rot(x, 0)
         return arr.data[:length], params, 1
 
-    def encode_into(self, x: torch.Tensor, head: int) -> tuple[np.ndarray, int, dict[str, Any], int] | None:
-        if self.scheme == "kivi":
-            return None
-        arr, length, params = self._encode_rot(x, head)
-        return arr, length, params, 1
+    def encode_into(self, x: torch.Tensor, head: int) -> tuple[np.ndarray, int, dict[str, Any]] | None:
+        return None if self.scheme == "kivi" else self._encode_rot(x, head)
 
     def _encode_rot(self, x: torch.Tensor, head: int) -> tuple[np.ndarray, int, dict[str, Any]]:
         x = x.detach().cpu().contiguous()  # no CUDA kernel for this scheme: a GPU chunk is encoded on the host
